@@ -1,0 +1,1 @@
+"""vLLM integration of the fused MoonVit encoder."""

@@ -1,0 +1,107 @@
+"""Loading MoonVit weights from a local Hugging Face model directory.
+
+A Kimi-VL checkpoint is mostly language model (over 30 GB), so only the encoder's tensors are read,
+memory-mapped through safetensors. Both `model.safetensors` and sharded checkpoints
+(`model.safetensors.index.json`) are accepted, and so is a standalone MoonViT directory whose keys
+lack the `vision_tower.` prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+ENCODER_PREFIXES = ("vision_tower.", "multi_modal_projector.")
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model: every missing, unexpected or misshaped key at once."""
+
+
+def _checkpoint_files(model_dir: str) -> dict[str, list[str]]:
+    """Maps each shard path to the tensor names it holds (None: the names are read from the file)."""
+    index_path = os.path.join(model_dir, INDEX_FILE)
+    single_path = os.path.join(model_dir, SINGLE_FILE)
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path} has no weight_map")
+        shards: dict[str, list[str]] = defaultdict(list)
+        for name, shard in weight_map.items():
+            shards[os.path.join(model_dir, shard)].append(name)
+        missing = [p for p in shards if not os.path.isfile(p)]
+        if missing:
+            raise CheckpointError(f"{index_path} names shard files that do not exist: {sorted(missing)}")
+        return dict(shards)
+    if os.path.isfile(single_path):
+        with safe_open(single_path, framework="pt") as f:
+            return {single_path: list(f.keys())}
+    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir!r}")
+
+
+def _encoder_name(name: str, tower_only: bool) -> str | None:
+    """The state-dict key a checkpoint tensor fills, or None for tensors the encoder ignores."""
+    if name.startswith(ENCODER_PREFIXES):
+        return name
+    if tower_only and name.startswith(("patch_embed.", "encoder.")):
+        return "vision_tower." + name
+    return None
+
+
+def load_encoder_state(model: nn.Module, model_dir: str | os.PathLike) -> None:
+    """Copies the encoder's tensors from `model_dir` into `model` (keys as in the Kimi-VL checkpoint).
+
+    Reads only the encoder's tensors, memory-mapped, converting each to the parameter's dtype and
+    device. Raises `CheckpointError` listing every missing, unexpected and misshaped key before any
+    parameter is written.
+    """
+    model_dir = os.fspath(model_dir)
+    expected = model.state_dict()
+    tower_only = not any(k.startswith("multi_modal_projector.") for k in expected)
+    files = _checkpoint_files(model_dir)
+
+    sources: dict[str, tuple[str, str]] = {}
+    unexpected: list[str] = []
+    for path, names in files.items():
+        for name in names:
+            key = _encoder_name(name, tower_only)
+            # A tower-only model takes a full Kimi-VL checkpoint too, and leaves its projector.
+            if key is None or (tower_only and key.startswith("multi_modal_projector.")):
+                continue
+            if key not in expected:
+                unexpected.append(name)
+            else:
+                sources[key] = (path, name)
+
+    misshaped: list[str] = []
+    by_file: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for key, (path, name) in sources.items():
+        by_file[path].append((key, name))
+    for path, pairs in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            for key, name in pairs:
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != tuple(expected[key].shape):
+                    misshaped.append(f"{name}: checkpoint {shape}, model {tuple(expected[key].shape)}")
+    missing = sorted(set(expected) - set(sources))
+    if missing or unexpected or misshaped:
+        parts = []
+        for title, items in (("missing", missing), ("unexpected", sorted(unexpected)), ("misshaped", sorted(misshaped))):
+            if items:
+                parts.append(f"{len(items)} {title}:\n  " + "\n  ".join(items))
+        raise CheckpointError(f"checkpoint {model_dir!r} does not match the model:\n" + "\n".join(parts))
+
+    with torch.no_grad():
+        for path, pairs in by_file.items():
+            with safe_open(path, framework="pt") as f:
+                for key, name in pairs:
+                    target = expected[key]
+                    target.copy_(f.get_tensor(name).to(dtype=target.dtype))

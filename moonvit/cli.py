@@ -1,0 +1,99 @@
+"""`fused-moonvit`: the command line.
+
+`fused-moonvit encode IMAGE... [--model DIR] [--out FILE]` encodes images to embeddings, one tensor per
+image in a safetensors file. Without `--model` the real architecture is built with seeded random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _demo_image():
+    """A 336x224 synthetic image (gradients and a disc), so the command runs with no file at hand."""
+    import numpy as np
+    from PIL import Image
+
+    h, w = 224, 336
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    disc = ((yy - 100) ** 2 + (xx - 200) ** 2 < 60 ** 2).astype(np.float32)
+    rgb = np.stack([xx / w, yy / h, disc], axis=-1) * 255
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+    from safetensors.torch import save_file
+
+    from .preprocess import preprocess_image, tokens_per_image
+    from .loading import build_model
+    from .reference import MoonVitReference
+
+    if not args.images and not args.demo:
+        print("error: give at least one IMAGE, or --demo for a built-in synthetic image", file=sys.stderr)
+        return 2
+    missing = [p for p in args.images if not os.path.isfile(p)]
+    if missing:
+        print(f"error: no such image file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.model is None:
+        print(f"note: no --model given: using the Kimi-VL MoonVit architecture with seeded random weights "
+              f"(seed {args.seed}); the embeddings are not meaningful", file=sys.stderr)
+    t0 = time.perf_counter()
+    model = build_model(MoonVitReference, args.model, dtype=dtype, device=device, seed=args.seed)
+    print(f"model ready on {device} in {args.dtype or str(dtype).removeprefix('torch.')} "
+          f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+
+    inputs = [("demo", _demo_image())] if args.demo else []
+    inputs += [(p, p) for p in args.images]
+    tensors, metadata = {}, {}
+    for i, (name, image) in enumerate(tqdm(inputs, desc="encoding", unit="image", file=sys.stderr)):
+        pixels, grid = preprocess_image(image, in_token_limit=args.in_token_limit)
+        out = model(pixels.to(device), torch.tensor([grid]))
+        key = f"image_{i}"
+        tensors[key] = out.float().cpu().contiguous()
+        metadata[key] = name
+        tqdm.write(f"{name}: grid {grid[0]}x{grid[1]} patches -> {tokens_per_image([grid])[0]} tokens "
+                   f"x {out.shape[1]}", file=sys.stdout)
+    save_file(tensors, args.out, metadata=metadata)
+    print(f"wrote {len(tensors)} embeddings to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fused-moonvit", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    enc = sub.add_parser("encode", help="encode images to MoonVit embeddings (one tensor per image)")
+    enc.add_argument("images", nargs="*", metavar="IMAGE", help="image files (anything Pillow opens)")
+    enc.add_argument("--demo", action="store_true", help="also encode a built-in synthetic 336x224 image")
+    enc.add_argument("--model", metavar="DIR",
+                     help="local Kimi-VL or MoonViT model directory (config.json + safetensors); "
+                          "without it, seeded random weights")
+    enc.add_argument("--out", default="embeddings.safetensors", metavar="FILE",
+                     help="output safetensors file (default: %(default)s)")
+    enc.add_argument("--in-token-limit", type=int, default=4096,
+                     help="patch limit per image before downscaling: 4096 Instruct, 16384 Thinking (default %(default)s)")
+    enc.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    enc.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
+    enc.add_argument("--seed", type=int, default=0, help="seed of the random weights without --model")
+    enc.set_defaults(func=_encode)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,45 @@
+"""Checks on the encoder's inputs, shared by every model class: bad input fails before any work."""
+
+from __future__ import annotations
+
+import torch
+
+MAX_GRID_SIDE = 512  # patches; the processor's limit, and the RoPE table's extent
+
+
+def check_grid_hws(grid_hws: torch.Tensor | list | tuple, max_side: int = MAX_GRID_SIDE) -> torch.Tensor:
+    """Returns `grid_hws` as a CPU int64 (n, 2) tensor, or raises naming the bad value."""
+    if not isinstance(grid_hws, torch.Tensor):
+        grid_hws = torch.as_tensor(grid_hws)
+    if grid_hws.dtype.is_floating_point or grid_hws.dtype.is_complex or grid_hws.dtype == torch.bool:
+        raise TypeError(f"grid_hws must hold integers, got dtype {grid_hws.dtype}")
+    if grid_hws.dim() != 2 or grid_hws.shape[1] != 2:
+        raise ValueError(f"grid_hws must have shape (n_images, 2), got {tuple(grid_hws.shape)}")
+    if grid_hws.shape[0] == 0:
+        raise ValueError("grid_hws holds no image")
+    grid = grid_hws.detach().to("cpu", torch.int64)
+    for i, (h, w) in enumerate(grid.tolist()):
+        for name, side in (("h", h), ("w", w)):
+            if not 1 <= side <= max_side:
+                raise ValueError(f"image {i}: grid {name}={side} is outside 1..{max_side} patches (grid {h}x{w})")
+            if side % 2:
+                raise ValueError(f"image {i}: grid {name}={side} is not a multiple of the merge size 2 (grid {h}x{w})")
+    return grid
+
+
+def check_inputs(pixel_values: torch.Tensor, grid_hws, patch_size: int) -> torch.Tensor:
+    """Validates `(pixel_values, grid_hws)` together; returns the grid as a CPU int64 tensor."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"pixel_values must be a tensor, got {type(pixel_values).__name__}")
+    if not pixel_values.dtype.is_floating_point:
+        raise TypeError(f"pixel_values must be floating point, got dtype {pixel_values.dtype}")
+    want = (3, patch_size, patch_size)
+    if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want:
+        raise ValueError(f"pixel_values must have shape (N, {', '.join(map(str, want))}), "
+                         f"got {tuple(pixel_values.shape)}")
+    grid = check_grid_hws(grid_hws)
+    total = int((grid[:, 0] * grid[:, 1]).sum())
+    if pixel_values.shape[0] != total:
+        raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but grid_hws "
+                         f"{grid.tolist()} needs {total}")
+    return grid

@@ -1,0 +1,102 @@
+"""Checkpoint loading: Kimi-VL and standalone MoonViT layouts, sharded or not, and one clear error."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import kimi_vl_config_json, random_model, random_pixels, tiny_config, write_checkpoint
+from fused_moonvit.moonvit import CheckpointError, MoonVitConfig, MoonVitReference, build_model
+
+
+def _kimi_tensors(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tensors = dict(model.state_dict())
+    # a language model the loader must leave unread
+    tensors["language_model.model.embed_tokens.weight"] = torch.randn(10, 6, generator=g)
+    return tensors
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_load_kimi_vl_checkpoint(tmp_path, shards):
+    cfg = tiny_config()
+    src = random_model(cfg, seed=11)
+    write_checkpoint(tmp_path, _kimi_tensors(src), kimi_vl_config_json(cfg), shards=shards)
+    assert MoonVitConfig.from_pretrained(tmp_path).to_dict()["text_hidden_size"] == 24
+    loaded = build_model(MoonVitReference, tmp_path, seed=99)
+    for k, v in src.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    grids = torch.tensor([[4, 6]])
+    torch.testing.assert_close(loaded(random_pixels([(4, 6)]), grids), src(random_pixels([(4, 6)]), grids))
+
+
+def test_load_into_bf16_converts(tmp_path):
+    cfg = tiny_config()
+    src = random_model(cfg, seed=12)
+    write_checkpoint(tmp_path, dict(src.state_dict()), kimi_vl_config_json(cfg))
+    loaded = build_model(MoonVitReference, tmp_path, dtype=torch.bfloat16)
+    w = "vision_tower.encoder.blocks.1.wqkv.weight"
+    assert loaded.state_dict()[w].dtype == torch.bfloat16
+    assert torch.equal(loaded.state_dict()[w], src.state_dict()[w].bfloat16())
+
+
+@pytest.mark.parametrize("prefixed", [False, True])
+def test_standalone_moonvit_tower_only(tmp_path, prefixed):
+    cfg = tiny_config(text_hidden_size=None)
+    src = random_model(cfg, seed=13)
+    tensors = {(k if prefixed else k.removeprefix("vision_tower.")): v for k, v in src.state_dict().items()}
+    standalone = {k: getattr(cfg, k) for k in MoonVitConfig._FIELDS if k != "text_hidden_size"}
+    write_checkpoint(tmp_path, tensors, dict(standalone, model_type="moonvit"), shards=2)
+    loaded = build_model(MoonVitReference, tmp_path)
+    assert loaded.multi_modal_projector is None
+    out = loaded(random_pixels([(2, 4)]), torch.tensor([[2, 4]]))
+    assert out.shape == (2, 4 * cfg.hidden_size)
+    torch.testing.assert_close(out, src(random_pixels([(2, 4)]), torch.tensor([[2, 4]])))
+
+
+def test_tower_only_model_ignores_projector_of_kimi_checkpoint(tmp_path):
+    cfg = tiny_config()
+    src = random_model(cfg, seed=14)
+    write_checkpoint(tmp_path, _kimi_tensors(src), kimi_vl_config_json(cfg))
+    tower = build_model(MoonVitReference, tmp_path, config=tiny_config(text_hidden_size=None))
+    assert torch.equal(tower.state_dict()["vision_tower.encoder.final_layernorm.weight"],
+                       src.state_dict()["vision_tower.encoder.final_layernorm.weight"])
+
+
+def test_one_error_lists_every_bad_key(tmp_path):
+    cfg = tiny_config()
+    tensors = dict(random_model(cfg, seed=15).state_dict())
+    del tensors["vision_tower.encoder.blocks.0.wo.bias"]
+    del tensors["multi_modal_projector.linear_2.weight"]
+    tensors["vision_tower.encoder.blocks.0.mlp.fc0.weight"] = torch.randn(7, 32)
+    tensors["vision_tower.encoder.blocks.9.wqkv.weight"] = torch.randn(3, 3)
+    write_checkpoint(tmp_path, tensors, kimi_vl_config_json(cfg), shards=2)
+    model = random_model(cfg, seed=16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError) as err:
+        from fused_moonvit.moonvit import load_encoder_state
+        load_encoder_state(model, tmp_path)
+    msg = str(err.value)
+    for needle in ["2 missing", "blocks.0.wo.bias", "linear_2.weight", "1 unexpected", "blocks.9.wqkv.weight",
+                   "1 misshaped", "mlp.fc0.weight: checkpoint (7, 32), model (48, 32)"]:
+        assert needle in msg, needle
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "nothing may be written"
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        MoonVitConfig.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(kimi_vl_config_json(tiny_config())))
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        build_model(MoonVitReference, tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
+    with pytest.raises(CheckpointError, match="gone.safetensors"):
+        build_model(MoonVitReference, tmp_path)
+
+
+def test_config_round_trip(tmp_path):
+    cfg = tiny_config()
+    cfg.save_pretrained(tmp_path)
+    back = MoonVitConfig.from_pretrained(tmp_path)
+    assert all(getattr(back, k) == getattr(cfg, k) for k in MoonVitConfig._FIELDS)

@@ -1,0 +1,54 @@
+"""The main job: `fused-moonvit encode`."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from conftest import kimi_vl_config_json, random_model, tiny_config, write_checkpoint
+from fused_moonvit.moonvit import build_model, preprocess_image, MoonVitReference
+from fused_moonvit.moonvit.cli import main
+
+
+def test_encode_with_model_dir(tmp_path, capsys):
+    cfg = tiny_config()
+    write_checkpoint(tmp_path / "model", dict(random_model(cfg, seed=21).state_dict()), kimi_vl_config_json(cfg))
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate([(60, 30), (90, 200)]):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    out = tmp_path / "emb.safetensors"
+    assert main(["encode", *paths, "--model", str(tmp_path / "model"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "grid 4x6 patches -> 6 tokens" in printed and "grid 16x8 patches -> 32 tokens" in printed
+    model = build_model(MoonVitReference, tmp_path / "model")
+    with safe_open(out, framework="pt") as f:
+        assert sorted(f.keys()) == ["image_0", "image_1"]
+        assert f.metadata()["image_1"] == paths[1]
+        for i, p in enumerate(paths):
+            pix, grid = preprocess_image(p)
+            torch.testing.assert_close(f.get_tensor(f"image_{i}"), model(pix, torch.tensor([grid])))
+
+
+def test_encode_bad_path(tmp_path, capsys):
+    assert main(["encode", str(tmp_path / "nope.png")]) == 2
+    assert "no such image file" in capsys.readouterr().err
+
+
+def test_console_script_demo_random_weights(tmp_path):
+    """The README's first command, at the real size with seeded random weights."""
+    out = tmp_path / "demo.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "fused_moonvit.moonvit.cli", "encode", "--demo", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "seeded random weights" in proc.stderr
+    assert "demo: grid 16x24 patches -> 96 tokens x 2048" in proc.stdout
+    with safe_open(out, framework="pt") as f:
+        emb = f.get_tensor("image_0")
+    assert emb.shape == (96, 2048) and torch.isfinite(emb).all()

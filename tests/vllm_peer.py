@@ -1,0 +1,94 @@
+"""vLLM 0.33.0's own MoonVit and Kimi-VL projector, built on the CPU, as the parity peer.
+
+vLLM's layers need a current `VllmConfig`, an initialised (gloo, world size 1) distributed state, and
+`process_weights_after_loading` on each linear layer once weights are in. `VLLM_TARGET_DEVICE=cpu` must
+be set before vLLM is imported; tests/conftest.py does it.
+"""
+
+from __future__ import annotations
+
+import socket
+from functools import lru_cache
+
+import torch
+
+from fused_moonvit.moonvit import MoonVitConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@lru_cache(maxsize=None)
+def init_vllm_cpu() -> None:
+    """Initialises vLLM's distributed state once per process (gloo, world size 1, TP 1)."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+
+    with set_current_vllm_config(VllmConfig()):
+        init_distributed_environment(world_size=1, rank=0, local_rank=0,
+                                     distributed_init_method=f"tcp://127.0.0.1:{_free_port()}", backend="gloo")
+        initialize_model_parallel(tensor_model_parallel_size=1)
+
+
+def vllm_kimi_config(config: MoonVitConfig):
+    """vLLM's `KimiVLConfig` for our `MoonVitConfig` (a text config of the right width only)."""
+    from vllm.transformers_utils.configs.kimi_vl import KimiVLConfig
+
+    vision = dict(patch_size=config.patch_size, init_pos_emb_height=config.init_pos_emb_height,
+                  init_pos_emb_width=config.init_pos_emb_width, num_attention_heads=config.num_attention_heads,
+                  num_hidden_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+                  intermediate_size=config.intermediate_size, merge_kernel_size=list(config.merge_kernel_size))
+    # The projector reads only the text width; the rest keeps DeepseekV2Config's validation happy.
+    text = dict(hidden_size=config.text_hidden_size, num_attention_heads=1, num_key_value_heads=1,
+                num_hidden_layers=1, intermediate_size=8, vocab_size=64)
+    return KimiVLConfig(vision_config=vision, text_config=text)
+
+
+class VllmMoonVit(torch.nn.Module):
+    """vLLM's `MoonVitPretrainedModel` + `KimiVLMultiModalProjector`, run the way `KimiVLForConditionalGeneration`
+    runs them in its eager path (`_process_image_input`)."""
+
+    def __init__(self, config: MoonVitConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype):
+        super().__init__()
+        from vllm.config import VllmConfig, set_current_vllm_config
+        from vllm.model_executor.models.kimi_vl import KimiVLMultiModalProjector
+        from vllm.model_executor.models.moonvit import MoonVitPretrainedModel
+
+        init_vllm_cpu()
+        kimi = vllm_kimi_config(config)
+        old_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with set_current_vllm_config(VllmConfig()):
+                self.vision_tower = MoonVitPretrainedModel(kimi.vision_config, prefix="vision_tower")
+                self.multi_modal_projector = KimiVLMultiModalProjector(kimi, prefix="multi_modal_projector")
+        finally:
+            torch.set_default_dtype(old_dtype)
+        self.to(dtype)
+        self._load(state_dict)
+
+    def _load(self, state_dict: dict[str, torch.Tensor]) -> None:
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"vLLM MoonVit key mismatch: missing {missing}, unexpected {unexpected}")
+        with torch.no_grad():
+            for k, v in state_dict.items():
+                own[k].copy_(v.view(own[k].shape).to(own[k].dtype))
+        for module in self.modules():
+            method = getattr(module, "quant_method", None)
+            if method is not None and hasattr(method, "process_weights_after_loading"):
+                method.process_weights_after_loading(module)
+
+    @torch.inference_mode()
+    def forward(self, pixel_values: torch.Tensor, grid_hws: torch.Tensor) -> torch.Tensor:
+        from vllm.config import VllmConfig, set_current_vllm_config
+
+        dtype = next(self.parameters()).dtype
+        with set_current_vllm_config(VllmConfig()):
+            features = self.vision_tower(pixel_values.to(dtype), grid_hws)
+            return self.multi_modal_projector(torch.cat(features))
