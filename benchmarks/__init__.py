@@ -1,0 +1,1 @@
+"""Kernel and encoder benchmarks (`fused-moonvit bench ...`); results are committed under results/."""
