@@ -1,0 +1,93 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_cases import (CASES, REAL_SIZE, TOL, case_params, dtype_params, generator,
+                          needs_gpu, randn, relerr, token_meta_for)
+
+from fused_moonvit.kernels import merge_patches, merge_patches_reference
+
+C = 8
+C_ODD = 100
+
+
+def vllm_merge(x, grids, weight, bias):
+    """vLLM's patch_merger (per-image view/permute) followed by the projector's pre_norm and view."""
+    parts, start = [], 0
+    for h, w in grids:
+        seq = x[start : start + h * w].view(h // 2, 2, w // 2, 2, -1).permute(0, 2, 1, 3, 4)
+        parts.append(seq.reshape((h // 2) * (w // 2), 4, -1))
+        start += h * w
+    if not parts:
+        return x[:0].view(0, 4 * x.shape[1])
+    merged = torch.cat(parts)
+    if weight is not None:
+        merged = F.layer_norm(merged, (x.shape[1],), weight, bias, 1e-5)
+    return merged.view(merged.shape[0], -1)
+
+
+def inputs(case, dtype, device, channels=C):
+    gen = generator(case, dtype, channels)
+    x = randn((case.budget, channels), gen, dtype, device) * 3 + 1
+    x[case.total :] = float("nan")
+    weight = randn((channels,), gen, dtype, device)
+    bias = randn((channels,), gen, dtype, device)
+    return x, token_meta_for(case, device), weight, bias
+
+
+def check_result(out, want, case, dtype):
+    n = case.total // 4
+    assert out.shape == (case.budget // 4, want.shape[1])
+    assert torch.isfinite(out).all(), "NaN or inf left in the output"
+    assert out[n:].eq(0).all(), "padding rows must be zero"
+    assert relerr(out[:n], want[:n]) <= TOL[dtype]
+
+
+@case_params
+@dtype_params
+def test_matches_reference_and_vllm(case, dtype, device):
+    x, meta, weight, bias = inputs(case, dtype, device)
+    out = torch.full((case.budget // 4, 4 * C), float("nan"), dtype=dtype, device=device)
+    merge_patches(x, meta, weight, bias, out=out)
+    check_result(out, merge_patches_reference(x, meta, weight, bias), case, dtype)
+    if case.grids:
+        check_result(out, vllm_merge(x, case.grids, weight, bias), case, dtype)
+
+
+@dtype_params
+def test_odd_channel_count(dtype, device):
+    case = CASES["many"]
+    x, meta, weight, bias = inputs(case, dtype, device, C_ODD)
+    out = merge_patches(x, meta, weight, bias)
+    check_result(out, vllm_merge(x, case.grids, weight, bias), case, dtype)
+
+
+@dtype_params
+def test_plain_merge_without_norm(dtype, device):
+    case = CASES["padding"]
+    x, meta, _, _ = inputs(case, dtype, device)
+    out = merge_patches(x, meta)
+    check_result(out, merge_patches_reference(x, meta), case, dtype)
+    assert torch.equal(out[: case.total // 4], vllm_merge(x, case.grids, None, None))
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_real_size(device):
+    x, meta, weight, bias = inputs(REAL_SIZE, torch.bfloat16, device, 1152)
+    out = torch.full((REAL_SIZE.budget // 4, 4 * 1152), float("nan"), dtype=torch.bfloat16, device=device)
+    merge_patches(x, meta, weight, bias, out=out)
+    check_result(out, vllm_merge(x, REAL_SIZE.grids, weight, bias), REAL_SIZE, torch.bfloat16)
+
+
+def test_launcher_rejects_bad_arguments(device):
+    x, meta, weight, bias = inputs(CASES["one"], torch.float32, device)
+    with pytest.raises(ValueError, match="x must have a multiple of 4 rows"):
+        merge_patches(x[:58], meta, weight, bias)
+    with pytest.raises(ValueError, match=r"ln_weight must have shape \(8,\), got \(4,\)"):
+        merge_patches(x, meta, weight[:4], bias)
+    with pytest.raises(ValueError, match=r"out must have shape \(15, 32\)"):
+        merge_patches(x, meta, weight, bias, out=torch.empty(60, 8, device=device))
+    with pytest.raises(ValueError, match="ln_weight and ln_bias must be given together"):
+        merge_patches(x, meta, weight)
+    with pytest.raises(TypeError, match="ln_bias must have dtype"):
+        merge_patches(x, meta, weight, bias.int())

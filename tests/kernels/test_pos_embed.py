@@ -1,0 +1,111 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_cases import (CASES, REAL_SIZE, TOL, case_params, dtype_params, generator,
+                          needs_gpu, randn, relerr, token_meta_for)
+
+from fused_moonvit.kernels import interp_pos_embed, interp_pos_embed_reference
+
+C = 8  # few channels keep the interpreter fast
+C_ODD = 100  # not a power of two: the channel mask, and two channel blocks in one program when interpreted
+
+
+def vllm_pos_embed(x, table, grids):
+    """What vLLM does: interpolate the table per image (fp32 accumulation, one rounding to the table's
+    dtype, as the CUDA kernel does for bf16), flatten row-major, add to the patch embedding."""
+    pes = []
+    for h, w in grids:
+        pe = F.interpolate(table.float().permute(2, 0, 1)[None], size=(h, w), mode="bicubic", align_corners=False)
+        pes.append(pe[0].permute(1, 2, 0).reshape(h * w, -1).to(table.dtype))
+    n = sum(h * w for h, w in grids)
+    return x[:n] + torch.cat(pes) if pes else x[:0]
+
+
+# The kernel rounds once; vLLM also rounds the interpolated table and the bias sum to bf16 first, so in
+# bf16 the two are one rounding (2 ** -8 relative) apart, while fp32 has nothing to round.
+VLLM_TOL = {torch.float32: TOL[torch.float32], torch.bfloat16: 2.0 ** -8}
+
+
+def inputs(case, dtype, device, channels=C):
+    gen = generator(case, dtype, channels)
+    x = randn((case.budget, channels), gen, dtype, device)
+    x[case.total :] = float("nan")  # padding rows: whatever the static buffer held
+    table = randn((64, 64, channels), gen, dtype, device)
+    return x, table, token_meta_for(case, device)
+
+
+def check_result(out, want, case, dtype):
+    n = case.total
+    assert torch.isfinite(out).all(), "NaN or inf left in the output"
+    assert relerr(out[:n], want[:n]) <= TOL[dtype]
+    assert out[n:].eq(0).all(), "padding rows must be zero"
+
+
+@case_params
+@dtype_params
+def test_matches_reference_and_vllm(case, dtype, device):
+    x, table, meta = inputs(case, dtype, device)
+    out = interp_pos_embed(x, table, meta, out=torch.full_like(x, float("nan")))
+    check_result(out, interp_pos_embed_reference(x, table, meta), case, dtype)
+    if case.grids:
+        assert relerr(out[: case.total], vllm_pos_embed(x, table, case.grids)) <= VLLM_TOL[dtype]
+
+
+def test_identity_at_table_size_is_exact(device):
+    case = CASES["identity64"]
+    x, table, meta = inputs(case, torch.float32, device)
+    out = interp_pos_embed(x.clone(), table, meta)
+    assert torch.equal(out, x + table.reshape(-1, C))
+
+
+@dtype_params
+def test_in_place_with_bias_and_odd_channels(dtype, device):
+    case = CASES["padding"]
+    x, table, meta = inputs(case, dtype, device, C_ODD)
+    bias = randn((C_ODD,), generator("bias", dtype), dtype, device)
+    want = interp_pos_embed_reference(x, table, meta, bias)
+    x0 = x.clone()
+    out = interp_pos_embed(x, table, meta, bias)
+    assert out.data_ptr() == x.data_ptr()
+    check_result(out, want, case, dtype)
+    n = case.total
+    # vLLM's patch projection adds the bias itself and rounds once before the position embedding.
+    want_vllm = vllm_pos_embed((x0[:n].float() + bias.float()).to(dtype), table, case.grids)
+    assert relerr(out[:n], want_vllm) <= VLLM_TOL[dtype]
+
+
+def test_fp32_table_with_bf16_activations(device):
+    case = CASES["many"]
+    x, table, meta = inputs(case, torch.bfloat16, device)
+    table = table.float()
+    out = interp_pos_embed(x, table, meta, out=torch.full_like(x, float("nan")))
+    check_result(out, interp_pos_embed_reference(x, table, meta), case, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_real_size(device):
+    x, table, meta = inputs(REAL_SIZE, torch.bfloat16, device, 1152)
+    out = interp_pos_embed(x, table, meta, out=torch.full_like(x, float("nan")))
+    check_result(out, interp_pos_embed_reference(x, table, meta), REAL_SIZE, torch.bfloat16)
+    assert relerr(out[: REAL_SIZE.total], vllm_pos_embed(x, table, REAL_SIZE.grids)) <= VLLM_TOL[torch.bfloat16]
+
+
+def test_launcher_rejects_bad_arguments(device):
+    case = CASES["one"]
+    x, table, meta = inputs(case, torch.float32, device)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        interp_pos_embed(x.int(), table, meta)
+    with pytest.raises(ValueError, match=r"pos_table must have shape \(\*, \*, 8\), got \(64, 64, 4\)"):
+        interp_pos_embed(x, table[..., :4].contiguous(), meta)
+    with pytest.raises(ValueError, match=r"token_meta must have shape \(7, 60\)"):
+        interp_pos_embed(x, table, meta[:, :32])
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        interp_pos_embed(x.t().contiguous().t(), table, meta)
+    with pytest.raises(TypeError, match="out must have dtype"):
+        interp_pos_embed(x, table, meta, out=torch.empty_like(x, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+        interp_pos_embed(x, table, meta, bias=torch.zeros(9, device=device))
+    if device.type == "cuda":
+        with pytest.raises(ValueError, match="token_meta must be on cuda"):
+            interp_pos_embed(x, table, meta.cpu())
