@@ -8,6 +8,8 @@ from .reference import MoonVitReference
 
 __all__ = [
     "CheckpointError",
+    "FusedMoonVit",
+    "MoonVitGraphRunner",
     "MoonVitConfig",
     "MoonVitReference",
     "build_model",
@@ -15,3 +17,13 @@ __all__ = [
     "preprocess_image",
     "preprocess_images",
 ]
+
+
+def __getattr__(name: str):
+    # The fused classes pull in Triton; import them only when asked for, so that the reference path
+    # (and TRITON_INTERPRET set later by a CPU user) are unaffected by merely importing this package.
+    if name in ("FusedMoonVit", "MoonVitGraphRunner"):
+        from . import fused
+
+        return getattr(fused, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,13 +28,28 @@ def _demo_image():
     return Image.fromarray(rgb.astype(np.uint8), "RGB")
 
 
+def _load_encoder(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """(encode, name): the CUDA-graph runner on a GPU, else the eager reference, one image at a time."""
+    from .loading import build_model
+
+    if device.type == "cuda":
+        from .fused import FusedMoonVit, MoonVitGraphRunner
+
+        model = build_model(FusedMoonVit, args.model, dtype=dtype, device=device, seed=args.seed)
+        return MoonVitGraphRunner(model).encode, "fused CUDA-graph encoder"
+    from .reference import MoonVitReference
+
+    print(f"note: no CUDA device ({device}): the fused CUDA-graph encoder needs one, so the eager "
+          f"reference model runs instead", file=sys.stderr)
+    model = build_model(MoonVitReference, args.model, dtype=dtype, device=device, seed=args.seed)
+    return (lambda pixels, grids: [model(pixels, grids)]), "eager reference"
+
+
 def _encode(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
     from safetensors.torch import save_file
+    from tqdm import tqdm
 
     from .preprocess import preprocess_image, tokens_per_image
-    from .loading import build_model
-    from .reference import MoonVitReference
 
     if not args.images and not args.demo:
         print("error: give at least one IMAGE, or --demo for a built-in synthetic image", file=sys.stderr)
@@ -50,24 +65,32 @@ def _encode(args: argparse.Namespace) -> int:
         print(f"note: no --model given: using the Kimi-VL MoonVit architecture with seeded random weights "
               f"(seed {args.seed}); the embeddings are not meaningful", file=sys.stderr)
     t0 = time.perf_counter()
-    model = build_model(MoonVitReference, args.model, dtype=dtype, device=device, seed=args.seed)
-    print(f"model ready on {device} in {args.dtype or str(dtype).removeprefix('torch.')} "
-          f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    encode, name = _load_encoder(args, device, dtype)
+    print(f"{name} ready on {device} in {str(dtype).removeprefix('torch.')} ({time.perf_counter() - t0:.1f} s)",
+          file=sys.stderr)
 
     inputs = [("demo", _demo_image())] if args.demo else []
     inputs += [(p, p) for p in args.images]
     tensors, metadata = {}, {}
-    for i, (name, image) in enumerate(tqdm(inputs, desc="encoding", unit="image", file=sys.stderr)):
+    # One image per call keeps the progress bar honest; the graph runner packs larger calls itself.
+    for i, (label, image) in enumerate(tqdm(inputs, desc="encoding", unit="image", file=sys.stderr)):
         pixels, grid = preprocess_image(image, in_token_limit=args.in_token_limit)
-        out = model(pixels.to(device), torch.tensor([grid]))
+        (out,) = encode(pixels.to(device), torch.tensor([grid]))
         key = f"image_{i}"
         tensors[key] = out.float().cpu().contiguous()
-        metadata[key] = name
-        tqdm.write(f"{name}: grid {grid[0]}x{grid[1]} patches -> {tokens_per_image([grid])[0]} tokens "
+        metadata[key] = label
+        tqdm.write(f"{label}: grid {grid[0]}x{grid[1]} patches -> {tokens_per_image([grid])[0]} tokens "
                    f"x {out.shape[1]}", file=sys.stdout)
     save_file(tensors, args.out, metadata=metadata)
     print(f"wrote {len(tensors)} embeddings to {args.out}")
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(f"fused_moonvit.benchmarks.bench_{args.which}")
+    return module.main(args.rest) or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     enc.add_argument("--seed", type=int, default=0, help="seed of the random weights without --model")
     enc.set_defaults(func=_encode)
+    bench = sub.add_parser("bench", help="run a benchmark (arguments after the name go to it; try --help)")
+    bench.add_argument("which", choices=["encoder", "kernels", "profile"], help="what to benchmark")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own arguments")
+    bench.set_defaults(func=_bench)
     return parser
 
 

@@ -1,12 +1,11 @@
 """Checkpoint loading: Kimi-VL and standalone MoonViT layouts, sharded or not, and one clear error."""
 
 import json
-import os
 
 import pytest
 import torch
 
-from conftest import kimi_vl_config_json, random_model, random_pixels, tiny_config, write_checkpoint
+from moonvit_fixtures import kimi_vl_config_json, random_model, random_pixels, tiny_config, write_checkpoint
 from fused_moonvit.moonvit import CheckpointError, MoonVitConfig, MoonVitReference, build_model
 
 

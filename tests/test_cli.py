@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import kimi_vl_config_json, random_model, tiny_config, write_checkpoint
+from moonvit_fixtures import kimi_vl_config_json, random_model, tiny_config, write_checkpoint
 from fused_moonvit.moonvit import build_model, preprocess_image, MoonVitReference
 from fused_moonvit.moonvit.cli import main
 
@@ -48,7 +48,16 @@ def test_console_script_demo_random_weights(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "seeded random weights" in proc.stderr
+    assert "no CUDA device (cpu)" in proc.stderr and "eager reference" in proc.stderr
     assert "demo: grid 16x24 patches -> 96 tokens x 2048" in proc.stdout
     with safe_open(out, framework="pt") as f:
         emb = f.get_tensor("image_0")
     assert emb.shape == (96, 2048) and torch.isfinite(emb).all()
+
+
+def test_bench_subcommand_smoke(tmp_path):
+    assert main(["bench", "encoder", "--smoke", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "encoder.json").read_text())
+    assert data["sets"] and all(set(r["rows"]) == {"reference_eager", "host_metadata_graph", "fused_graph"}
+                                for r in data["sets"])
+    assert (tmp_path / "encoder.png").stat().st_size > 0

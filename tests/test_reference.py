@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import random_model, random_pixels, tiny_config
+from moonvit_fixtures import random_model, random_pixels, tiny_config
 from fused_moonvit.moonvit import MoonVitConfig, MoonVitReference
 from fused_moonvit.moonvit.reference import (interpolate_pos_table, merge_2x2, rope_angles, rope_frequencies,
                                              rotate_pairs)

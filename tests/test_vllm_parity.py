@@ -6,7 +6,7 @@ These tests need the `vllm` extra; they are meant to run (not be skipped) in CI.
 import pytest
 import torch
 
-from conftest import random_model, random_pixels, tiny_config
+from moonvit_fixtures import random_model, random_pixels, tiny_config
 from vllm_peer import VllmMoonVit
 
 pytestmark = pytest.mark.vllm

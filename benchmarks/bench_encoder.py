@@ -1,0 +1,353 @@
+"""`fused-moonvit bench encoder`: the whole encoder call, fused graph against the two baselines.
+
+For each image set of DESIGN.md §5, in one run on the same random weights and inputs, three rows
+(DESIGN.md §3): "reference eager" (`MoonVitReference.forward`), "host-metadata graph" (vLLM 0.33's
+Kimi-VL graph path, `HostMetadataGraph`, with a budget of the set's patches rounded up to 64) and
+"fused graph" (`MoonVitGraphRunner.encode`, whose budgets are exactly those rounded counts). Each
+row times the whole call, host work included: CUDA events around the call on an idle GPU, median of
+`--iters` calls after `--warmup`. Writes DIR/encoder.json and DIR/encoder.png.
+
+`--smoke` runs on the CPU with a tiny config and tiny sets, one call per path and wall-clock times,
+so that CI can run the script end to end; its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from fused_moonvit.benchmarks.flops import encoder_flops, encoder_flops_breakdown
+from fused_moonvit.moonvit.config import MoonVitConfig
+
+GEMM_CEILING_TFLOPS = 794.0  # bf16, 8192^3, measured on this project's H200 (DESIGN.md §4)
+BUDGET_ROUNDING = 64
+
+ROWS = {
+    "reference_eager": "reference eager",
+    "host_metadata_graph": "host-metadata graph",
+    "fused_graph": "fused graph",
+}
+
+# The fused graph's whole call on the H200, real config, bf16 (issue 4).
+TARGET_MS = {"1x224": 2.0, "1x448": 4.0, "4x448": 12.0, "16x448": 48.0}
+TARGET_SPEEDUP_VS_HOST_METADATA = {"4x448": 3.0, "16x448": 3.0}
+
+SMOKE_CONFIG = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=48,
+                    init_pos_emb_height=16, init_pos_emb_width=16, text_hidden_size=24)
+SMOKE_SETS = {
+    "1x4x4": [(4, 4)],
+    "3mix": [(4, 6), (2, 2), (20, 8)],  # 20 rows > the 16-row table: upsampling on one axis
+}
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def round_budget(patches: int) -> int:
+    return -(-patches // BUDGET_ROUNDING) * BUDGET_ROUNDING
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if out.shape != ref.shape:
+        raise RuntimeError(f"output shape {tuple(out.shape)} differs from the reference's {tuple(ref.shape)}")
+    ref = ref.double()
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def measure(fn: Callable[[], object], *, cuda: bool, iters: int, warmup: int) -> dict:
+    """Times whole calls of `fn`. On CUDA the events bracket the call from an idle GPU, so the elapsed
+    time covers host work and device work alike; `host_ms` is the time until the call returned."""
+    if not cuda:
+        t0 = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - t0) * 1e3
+        return {"ms": ms, "ms_min": ms, "ms_max": ms, "host_ms": ms, "samples_ms": [ms],
+                "timing": "wall clock, one call"}
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    device_ms, host_ms = [], []
+    for _ in range(iters):
+        start.record()
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        end.record()
+        end.synchronize()
+        device_ms.append(start.elapsed_time(end))
+        host_ms.append((t1 - t0) * 1e3)
+    return {"ms": statistics.median(device_ms), "ms_min": min(device_ms), "ms_max": max(device_ms),
+            "host_ms": statistics.median(host_ms), "samples_ms": device_ms,
+            "timing": f"CUDA events, median of {iters} after {warmup} warm-up calls"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fused-moonvit bench encoder", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sets", help="comma-separated image sets (default: all of DESIGN.md §5, or the "
+                                       "smoke sets with --smoke)")
+    parser.add_argument("--out", default="results", metavar="DIR",
+                        help="directory for encoder.json and encoder.png (default: %(default)s)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
+                        help="weights and activations (default: bfloat16; float32 with --smoke)")
+    parser.add_argument("--layers", type=int, metavar="N", help="override num_hidden_layers, for quick runs")
+    parser.add_argument("--iters", type=int, default=20, help="timed calls per row (default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU, tiny config and sets, one call per path: checks the script, measures nothing")
+    return parser
+
+
+def _image_sets(args, parser) -> dict[str, list[tuple[int, int]]]:
+    if args.smoke:
+        available = SMOKE_SETS
+    else:
+        from fused_moonvit.benchmarks.image_sets import IMAGE_SETS
+
+        available = IMAGE_SETS
+    if not args.sets:
+        return dict(available)
+    names = [s.strip() for s in args.sets.split(",") if s.strip()]
+    unknown = [n for n in names if n not in available]
+    if unknown or not names:
+        parser.error(f"unknown image set(s) {', '.join(unknown) or '(none given)'}; "
+                     f"choose from {', '.join(available)}")
+    return {n: list(available[n]) for n in names}
+
+
+def _versions() -> dict[str, str | None]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+            "python": platform.python_version()}
+
+
+def _targets(results: list[dict], applies: bool) -> list[dict]:
+    by_name = {r["name"]: r for r in results}
+    targets = []
+    for name, limit in TARGET_MS.items():
+        if name in by_name:
+            ms = by_name[name]["rows"]["fused_graph"]["ms"]
+            targets.append({"set": name, "what": "fused graph whole call, ms", "target": f"<= {limit}",
+                            "measured": ms, "met": (ms <= limit) if applies else None})
+    for name, factor in TARGET_SPEEDUP_VS_HOST_METADATA.items():
+        if name in by_name:
+            speedup = by_name[name]["speedup_of_fused_over"]["host_metadata_graph"]
+            targets.append({"set": name, "what": "fused graph speedup over host-metadata graph",
+                            "target": f">= {factor}", "measured": speedup,
+                            "met": (speedup >= factor) if applies else None})
+    return targets
+
+
+def _table(results: list[dict], targets: list[dict]) -> str:
+    head = (f"{'set':<8} {'patches':>7} {'row':<20} {'ms':>9} {'host ms':>9} {'TFLOP/s':>8} "
+            f"{'% peak':>7} {'fused x':>8} {'rel err':>9}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        for key, label in ROWS.items():
+            row = r["rows"][key]
+            speedup = r["speedup_of_fused_over"].get(key)
+            err = r["rel_err_vs_reference_eager"].get(key)
+            lines.append(f"{r['name']:<8} {r['patches']:>7} {label:<20} {row['ms']:>9.3f} {row['host_ms']:>9.3f} "
+                         f"{row['tflops']:>8.1f} {row['pct_of_ceiling']:>6.1f}% "
+                         f"{'' if speedup is None else f'{speedup:.2f}x':>8} "
+                         f"{'' if err is None else f'{err:.2e}':>9}")
+    if targets:
+        lines.append("")
+        for t in targets:
+            status = {True: "met", False: "MISSED",
+                      None: "n/a (the targets are for the full model in bfloat16 on the GPU)"}[t["met"]]
+            lines.append(f"target {t['set']}: {t['what']} {t['target']}: {t['measured']:.3f} -> {status}")
+    return "\n".join(lines)
+
+
+def _plot(results: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(1.8 * len(results) + 3, 4.8))
+    width = 0.27
+    for i, (key, label) in enumerate(ROWS.items()):
+        xs = [j + (i - 1) * width for j in range(len(results))]
+        ms = [r["rows"][key]["ms"] for r in results]
+        bars = ax.bar(xs, ms, width, label=label)
+        ax.bar_label(bars, labels=[f"{v:.3g}" for v in ms], fontsize=7, padding=2)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks(range(len(results)), [f"{r['name']}\n{r['patches']} patches" for r in results])
+    ax.set_ylabel("whole call, ms (log scale)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    cuda = not args.smoke
+    if cuda and not torch.cuda.is_available():
+        print("error: the encoder benchmark needs a CUDA device; --smoke checks the script on the CPU",
+              file=sys.stderr)
+        return 2
+    dtype = DTYPES[args.dtype or ("float32" if args.smoke else "bfloat16")]
+    if cuda and dtype == torch.float32:
+        parser.error("varlen attention (FlashAttention) runs in bfloat16 or float16 only")
+    if args.iters < 1 or args.warmup < 0:
+        parser.error("--iters must be >= 1 and --warmup >= 0")
+    if args.layers is not None and args.layers < 1:
+        parser.error("--layers must be >= 1")
+    sets = _image_sets(args, parser)
+    try:  # fail before the long run, not after it
+        import matplotlib  # noqa: F401
+    except ImportError:
+        parser.error("the plot needs matplotlib: pip install 'fused-moonvit[bench]'")
+
+    if not cuda:
+        # The fused kernels need Triton's interpreter on the CPU; Triton reads this when they are first
+        # imported, which is below unless a caller imported them already.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from tqdm import tqdm
+
+    from fused_moonvit.benchmarks.hostmeta import HostMetadataGraph
+    from fused_moonvit.moonvit import FusedMoonVit, MoonVitGraphRunner, MoonVitReference, build_model
+
+    device = torch.device("cuda" if cuda else "cpu")
+    fields = dict(SMOKE_CONFIG) if args.smoke else {}
+    if args.layers is not None:
+        fields["num_hidden_layers"] = args.layers
+    config = MoonVitConfig(**fields)
+    t0 = time.perf_counter()
+    ref = build_model(MoonVitReference, config=config, dtype=dtype, device=device, seed=args.seed)
+    with torch.device(device):
+        fused = FusedMoonVit(config)
+    fused = fused.to(dtype).eval()
+    fused.load_state_dict(ref.state_dict())
+
+    budgets = sorted({round_budget(sum(h * w for h, w in g)) for g in sets.values()})
+    max_images = max(len(g) for g in sets.values())
+    runner = MoonVitGraphRunner(fused, budgets=budgets, max_images=max_images)
+    if cuda:
+        runner.capture(progress=True)
+    setup_s = time.perf_counter() - t0
+
+    results = []
+    timing = dict(cuda=cuda, iters=args.iters, warmup=args.warmup)
+    with tqdm(total=len(sets) * len(ROWS), desc="encoder benchmark", unit="row", file=sys.stderr) as bar:
+        for index, (name, grids) in enumerate(sets.items()):
+            patches = sum(h * w for h, w in grids)
+            gen = torch.Generator().manual_seed(args.seed + 1 + index)
+            pixels = (torch.rand(patches, 3, config.patch_size, config.patch_size, generator=gen) * 2 - 1)
+            pixels = pixels.to(device=device, dtype=dtype)
+            grid = torch.tensor(grids, dtype=torch.int64)
+            flops = encoder_flops(grids, config)
+
+            rows, outputs = {}, {}
+            bar.set_postfix_str(f"{name}: {ROWS['reference_eager']}")
+            outputs["reference_eager"] = ref(pixels, grid)
+            rows["reference_eager"] = measure(lambda: ref(pixels, grid), **timing)
+            bar.update()
+
+            bar.set_postfix_str(f"{name}: {ROWS['host_metadata_graph']}")
+            host_graph = HostMetadataGraph(ref, round_budget(patches), max_images)
+            outputs["host_metadata_graph"] = host_graph(pixels, grid)
+            rows["host_metadata_graph"] = measure(lambda: host_graph(pixels, grid), **timing)
+            rows["host_metadata_graph"]["budget"] = host_graph.budget
+            del host_graph  # frees its graph's private memory pool before the next set
+            bar.update()
+
+            bar.set_postfix_str(f"{name}: {ROWS['fused_graph']}")
+            outputs["fused_graph"] = torch.cat(runner.encode(pixels, grid))
+            rows["fused_graph"] = measure(lambda: runner.encode(pixels, grid), **timing)
+            rows["fused_graph"]["budget"] = round_budget(patches)
+            bar.update()
+
+            for row in rows.values():
+                row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+                row["pct_of_ceiling"] = 100.0 * row["tflops"] / GEMM_CEILING_TFLOPS
+            fused_ms = rows["fused_graph"]["ms"]
+            results.append({
+                "name": name,
+                "grids": [list(g) for g in grids],
+                "images": len(grids),
+                "patches": patches,
+                "output_tokens": patches // 4,
+                "flops": flops,
+                "flops_breakdown": encoder_flops_breakdown(grids, config),
+                "rows": rows,
+                "speedup_of_fused_over": {k: rows[k]["ms"] / fused_ms for k in ("reference_eager",
+                                                                                 "host_metadata_graph")},
+                "rel_err_vs_reference_eager": {k: rel_err(outputs[k], outputs["reference_eager"])
+                                               for k in ("host_metadata_graph", "fused_graph")},
+                "outputs_finite": {k: bool(torch.isfinite(v).all()) for k, v in outputs.items()},
+            })
+            if cuda:
+                torch.cuda.empty_cache()
+
+    full_run = cuda and dtype == torch.bfloat16 and config.num_hidden_layers == MoonVitConfig().num_hidden_layers
+    targets = _targets(results, applies=full_run)
+    device_name = torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})"
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    report = {
+        "benchmark": "encoder",
+        "device": device_name,
+        "versions": _versions(),
+        "date": date,
+        "command": shlex.join(sys.argv),
+        "bench_args": argv,
+        "smoke": args.smoke,
+        "dtype": str(dtype).removeprefix("torch."),
+        "config": {k: getattr(config, k) for k in MoonVitConfig._FIELDS},
+        "seed": args.seed,
+        "weights": "random (build_model seed), shared by all three rows",
+        "gemm_ceiling_tflops": GEMM_CEILING_TFLOPS,
+        "flops_counted": "matrix products only (patch embed, layer GEMMs, attention, projector), padding excluded",
+        "budgets": {
+            "fused_graph": budgets,
+            "fused_graph_choice": (f"the sorted distinct patch counts of the sets run, rounded up to "
+                                   f"{BUDGET_ROUNDING}, so each set replays a graph of exactly its rounded size"),
+            "host_metadata_graph": "one graph per set, of that set's rounded patch count",
+            "max_images": max_images,
+        },
+        "fused_graph_memory_bytes": {str(b): n for b, n in runner.graph_memory().items()},
+        "setup_s": setup_s,
+        "sets": results,
+        "targets_apply": full_run,
+        "targets": targets,
+    }
+
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, "encoder.json")
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=2)
+    png_path = os.path.join(args.out, "encoder.png")
+    _plot(results, png_path, f"MoonVit encoder, whole call: {device_name}, {report['dtype']}, "
+                             f"{config.num_hidden_layers} layers, torch {torch.__version__}")
+    print(_table(results, targets))
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

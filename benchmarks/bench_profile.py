@@ -1,0 +1,144 @@
+"""`fused-moonvit bench profile`: where the fused encoder's time goes, per kernel category (CUDA only).
+
+For each image set: the whole `MoonVitGraphRunner.encode` call and a bare graph replay, timed with CUDA
+events (median), then the device time of every kernel of the same forward from `torch.profiler`, summed
+by category (GEMMs, attention, the three fused kernels, LayerNorm, GELU, other elementwise). The
+profiler traces the eager forward, whose kernels are the graph's; replay minus the kernels' sum is
+time the GPU spends between kernels inside the graph. Writes DIR/profile.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import statistics
+import sys
+from collections import defaultdict
+
+import torch
+
+from fused_moonvit.benchmarks.bench_encoder import _versions, round_budget
+from fused_moonvit.benchmarks.image_sets import IMAGE_SETS
+
+# First match wins; kernel names are lower-cased.
+CATEGORIES = [
+    ("pos-embed kernel", ("_interp_pos_embed",)),
+    ("rope kernel", ("_rope_2d",)),
+    ("merge kernel", ("_merge_patches",)),
+    ("plan expand kernel", ("_expand_plan",)),
+    ("attention (varlen FA2)", ("flash", "fmha", "attention")),
+    ("layernorm", ("layer_norm", "layernorm")),
+    ("gelu", ("gelu",)),
+    ("GEMMs (cuBLAS)", ("gemm", "cutlass", "xmma", "nvjet", "sm90", "cublas", "splitk")),
+    ("elementwise (residual adds, copies)", ("elementwise", "copy", "add", "fill")),
+]
+
+
+def category(kernel_name: str) -> str:
+    name = kernel_name.lower()
+    for label, needles in CATEGORIES:
+        if any(n in name for n in needles):
+            return label
+    return "other"
+
+
+def _event_ms(fn, iters: int) -> float:
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _kernel_times_us(fn, iters: int) -> dict[str, dict[str, float]]:
+    """Per kernel name: total device µs over one call, from the profiler's kernel events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    per_kernel: dict[str, float] = defaultdict(float)
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[evt.name] += evt.device_time_total / iters
+    return dict(per_kernel)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fused-moonvit bench profile", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sets", default="1x224,1x448", help="comma-separated sets of DESIGN.md §5")
+    parser.add_argument("--out", default="benchmarks/results", help="output directory")
+    parser.add_argument("--iters", type=int, default=30)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("profiling needs a CUDA device")
+    names = args.sets.split(",")
+    unknown = [n for n in names if n not in IMAGE_SETS]
+    if unknown:
+        parser.error(f"unknown image sets {unknown}; known: {sorted(IMAGE_SETS)}")
+
+    from fused_moonvit.moonvit import FusedMoonVit, MoonVitConfig, MoonVitGraphRunner, build_model
+
+    config = MoonVitConfig()
+    model = build_model(FusedMoonVit, None, config=config, dtype=torch.bfloat16, device="cuda")
+    budgets = sorted({round_budget(sum(h * w for h, w in IMAGE_SETS[n])) for n in names})
+    runner = MoonVitGraphRunner(model, budgets=budgets, max_images=16)
+    runner.capture(progress=False)
+
+    results = {}
+    for index, name in enumerate(names):
+        grids = IMAGE_SETS[name]
+        patches = sum(h * w for h, w in grids)
+        budget = round_budget(patches)
+        gen = torch.Generator().manual_seed(index)
+        pixels = (torch.rand(patches, 3, 14, 14, generator=gen) * 2 - 1).to("cuda", torch.bfloat16)
+        grid = torch.tensor(grids)
+        for _ in range(3):
+            runner.encode(pixels, grid)
+        call_ms = _event_ms(lambda: runner.encode(pixels, grid), args.iters)
+        replay_ms = _event_ms(runner.graphs[budget].replay, args.iters)
+        static = (runner.pixels[:budget], runner.device_plan, runner.token_meta[budget])
+        model.forward_static(*static)
+        kernels = _kernel_times_us(lambda: model.forward_static(*static), 5)
+        by_cat: dict[str, float] = defaultdict(float)
+        for kname, us in kernels.items():
+            by_cat[category(kname)] += us
+        kernel_ms = sum(kernels.values()) / 1e3
+        results[name] = {
+            "grids": [list(g) for g in grids], "budget": budget,
+            "whole_call_ms": call_ms, "graph_replay_ms": replay_ms, "kernel_sum_ms": kernel_ms,
+            "gaps_inside_graph_ms": replay_ms - kernel_ms, "host_and_copies_ms": call_ms - replay_ms,
+            "by_category_us": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
+            "top_kernels_us": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:12]),
+        }
+
+    report = {
+        "benchmark": "profile", "device": torch.cuda.get_device_name(), "versions": _versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(sys.argv), "config": "MoonVitConfig() (Kimi-VL-A3B), random bf16 weights",
+        "sets": results,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "profile.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    for name, r in results.items():
+        print(f"{name}: whole call {r['whole_call_ms']:.3f} ms = replay {r['graph_replay_ms']:.3f} ms "
+              f"(kernels {r['kernel_sum_ms']:.3f}, gaps {r['gaps_inside_graph_ms']:.3f}) "
+              f"+ host and copies {r['host_and_copies_ms']:.3f}")
+        for cat, us in r["by_category_us"].items():
+            print(f"    {cat:40s} {us:9.1f} us  {100 * us / 1e3 / r['kernel_sum_ms']:5.1f}%")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,256 @@
+"""`FusedMoonVit`: the static-shape MoonVit forward of DESIGN.md §2, and `MoonVitGraphRunner`, which captures
+it as one CUDA graph per token budget.
+
+The forward works on a budget of B patch rows. A small int32 plan (one row per image slot plus cu_seqlens,
+built on the host in O(images)) is uploaded once; everything after that is device work of fixed shape:
+the plan is expanded into per-token metadata, and the Triton kernels read it to add the interpolated
+position embedding, rotate q and k, and gather the 2x2 merge. Rows past the last image form one trailing
+padding sequence whose outputs are finite and discarded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fused_moonvit.kernels.patch_merge import merge_patches
+from fused_moonvit.kernels.plan import (build_plan, expand_plan, new_device_plan, new_token_meta,
+                                        plan_cu_seqlens, upload_plan)
+from fused_moonvit.kernels.pos_embed import interp_pos_embed
+from fused_moonvit.kernels.rope2d import apply_rope_2d, rope_cos_sin_table
+
+from .config import MoonVitConfig
+from .inputs import check_inputs
+from .reference import Projector, VisionTower, rope_frequencies
+
+
+def _varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    """Block-diagonal attention over packed (T, H, D) q, k, v; every row lies in one sequence."""
+    if q.is_cuda:
+        from torch.nn.attention.varlen import varlen_attn
+
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+    # The CPU path is eager, so reading the bounds costs no device sync.
+    bounds = cu_seqlens.tolist()
+    out = torch.empty_like(q)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            seq = [t[start:end].transpose(0, 1) for t in (q, k, v)]
+            out[start:end] = F.scaled_dot_product_attention(*seq).transpose(0, 1)
+    return out
+
+
+class FusedMoonVit(nn.Module):
+    """MoonVit with the fused Triton kernels. Same state-dict keys and `forward` contract as `MoonVitReference`."""
+
+    def __init__(self, config: MoonVitConfig | None = None):
+        super().__init__()
+        self.config = config if config is not None else MoonVitConfig()
+        self.vision_tower = VisionTower(self.config)
+        self.multi_modal_projector = Projector(self.config) if self.config.text_hidden_size is not None else None
+        self._rope_tables: dict[torch.device, torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(cls, model_dir, *, dtype: torch.dtype = torch.bfloat16, device="cuda", **kwargs):
+        """Builds the model from a local Kimi-VL or MoonViT directory (see `build_model`)."""
+        from .loading import build_model
+
+        return build_model(cls, model_dir, dtype=dtype, device=device, **kwargs)
+
+    def rope_table(self, device: torch.device) -> torch.Tensor:
+        """The fp32 (512, D/4, 2) cos/sin table the RoPE kernel looks up, built once per device."""
+        # Kept apart from the module's buffers so that `.to(bfloat16)` cannot round it.
+        if device not in self._rope_tables:
+            freqs = rope_frequencies(self.config.head_dim, self.config.rope_theta).to(device)
+            self._rope_tables[device] = rope_cos_sin_table(freqs)
+        return self._rope_tables[device]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vision_tower.patch_embed.proj.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vision_tower.patch_embed.proj.weight.device
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor, grid_hws) -> torch.Tensor:
+        """Eager fused forward of exactly these images: (sum h/2*w/2, output_size)."""
+        grid = check_inputs(pixel_values, grid_hws, self.config.patch_size)
+        plan = build_plan(grid, pixel_values.shape[0], grid.shape[0])
+        device_plan = upload_plan(plan, new_device_plan(grid.shape[0], self.device))
+        return self.forward_static(pixel_values.to(device=self.device, dtype=self.dtype), device_plan)
+
+    @torch.no_grad()
+    def forward_static(self, pixel_values: torch.Tensor, device_plan: torch.Tensor,
+                       token_meta: torch.Tensor | None = None) -> torch.Tensor:
+        """The graph body: (B, 3, p, p) pixels and an uploaded plan for budget B -> (B/4, output_size).
+
+        No host sync on CUDA, and every shape depends on B alone.
+        """
+        cfg = self.config
+        tower = self.vision_tower
+        budget = pixel_values.shape[0]
+        heads, head_dim = cfg.num_attention_heads, cfg.head_dim
+        if token_meta is None:
+            token_meta = new_token_meta(budget, pixel_values.device)
+        meta = expand_plan(device_plan, token_meta)
+        cu_seqlens = plan_cu_seqlens(device_plan)
+        cos_sin = self.rope_table(pixel_values.device)
+
+        proj = tower.patch_embed.proj
+        x = F.linear(pixel_values.flatten(1), proj.weight.flatten(1))
+        x = interp_pos_embed(x, tower.patch_embed.pos_emb.weight, meta, bias=proj.bias)
+        for block in tower.encoder.blocks:
+            qkv = block.wqkv(block.norm0(x))
+            apply_rope_2d(qkv, meta, cos_sin, num_heads=heads, head_dim=head_dim)
+            q, k, v = qkv.view(budget, 3, heads, head_dim).unbind(1)
+            attn = _varlen_attention(q, k, v, cu_seqlens, budget)
+            x = x + block.wo(attn.reshape(budget, heads * head_dim))
+            x = x + block.mlp(block.norm1(x))
+        x = tower.encoder.final_layernorm(x)
+
+        projector = self.multi_modal_projector
+        if projector is None:
+            return merge_patches(x, meta)
+        merged = merge_patches(x, meta, projector.pre_norm.weight, projector.pre_norm.bias, projector.pre_norm.eps)
+        return projector.linear_2(F.gelu(projector.linear_1(merged)))
+
+
+def default_budgets(max_budget: int = 16384, min_budget: int = 64) -> list[int]:
+    """A ladder of patch budgets, each at most ~1.25x the one below once past 1024 (so padding stays
+    under 25% there), multiples of 64."""
+    if min_budget < 4 or min_budget % 4 or max_budget < min_budget:
+        raise ValueError(f"need 4 <= min_budget <= max_budget, multiples of 4; got {min_budget}, {max_budget}")
+    budgets = [min_budget]
+    while budgets[-1] < max_budget:
+        step = budgets[-1] if budgets[-1] < 1024 else budgets[-1] // 4
+        budgets.append(min(max_budget, -(-(budgets[-1] + step) // 64) * 64))
+    return budgets
+
+
+class MoonVitGraphRunner:
+    """Runs a `FusedMoonVit` as one CUDA graph per patch budget, all graphs in one memory pool.
+
+    `encode` packs the images of a call, in order, greedily into chunks of at most the largest budget and
+    `max_images` images, and replays the smallest graph that holds each chunk. An image larger than the
+    largest budget runs eagerly on its own. Each call's host work is O(images): one plan build and upload
+    per chunk. On the CPU there are no graphs: the same chunks run through the fused eager forward.
+    """
+
+    def __init__(self, model: FusedMoonVit, budgets: Sequence[int] | None = None, max_images: int = 64):
+        self.model = model.eval()
+        budgets = default_budgets() if budgets is None else sorted(set(int(b) for b in budgets))
+        bad = [b for b in budgets if b < 4 or b % 4]
+        if not budgets or bad:
+            raise ValueError(f"budgets must be positive multiples of 4 patches, got {list(budgets)}")
+        if max_images < 1:
+            raise ValueError(f"max_images must be >= 1, got {max_images}")
+        self.budgets = budgets
+        self.max_images = int(max_images)
+        self.device = model.device
+        p = model.config.patch_size
+        self.pixels = torch.zeros(budgets[-1], 3, p, p, dtype=model.dtype, device=self.device)
+        self.device_plan = new_device_plan(self.max_images, self.device)
+        self.token_meta = {b: new_token_meta(b, self.device) for b in budgets}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.memory: dict[int, int] = {}
+        self._pool = None
+
+    @property
+    def uses_graphs(self) -> bool:
+        return self.device.type == "cuda"
+
+    def capture(self, progress: bool = True) -> None:
+        """Captures every budget's graph (largest first, so the smaller ones reuse the pool's memory)."""
+        if not self.uses_graphs:
+            raise RuntimeError(f"CUDA graphs need a CUDA model; this one is on {self.device}")
+        from tqdm import tqdm
+
+        todo = [b for b in reversed(self.budgets) if b not in self.graphs]
+        for budget in tqdm(todo, desc="capturing encoder graphs", unit="graph", disable=not progress):
+            self._capture_one(budget)
+
+    def _capture_one(self, budget: int) -> None:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        # An all-padding plan: capture must not depend on what the images will be.
+        upload_plan(build_plan([], budget, self.max_images), self.device_plan)
+        pixels = self.pixels[:budget]
+        meta = self.token_meta[budget]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.model.forward_static(pixels, self.device_plan, meta)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_reserved(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self.model.forward_static(pixels, self.device_plan, meta)
+        torch.cuda.synchronize()
+        self.graphs[budget], self.outputs[budget] = graph, out
+        self.memory[budget] = torch.cuda.memory_reserved(self.device) - before
+
+    def graph_memory(self) -> dict[int, int]:
+        """Bytes the shared pool grew by when each budget's graph was captured."""
+        return dict(self.memory)
+
+    def plan_chunks(self, grid: list[list[int]]) -> list[tuple[int, int, int | None]]:
+        """Splits images, in order, into (first, end, budget) chunks; budget None means run eagerly."""
+        largest = self.budgets[-1]
+        chunks: list[tuple[int, int, int | None]] = []
+        start, patches = 0, 0
+
+        def close(end: int) -> None:
+            nonlocal start, patches
+            if end > start:
+                chunks.append((start, end, next(b for b in self.budgets if b >= patches)))
+            start, patches = end, 0
+
+        for i, (h, w) in enumerate(grid):
+            if h * w > largest:
+                close(i)
+                chunks.append((i, i + 1, None))
+                start = i + 1
+                continue
+            if i - start == self.max_images or patches + h * w > largest:
+                close(i)
+            patches += h * w
+        close(len(grid))
+        return chunks
+
+    @torch.no_grad()
+    def encode(self, pixel_values: torch.Tensor, grid_hws) -> list[torch.Tensor]:
+        """Per-image outputs, (h/2*w/2, output_size) each, for any number of images of any size."""
+        grid = check_inputs(pixel_values, grid_hws, self.model.config.patch_size).tolist()
+        offsets = [0]
+        for h, w in grid:
+            offsets.append(offsets[-1] + h * w)
+        results: list[torch.Tensor] = []
+        for first, end, budget in self.plan_chunks(grid):
+            pixels = pixel_values[offsets[first]:offsets[end]]
+            chunk_grid = grid[first:end]
+            if budget is None:
+                out = self.model(pixels, chunk_grid)
+            else:
+                out = self._run(budget, pixels, chunk_grid)
+            results += list(out.split([h * w // 4 for h, w in chunk_grid]))
+        return results
+
+    def _run(self, budget: int, pixels: torch.Tensor, grid: list[list[int]]) -> torch.Tensor:
+        if self.uses_graphs and budget not in self.graphs:
+            self._capture_one(budget)  # before the upload: capture runs an all-padding plan
+        upload_plan(build_plan(grid, budget, self.max_images), self.device_plan)
+        self.pixels[:pixels.shape[0]].copy_(pixels, non_blocking=True)
+        n_out = pixels.shape[0] // 4
+        if not self.uses_graphs:
+            return self.model.forward_static(self.pixels[:budget], self.device_plan, self.token_meta[budget])[:n_out]
+        self.graphs[budget].replay()
+        # The pool is shared, so the next replay may reuse this memory: copy the valid rows out.
+        return self.outputs[budget][:n_out].clone()
+

@@ -1,0 +1,115 @@
+"""The encoder benchmark on the CPU: the host-metadata baseline against the reference, the FLOP count,
+and the script end to end in --smoke mode."""
+
+import json
+
+import pytest
+import torch
+
+from moonvit_fixtures import random_model, random_pixels, tiny_config
+from fused_moonvit.benchmarks.bench_encoder import main
+from fused_moonvit.benchmarks.flops import encoder_flops, encoder_flops_breakdown
+from fused_moonvit.benchmarks.hostmeta import HostMetadataGraph
+from fused_moonvit.moonvit import MoonVitConfig
+
+# (grids, budget, image slots): exact fit, padding rows and unused slots, the table's own size (the
+# identity interpolation), up- and downsampling of the 16x16 table, many images.
+CASES = [
+    ([(4, 6)], 24, 1),
+    ([(4, 6)], 64, 3),
+    ([(16, 16)], 256, 1),
+    ([(2, 2), (6, 10), (16, 16), (20, 12)], 640, 4),
+    ([(8, 8)] * 5, 320, 6),
+]
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(tiny_config(), seed=3)
+
+
+@pytest.mark.parametrize("grids,budget,slots", CASES, ids=lambda c: str(c).replace(" ", ""))
+def test_host_metadata_matches_reference(model, grids, budget, slots):
+    graph = HostMetadataGraph(model, budget, slots)
+    assert not graph.graphed
+    pixels = random_pixels(grids, seed=len(grids))
+    expected = model(pixels, torch.tensor(grids))
+    out = graph(pixels, grids)
+    assert out.shape == expected.shape
+    assert rel_err(out, expected) <= 1e-5
+
+
+def test_buffers_reused_across_calls_and_padding_isolated(model):
+    """Later calls see what earlier ones left in the buffers; poisoned padding rows must not leak."""
+    graph = HostMetadataGraph(model, 640, 4)
+    for seed, grids in enumerate([[(20, 12), (16, 16)], [(2, 2)], [(6, 10), (4, 4), (2, 2)]]):
+        total = sum(h * w for h, w in grids)
+        graph.pixel_values[total:] = float("nan")
+        graph.pos_embeds[total:] = float("nan")
+        pixels = random_pixels(grids, seed=seed)
+        out = graph(pixels, grids)
+        assert torch.isfinite(out).all()
+        assert rel_err(out, model(pixels, torch.tensor(grids))) <= 1e-5
+
+
+def test_host_metadata_rejects_what_does_not_fit(model):
+    graph = HostMetadataGraph(model, 64, 2)
+    with pytest.raises(ValueError, match="3 images exceed this graph's 2 image slots"):
+        graph(random_pixels([(2, 2)] * 3), [(2, 2)] * 3)
+    with pytest.raises(ValueError, match="80 patches, more than this graph's budget of 64"):
+        graph(random_pixels([(8, 10)]), [(8, 10)])
+    with pytest.raises(ValueError, match="multiple of 4"):
+        HostMetadataGraph(model, 30, 1)
+    with pytest.raises(ValueError, match="max_images"):
+        HostMetadataGraph(model, 64, 0)
+    with pytest.raises(ValueError, match="CUDA graph needs the model on a CUDA device"):
+        HostMetadataGraph(model, 64, 1, graph=True)
+
+
+def test_flops_hand_count():
+    cfg = tiny_config()  # hidden 32, MLP 48, 2 layers, patch 14, text 24
+    grids = [(4, 6), (2, 2)]  # 24 + 4 patches, 6 + 1 output tokens
+    patch_embed = 2 * (3 * 14 * 14) * 32 * 28
+    per_token_layer = 2 * (32 * 96 + 32 * 32 + 32 * 48 + 48 * 32)
+    attention = 2 * (2 * 24 * 32 + 2 * 24 * 32) * 24 + 2 * (2 * 4 * 32 + 2 * 4 * 32) * 4
+    projector = 2 * (128 * 128 + 128 * 24) * 7
+    expected = patch_embed + 2 * per_token_layer * 28 + attention + projector
+    assert encoder_flops(grids, cfg) == expected == 2_280_448
+    assert encoder_flops_breakdown(grids, tiny_config(text_hidden_size=None))["projector"] == 0
+
+
+def test_flops_real_config_matches_design():
+    parts = encoder_flops_breakdown([(32, 32)], MoonVitConfig())
+    assert parts["layer_gemms"] / 1024 == pytest.approx(0.822e9, rel=1e-3)
+    assert parts["attention"] == 4 * 1024 * 1152 * 27 * 1024
+    assert parts["patch_embed"] == 2 * 588 * 1152 * 1024
+    assert parts["projector"] == 2 * (4608 * 4608 + 4608 * 2048) * 256
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--smoke is the CPU check; on a GPU run the benchmark")
+def test_smoke_end_to_end(tmp_path):
+    assert main(["--smoke", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "encoder.json").read_text())
+    with open(tmp_path / "encoder.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert report["smoke"] and report["targets_apply"] is False
+    assert report["command"] and report["versions"]["torch"] == torch.__version__
+    assert [s["name"] for s in report["sets"]] == ["1x4x4", "3mix"]
+    assert report["budgets"]["fused_graph"] == [64, 192]
+    for s in report["sets"]:
+        assert set(s["rows"]) == {"reference_eager", "host_metadata_graph", "fused_graph"}
+        assert all(row["ms"] > 0 and row["tflops"] > 0 for row in s["rows"].values())
+        assert all(s["outputs_finite"].values())
+        # fp32 on the CPU: both graph paths agree with the reference to rounding.
+        assert max(s["rel_err_vs_reference_eager"].values()) <= 1e-4
+        assert s["flops"] == encoder_flops([tuple(g) for g in s["grids"]], tiny_config())
+
+
+def test_bad_set_name_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--smoke", "--sets", "1x4x4,nope", "--out", str(tmp_path)])
+    assert "unknown image set(s) nope" in capsys.readouterr().err

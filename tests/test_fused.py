@@ -1,0 +1,115 @@
+"""`FusedMoonVit` (eager, Triton interpreter) and `MoonVitGraphRunner`'s packing, against the reference."""
+
+import pytest
+import torch
+
+from moonvit_fixtures import random_model, random_pixels, tiny_config
+from fused_moonvit.moonvit import FusedMoonVit, MoonVitGraphRunner
+from fused_moonvit.moonvit.fused import default_budgets
+
+IMAGE_SETS = [
+    [(4, 6)],
+    [(2, 2)],
+    [(2, 2), (6, 10), (16, 16), (20, 12)],
+    [(2, 30), (30, 2)],
+    [(16, 16)],  # the tiny table's own size: the identity interpolation
+    [(8, 8)] * 5,
+]
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def fused_pair(seed, **overrides):
+    ref = random_model(tiny_config(**overrides), seed=seed)
+    fused = FusedMoonVit(ref.config)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused.eval()
+
+
+def test_same_state_dict_keys():
+    cfg = tiny_config()
+    from fused_moonvit.moonvit import MoonVitReference
+
+    ours = {k: v.shape for k, v in FusedMoonVit(cfg).state_dict().items()}
+    assert ours == {k: v.shape for k, v in MoonVitReference(cfg).state_dict().items()}
+
+
+@pytest.mark.parametrize("grids", IMAGE_SETS, ids=lambda g: "_".join(f"{h}x{w}" for h, w in g))
+def test_fused_eager_matches_reference(grids):
+    ref, fused = fused_pair(seed=len(grids))
+    pix = random_pixels(grids, seed=sum(h for h, _ in grids))
+    g = torch.tensor(grids)
+    want, got = ref(pix, g), fused(pix, g)
+    assert got.shape == want.shape
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_head_dim_72():
+    ref, fused = fused_pair(seed=3, num_hidden_layers=1, hidden_size=144, num_attention_heads=2,
+                            intermediate_size=64)
+    grids = [(6, 10), (2, 4)]
+    pix = random_pixels(grids, seed=4)
+    assert rel_err(fused(pix, torch.tensor(grids)), ref(pix, torch.tensor(grids))) <= 1e-5
+
+
+def test_tower_only():
+    ref, fused = fused_pair(seed=5, text_hidden_size=None)
+    grids = [(4, 4), (2, 6)]
+    pix = random_pixels(grids, seed=6)
+    got = fused(pix, torch.tensor(grids))
+    assert got.shape == (7, 4 * 32)
+    assert rel_err(got, ref(pix, torch.tensor(grids))) <= 1e-5
+
+
+def test_runner_padding_is_poisoned_and_harmless():
+    """Padding rows of the pixel buffer hold NaN; valid outputs match the reference, padding stays finite."""
+    ref, fused = fused_pair(seed=7)
+    runner = MoonVitGraphRunner(fused, budgets=[256], max_images=6)
+    runner.pixels.fill_(float("nan"))
+    grids = [(2, 2), (6, 10), (8, 4)]
+    pix = random_pixels(grids, seed=8)
+    outs = runner.encode(pix, torch.tensor(grids))
+    want = ref(pix, torch.tensor(grids)).split([h * w // 4 for h, w in grids])
+    assert [o.shape for o in outs] == [w.shape for w in want]
+    for o, w in zip(outs, want):
+        assert torch.isfinite(o).all() and rel_err(o, w) <= 1e-5
+    full = fused.forward_static(runner.pixels[:256], runner.device_plan, runner.token_meta[256])
+    assert torch.isfinite(full).all(), "padding rows must stay finite"
+
+
+def test_split_equals_one_call():
+    ref, fused = fused_pair(seed=9)
+    grids = [(6, 10), (16, 16), (2, 2), (4, 8), (10, 10), (8, 8), (2, 4)]
+    pix = random_pixels(grids, seed=10)
+    big = MoonVitGraphRunner(fused, budgets=[1024], max_images=8).encode(pix, torch.tensor(grids))
+    small = MoonVitGraphRunner(fused, budgets=[64, 128, 192], max_images=2)
+    chunks = small.plan_chunks([list(g) for g in grids])
+    # 256 patches exceed the largest budget (eager); the rest pack in order, two images at most
+    assert chunks == [(0, 1, 64), (1, 2, None), (2, 4, 64), (4, 6, 192), (6, 7, 64)]
+    split = small.encode(pix, torch.tensor(grids))
+    want = ref(pix, torch.tensor(grids)).split([h * w // 4 for h, w in grids])
+    for a, b, w in zip(big, split, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        assert rel_err(a, w) <= 1e-5
+
+
+def test_default_budgets():
+    ladder = default_budgets()
+    assert ladder[0] == 64 and ladder[-1] == 16384
+    assert all(b % 64 == 0 for b in ladder) and ladder == sorted(set(ladder))
+    assert all(hi <= 2 * lo for lo, hi in zip(ladder, ladder[1:]))
+    assert all(hi <= 1.25 * lo + 64 for lo, hi in zip(ladder, ladder[1:]) if lo >= 1024)
+
+
+def test_bad_inputs():
+    _, fused = fused_pair(seed=11, num_hidden_layers=1)
+    with pytest.raises(ValueError, match="not a multiple of the merge size"):
+        fused(torch.randn(12, 3, 14, 14), torch.tensor([[3, 4]]))
+    with pytest.raises(ValueError, match="needs 16"):
+        fused(torch.randn(15, 3, 14, 14), torch.tensor([[4, 4]]))
+    with pytest.raises(ValueError, match="multiples of 4"):
+        MoonVitGraphRunner(fused, budgets=[66])
+    with pytest.raises(RuntimeError, match="CUDA"):
+        MoonVitGraphRunner(fused, budgets=[64]).capture()

@@ -1,0 +1,82 @@
+"""Graph replay on a real-size MoonVit against the fp32 reference (CUDA only; run on the H200).
+
+Tolerance: ||graph_bf16 - ref_fp32|| / ||ref_fp32|| <= the same figure for the bf16 reference.
+"""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from moonvit_fixtures import random_model, random_pixels
+from fused_moonvit.moonvit import FusedMoonVit, MoonVitConfig, MoonVitGraphRunner
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+FIGURES = {}
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def models():
+    cfg = MoonVitConfig()
+    ref32 = random_model(cfg, seed=0).cuda()
+    ref16 = copy.deepcopy(ref32).to(torch.bfloat16)
+    fused = FusedMoonVit(cfg)
+    fused.load_state_dict(ref32.state_dict())
+    fused = fused.to("cuda", torch.bfloat16).eval()
+    runner = MoonVitGraphRunner(fused, budgets=[1024, 4096, 8192], max_images=16)
+    runner.capture(progress=False)
+    yield ref32, ref16, runner
+    path = os.environ.get("FUSED_MOONVIT_GPU_FIGURES")
+    if path:
+        import datetime
+
+        import triton
+
+        meta = {"device": torch.cuda.get_device_name(), "versions": {"torch": torch.__version__,
+                                                                      "triton": triton.__version__},
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        with open(path, "w") as f:
+            json.dump({"meta": meta, "cases": FIGURES}, f, indent=1)
+
+
+def check(models, grids, name, seed):
+    ref32, ref16, runner = models
+    pix = random_pixels(grids, seed=seed).cuda()
+    g = torch.tensor(grids)
+    exact = ref32(pix, g)
+    bf16_ref = rel_err(ref16(pix, g), exact)
+    outs = runner.encode(pix, g)
+    assert [o.shape[0] for o in outs] == [h * w // 4 for h, w in grids]
+    got = torch.cat(outs)
+    assert torch.isfinite(got).all()
+    graph = rel_err(got, exact)
+    FIGURES[name] = {"grids": grids, "graph_bf16_vs_fp32": graph, "reference_bf16_vs_fp32": bf16_ref,
+                     "ratio": graph / bf16_ref}
+    print(f"{name}: graph {graph:.3e}, bf16 reference {bf16_ref:.3e}, ratio {graph / bf16_ref:.3f}")
+    assert graph <= 1.0 * bf16_ref
+
+
+def test_one_64x64_image_in_a_4096_budget(models):
+    """vLLM's Kimi-VL graph path bakes max_seqlen 4x too small for exactly this case."""
+    assert models[2].plan_chunks([[64, 64]]) == [(0, 1, 4096)]
+    check(models, [(64, 64)], "64x64_in_4096", seed=1)
+
+
+def test_many_replays_of_one_graph(models):
+    sets = [[(32, 32)] * 4, [(16, 16), (48, 20), (2, 2), (30, 40)], [(64, 62)], [(10, 10)] * 16]
+    for i, grids in enumerate(sets):
+        assert models[2].plan_chunks([list(g) for g in grids])[0][2] == 4096
+        check(models, grids, f"replay_4096_{i}", seed=10 + i)
+
+
+def test_mixed_sizes_split_across_replays(models):
+    grids = [(16, 16), (32, 32), (24, 40), (40, 24), (32, 48), (16, 32), (64, 64), (28, 36)]
+    assert len(models[2].plan_chunks([list(g) for g in grids])) > 1
+    check(models, grids, "mix8", seed=20)

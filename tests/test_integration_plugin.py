@@ -1,0 +1,126 @@
+"""The `vllm.general_plugins` entry point, through vLLM 0.33.0's own plugin loader and model registry.
+
+Each case runs in a fresh interpreter: plugin loading and model registration are process-wide state in
+vLLM, and the switches under test are environment variables read at load time.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+
+from moonvit_fixtures import kimi_vl_config_json, tiny_config
+
+pytestmark = pytest.mark.vllm
+
+OURS = "fused_moonvit.integration.kimi_vl:FusedKimiVLForConditionalGeneration"
+STOCK = "vllm.model_executor.models.kimi_vl:KimiVLForConditionalGeneration"
+LOG_MARK = "fused-moonvit:"
+
+PROBE = r"""
+import json, sys
+from vllm import ModelRegistry
+from vllm.config import LoggingConfig
+from vllm.logger import configure_logging
+from vllm.plugins import load_general_plugins
+
+# As vLLM's engine-core and worker processes do before they load plugins.
+configure_logging(LoggingConfig())
+load_general_plugins()
+load_general_plugins()
+ours_loaded = sorted(m for m in sys.modules if m.startswith("fused_moonvit."))
+if "--register-again" in sys.argv:
+    from fused_moonvit.integration import plugin
+    plugin.register()
+cls = ModelRegistry._try_load_model_cls("KimiVLForConditionalGeneration")
+result = {"modules_after_plugins": ours_loaded, "registry": f"{cls.__module__}:{cls.__qualname__}"}
+if "--model-dir" in sys.argv:
+    from vllm.config import ModelConfig
+    from vllm.model_executor.model_loader import get_model_architecture
+    config = ModelConfig(model=sys.argv[sys.argv.index("--model-dir") + 1], skip_tokenizer_init=True)
+    resolved, arch = get_model_architecture(config)
+    result["resolved"] = f"{resolved.__module__}:{resolved.__qualname__}"
+    result["multimodal"] = config.is_multimodal_model
+    from vllm.model_executor.models.kimi_vl import KimiVLForConditionalGeneration as Stock
+    result["stock_processor"] = resolved._processor_factory is Stock._processor_factory
+print("PROBE " + json.dumps(result))
+"""
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("kimi_vl_config")
+    config = kimi_vl_config_json(tiny_config())
+    # A dense one-layer DeepseekV2 with MLA: what vLLM's KimiVLConfig accepts as a text config.
+    config["text_config"].update(model_type="deepseek_v2", num_attention_heads=2, num_key_value_heads=2,
+                                 num_hidden_layers=1, intermediate_size=16, vocab_size=64, kv_lora_rank=8,
+                                 q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                                 first_k_dense_replace=1, max_position_embeddings=256)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+CASES = {
+    "default": ({}, ["--register-again"]),
+    "disabled": ({"FUSED_MOONVIT_DISABLE": "1"}, []),
+    "filtered_out": ({"VLLM_PLUGINS": "lora_filesystem_resolver"}, []),
+    "filtered_in": ({"VLLM_PLUGINS": "fused_moonvit"}, []),
+}
+
+
+@pytest.fixture(scope="module")
+def probes(model_dir):
+    """Runs every case's probe at once (each spends most of its time importing vLLM)."""
+    running = {}
+    for name, (env, args) in CASES.items():
+        full_env = {k: v for k, v in os.environ.items() if k not in ("VLLM_PLUGINS", "FUSED_MOONVIT_DISABLE")}
+        full_env.update(env, VLLM_TARGET_DEVICE="cpu")
+        if name == "default":
+            args = args + ["--model-dir", str(model_dir)]
+        running[name] = subprocess.Popen([sys.executable, "-c", PROBE, *args], env=full_env, text=True,
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    results = {}
+    for name, proc in running.items():
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{name} probe failed:\n{out}"
+        line = next(l for l in out.splitlines() if l.startswith("PROBE "))
+        results[name] = (json.loads(line[len("PROBE "):]), [l for l in out.splitlines() if LOG_MARK in l])
+    return results
+
+
+def test_entry_point_is_installed():
+    ours = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "fused_moonvit"]
+    assert [ep.value for ep in ours] == ["fused_moonvit.integration.plugin:register"]
+
+
+def test_registry_resolves_to_fused_class(probes):
+    result, log = probes["default"]
+    assert result["registry"] == OURS
+    # What vLLM itself does when it loads a model: ModelConfig inspects the class (in a subprocess)
+    # and the loader resolves the architecture.
+    assert result["resolved"] == OURS
+    assert result["multimodal"] is True
+    # Kimi-VL's multimodal processor, registered on vLLM's class, is the one vLLM finds for ours.
+    assert result["stock_processor"] is True
+    # Loading the plugin imports nothing of ours beyond the plugin module itself.
+    assert result["modules_after_plugins"] == ["fused_moonvit.integration", "fused_moonvit.integration.plugin"]
+    # Idempotent: vLLM loads it once per process, a second register() is a no-op (one log line).
+    assert len(log) == 1 and "uses the fused MoonVit encoder" in log[0]
+
+
+def test_disable_env_keeps_stock_class(probes):
+    result, log = probes["disabled"]
+    assert result["registry"] == STOCK
+    assert len(log) == 1 and "FUSED_MOONVIT_DISABLE" in log[0]
+
+
+def test_vllm_plugins_filter(probes):
+    result, log = probes["filtered_out"]
+    assert result["registry"] == STOCK
+    assert result["modules_after_plugins"] == [] and log == []
+    result, log = probes["filtered_in"]
+    assert result["registry"] == OURS
+    assert len(log) == 1

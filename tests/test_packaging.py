@@ -1,0 +1,25 @@
+"""The wheel installs one namespace, `fused_moonvit`, and no top-level `kernels` or `integration`."""
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_holds_only_fused_moonvit(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", ".venv"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("fused_moonvit-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {"fused_moonvit", wheel.name.split("-py3")[0] + ".dist-info"}, tops
+    for pkg in ("kernels", "moonvit", "integration", "benchmarks"):
+        assert f"fused_moonvit/{pkg}/__init__.py" in names
+    entry = zipfile.ZipFile(wheel).read(wheel.name.split("-py3")[0] + ".dist-info/entry_points.txt").decode()
+    assert "fused-moonvit = fused_moonvit.moonvit.cli:main" in entry
