@@ -188,6 +188,9 @@ class MoonVitGraphRunner:
             self.model.forward_static(pixels, self.device_plan, meta)
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
+        # Hand the warm-up's cached blocks back first, or the capture reuses them and the pool's growth
+        # reads as negative.
+        torch.cuda.empty_cache()
         before = torch.cuda.memory_reserved(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):

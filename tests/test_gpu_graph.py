@@ -63,6 +63,14 @@ def check(models, grids, name, seed):
     assert graph <= 1.0 * bf16_ref
 
 
+def test_graph_memory_report(models):
+    memory = models[2].graph_memory()
+    assert sorted(memory) == [1024, 4096, 8192]
+    # captured largest first: the largest graph grows the shared pool, the smaller ones mostly reuse it
+    assert memory[8192] > 0 and all(v >= 0 for v in memory.values())
+    FIGURES["graph_memory_bytes"] = memory
+
+
 def test_one_64x64_image_in_a_4096_budget(models):
     """vLLM's Kimi-VL graph path bakes max_seqlen 4x too small for exactly this case."""
     assert models[2].plan_chunks([[64, 64]]) == [(0, 1, 4096)]
