@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 
 from fused_moonvit.benchmarks.flops import encoder_flops, encoder_flops_breakdown
+from fused_moonvit.moonvit.cli import DTYPES
 from fused_moonvit.moonvit.config import MoonVitConfig
 
 GEMM_CEILING_TFLOPS = 794.0  # bf16, 8192^3, measured on this project's H200 (DESIGN.md §4)
@@ -48,9 +49,6 @@ SMOKE_SETS = {
     "1x4x4": [(4, 4)],
     "3mix": [(4, 6), (2, 2), (20, 8)],  # 20 rows > the 16-row table: upsampling on one axis
 }
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 def round_budget(patches: int) -> int:
     return -(-patches // BUDGET_ROUNDING) * BUDGET_ROUNDING

@@ -105,15 +105,9 @@ class Timer:
 
     @staticmethod
     def _capture(fn, calls):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn()
+        from fused_moonvit.moonvit.fused import capture_graph
+
+        graph, _, _ = capture_graph(lambda: [fn() for _ in range(calls)], device=torch.cuda.current_device())
         graph.replay()
         torch.cuda.synchronize()
         return graph
@@ -168,6 +162,7 @@ def row(kernel, case, tokens, timer, ours, baseline, nbytes, err, copy_tbps):
 def bench_set(name, grids, cfg, device, timer, copy_tbps, gen, kernels):
     from fused_moonvit.kernels import (apply_rope_2d, build_plan, expand_plan, interp_pos_embed, merge_patches,
                                        new_device_plan, new_token_meta, rope_cos_sin_table, upload_plan)
+    from fused_moonvit.moonvit.reference import rope_frequencies
 
     dt, c, heads, hd = cfg["dtype"], cfg["hidden"], cfg["heads"], cfg["head_dim"]
     es = torch.finfo(dt).bits // 8
@@ -202,7 +197,7 @@ def bench_set(name, grids, cfg, device, timer, copy_tbps, gen, kernels):
         rows.append(row("pos_embed", name, tokens, timer, ours, base, nbytes, err, copy_tbps))
 
     if "rope" in kernels:
-        freqs = 1.0 / (10000 ** (torch.arange(0, hd, 4, device=device)[: hd // 4].float() / hd))
+        freqs = rope_frequencies(hd).to(device)
         cos_sin = rope_cos_sin_table(freqs)
         freqs_cis = vllm_freqs_cis(freqs, grids)
         qkv = rand(tokens, 3 * heads * hd)

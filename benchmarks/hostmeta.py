@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fused_moonvit.moonvit.attention import varlen_attention
+from fused_moonvit.moonvit.fused import capture_graph
 from fused_moonvit.moonvit.inputs import MAX_GRID_SIDE, check_inputs
 from fused_moonvit.moonvit.reference import MoonVitReference, rope_angles, rope_frequencies
 
@@ -73,8 +75,6 @@ class HostMetadataGraph:
         self.cu_seqlens = torch.zeros(max_images + 2, dtype=torch.int32, **kw)
         self.cu_seqlens[-1] = budget
         self.gather_idx = torch.zeros(budget, dtype=torch.int64, **kw)
-        # Host copy of the sequence lengths, for the CPU attention fallback only.
-        self._seqlens = [budget]
         self._graph = None
         self._out = None
         if self.graphed:
@@ -82,30 +82,10 @@ class HostMetadataGraph:
 
     @torch.no_grad()
     def _capture(self, warmup: int) -> None:
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                self._forward()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._out = self._forward()
-        torch.cuda.synchronize(self.device)
+        self._graph, self._out, _ = capture_graph(self._forward, device=self.device, warmup=warmup)
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if q.is_cuda:
-            from torch.nn.attention.varlen import varlen_attn
-
-            b = self.budget
-            return varlen_attn(q, k, v, self.cu_seqlens, self.cu_seqlens, b, b)
-        out = []
-        for qi, ki, vi in zip(q.split(self._seqlens), k.split(self._seqlens), v.split(self._seqlens)):
-            if not len(qi):
-                continue
-            o = F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1))
-            out.append(o.transpose(0, 1))
-        return torch.cat(out)
+        return varlen_attention(q, k, v, self.cu_seqlens, self.budget)
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
@@ -174,7 +154,6 @@ class HostMetadataGraph:
         self.freqs_cis[:total].copy_(freqs)
         self._upload(self.cu_seqlens, cu)
         self._upload(self.gather_idx, gather)
-        self._seqlens = lens + [self.budget - total]
 
         if self._graph is not None:
             self._graph.replay()

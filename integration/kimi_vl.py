@@ -29,6 +29,7 @@ from vllm.v1.worker import encoder_cudagraph_defs
 from fused_moonvit.kernels.plan import build_plan, new_device_plan, plan_cu_seqlens, upload_plan
 from fused_moonvit.moonvit.config import MoonVitConfig
 from fused_moonvit.moonvit.fused import FusedMoonVit
+from fused_moonvit.moonvit.inputs import check_inputs
 
 PLAN_KEY = "moonvit_plan"
 PATCHES_PER_TOKEN = 4  # the 2x2 merge
@@ -181,8 +182,9 @@ class FusedKimiVLForConditionalGeneration(vllm_kimi_vl.KimiVLForConditionalGener
         patches = PATCHES_PER_TOKEN * a["token_budget"]
         slots, device = a["max_batch_size"], a["device"]
         p = self.fused_encoder.config.patch_size
+        self.fused_encoder.rope_table(device)  # built now: its first build copies from the host
         # An all-padding plan: nothing the graph records may depend on an image.
-        plan = upload_plan(build_plan([], patches, slots), new_device_plan(slots, device))
+        plan = upload_plan(build_plan([], patches, slots), new_device_plan(slots, device), budget=patches)
         pixel_values = torch.zeros(patches, 3, p, p, device=device, dtype=a["dtype"])
         return _make(encoder_cudagraph_defs.EncoderCudaGraphCaptureInputs,
                      values={"pixel_values": pixel_values, PLAN_KEY: plan})
@@ -191,9 +193,11 @@ class FusedKimiVLForConditionalGeneration(vllm_kimi_vl.KimiVLForConditionalGener
         a = _protocol_arguments("prepare_encoder_cudagraph_replay_buffers", args, kwargs)
         mm_kwargs = a["mm_kwargs"]
         pixel_values = mm_kwargs["pixel_values"]
+        grid = self._get_grid_hws(mm_kwargs)
+        check_inputs(pixel_values, grid, self.fused_encoder.config.patch_size)
         # The graph's budget is not passed here; the plan is built to end at the last image, and
         # `encoder_cudagraph_forward` extends its trailing padding sequence to the budget.
-        plan = build_plan(self._get_grid_hws(mm_kwargs), pixel_values.shape[0], a["max_batch_size"])
+        plan = build_plan(grid, pixel_values.shape[0], a["max_batch_size"])
         # Uploaded here, asynchronously from pinned memory, so that the manager's copy into the
         # captured buffer is device to device and no replay waits on the host.
         return _make(encoder_cudagraph_defs.EncoderCudaGraphReplayBuffers,

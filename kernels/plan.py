@@ -164,12 +164,21 @@ def new_device_plan(max_images: int, device: torch.device | str) -> torch.Tensor
     return torch.zeros(plan_numel(_check_int("max_images", max_images, 1)), dtype=torch.int32, device=device)
 
 
-def upload_plan(plan: torch.Tensor, device_plan: torch.Tensor) -> torch.Tensor:
-    """Copy a host plan into a preallocated device buffer: one non-blocking H2D copy, no sync."""
+def upload_plan(plan: torch.Tensor, device_plan: torch.Tensor, budget: int | None = None) -> torch.Tensor:
+    """Copy a host plan into a preallocated device buffer: one non-blocking H2D copy, no sync.
+
+    budget: the B of the pixel buffer the plan will drive. Given, it is checked against the plan's own
+    (its last cu_seqlens entry) on the host, where reading it is free: a plan for more rows than the
+    buffer has would send attention and the merge past its end.
+    """
     check_tensor("plan", plan, dtypes=(torch.int32,), shape=(None,))
     if plan.device.type != "cpu":
         raise ValueError(f"plan must be the CPU tensor from build_plan, got device {plan.device}")
     check_tensor("device_plan", device_plan, dtypes=(torch.int32,), shape=(plan.numel(),))
+    if budget is not None:
+        planned = int(plan[plan_max_images(plan) + 1])
+        if planned != budget:
+            raise ValueError(f"the plan was built for a budget of {planned} patches, but the buffer has {budget}")
     return device_plan.copy_(plan, non_blocking=True)
 
 
@@ -226,18 +235,16 @@ def _expand_plan_kernel(plan_ptr, meta_ptr, budget, num_slots, SEARCH_STEPS: tl.
     tl.store(meta_ptr + _MERGE_WIDTH * budget + t, tl.where(mvalid, mw, 0), mask=live)
 
 
-def expand_plan(device_plan: torch.Tensor, token_meta: torch.Tensor | None = None) -> torch.Tensor:
+def expand_plan(device_plan: torch.Tensor, token_meta: torch.Tensor) -> torch.Tensor:
     """Expand an uploaded plan into per-token metadata (layout in the module docstring).
 
     device_plan: the (5 * S + 2,) int32 buffer `upload_plan` filled, on the kernels' device.
-    token_meta: optional int32 (META_ROWS, B) output buffer (static inside a graph). Without it, B is
-        unknown on the host, so it is required; `new_token_meta(B, device)` makes one.
+    token_meta: the int32 (META_ROWS, B) output buffer (static inside a graph), from
+        `new_token_meta(B, device)`; it is what tells the launcher B.
 
     B must equal the budget the plan was built for (cu_seqlens[S + 1]); that is not checked here, as
-    reading the plan would sync with the device.
+    reading the plan would sync with the device (`upload_plan(..., budget=B)` checks it on the host).
     """
-    if token_meta is None:
-        raise ValueError("token_meta is required: pass new_token_meta(budget, device)")
     check_tensor("device_plan", device_plan, dtypes=(torch.int32,), shape=(None,))
     num_slots = plan_max_images(device_plan)
     check_tensor("token_meta", token_meta, dtypes=(torch.int32,), shape=(META_ROWS, None), device=device_plan.device)

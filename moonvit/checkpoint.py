@@ -70,6 +70,7 @@ def load_encoder_state(model: nn.Module, model_dir: str | os.PathLike) -> None:
 
     sources: dict[str, tuple[str, str]] = {}
     unexpected: list[str] = []
+    duplicated: list[str] = []
     for path, names in files.items():
         for name in names:
             key = _encoder_name(name, tower_only)
@@ -78,23 +79,31 @@ def load_encoder_state(model: nn.Module, model_dir: str | os.PathLike) -> None:
                 continue
             if key not in expected:
                 unexpected.append(name)
+            elif key in sources:
+                duplicated.append(f"{key}: both {sources[key][1]} and {name}")
             else:
                 sources[key] = (path, name)
 
     misshaped: list[str] = []
+    absent: list[str] = []
     by_file: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for key, (path, name) in sources.items():
         by_file[path].append((key, name))
     for path, pairs in by_file.items():
         with safe_open(path, framework="pt") as f:
+            stored = set(f.keys())
             for key, name in pairs:
+                if name not in stored:
+                    absent.append(f"{name}: the index names {os.path.basename(path)}, which lacks it")
+                    continue
                 shape = tuple(f.get_slice(name).get_shape())
                 if shape != tuple(expected[key].shape):
                     misshaped.append(f"{name}: checkpoint {shape}, model {tuple(expected[key].shape)}")
     missing = sorted(set(expected) - set(sources))
-    if missing or unexpected or misshaped:
+    if missing or unexpected or misshaped or duplicated or absent:
         parts = []
-        for title, items in (("missing", missing), ("unexpected", sorted(unexpected)), ("misshaped", sorted(misshaped))):
+        for title, items in (("missing", missing), ("unexpected", sorted(unexpected)), ("misshaped", sorted(misshaped)),
+                             ("given twice", sorted(duplicated)), ("absent from their shard", sorted(absent))):
             if items:
                 parts.append(f"{len(items)} {title}:\n  " + "\n  ".join(items))
         raise CheckpointError(f"checkpoint {model_dir!r} does not match the model:\n" + "\n".join(parts))

@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from .preprocess import IN_TOKEN_LIMIT_INSTRUCT, IN_TOKEN_LIMIT_THINKING
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -58,9 +60,24 @@ def _encode(args: argparse.Namespace) -> int:
     if missing:
         print(f"error: no such image file: {', '.join(missing)}", file=sys.stderr)
         return 2
-
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if device.type == "cuda" and dtype == torch.float32:
+        print("error: the fused encoder runs in bfloat16 or float16 on CUDA (FlashAttention); "
+              "use --dtype bfloat16, or --device cpu for float32", file=sys.stderr)
+        return 2
+
+    # Every image is read and checked before the model is built, so a bad one costs nothing.
+    inputs = [("demo", _demo_image())] if args.demo else []
+    inputs += [(p, p) for p in args.images]
+    prepared = []
+    for label, image in inputs:
+        try:
+            prepared.append((label, *preprocess_image(image, in_token_limit=args.in_token_limit)))
+        except (OSError, ValueError) as err:
+            print(f"error: {label}: {err}", file=sys.stderr)
+            return 2
+
     if args.model is None:
         print(f"note: no --model given: using the Kimi-VL MoonVit architecture with seeded random weights "
               f"(seed {args.seed}); the embeddings are not meaningful", file=sys.stderr)
@@ -69,12 +86,9 @@ def _encode(args: argparse.Namespace) -> int:
     print(f"{name} ready on {device} in {str(dtype).removeprefix('torch.')} ({time.perf_counter() - t0:.1f} s)",
           file=sys.stderr)
 
-    inputs = [("demo", _demo_image())] if args.demo else []
-    inputs += [(p, p) for p in args.images]
     tensors, metadata = {}, {}
     # One image per call keeps the progress bar honest; the graph runner packs larger calls itself.
-    for i, (label, image) in enumerate(tqdm(inputs, desc="encoding", unit="image", file=sys.stderr)):
-        pixels, grid = preprocess_image(image, in_token_limit=args.in_token_limit)
+    for i, (label, pixels, grid) in enumerate(tqdm(prepared, desc="encoding", unit="image", file=sys.stderr)):
         (out,) = encode(pixels.to(device), torch.tensor([grid]))
         key = f"image_{i}"
         tensors[key] = out.float().cpu().contiguous()
@@ -93,6 +107,13 @@ def _bench(args: argparse.Namespace) -> int:
     return module.main(args.rest) or 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fused-moonvit", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "without it, seeded random weights")
     enc.add_argument("--out", default="embeddings.safetensors", metavar="FILE",
                      help="output safetensors file (default: %(default)s)")
-    enc.add_argument("--in-token-limit", type=int, default=4096,
-                     help="patch limit per image before downscaling: 4096 Instruct, 16384 Thinking (default %(default)s)")
+    enc.add_argument("--in-token-limit", type=_positive_int, default=IN_TOKEN_LIMIT_INSTRUCT,
+                     help=f"patch limit per image before downscaling: {IN_TOKEN_LIMIT_INSTRUCT} for Kimi-VL-A3B-Instruct, "
+                          f"{IN_TOKEN_LIMIT_THINKING} for -Thinking-2506 (default %(default)s)")
     enc.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     enc.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     enc.add_argument("--seed", type=int, default=0, help="seed of the random weights without --model")

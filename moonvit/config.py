@@ -66,6 +66,8 @@ class MoonVitConfig(_HFConfig):
         if self.head_dim % 4:
             # The 2D RoPE splits each head into pairs for width and pairs for height.
             raise ValueError(f"head_dim {self.head_dim} must be a multiple of 4 for the 2D RoPE")
+        if self.text_hidden_size is not None and self.text_hidden_size < 1:
+            raise ValueError(f"MoonVitConfig.text_hidden_size must be >= 1 or None, got {self.text_hidden_size}")
         if self.merge_kernel_size != [2, 2]:
             raise ValueError(f"only a 2x2 merge is supported, got merge_kernel_size={self.merge_kernel_size}")
 

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fused_moonvit.kernels.patch_merge import merge_patches
 from fused_moonvit.kernels.plan import (build_plan, expand_plan, new_device_plan, new_token_meta,
@@ -22,35 +21,17 @@ from fused_moonvit.kernels.plan import (build_plan, expand_plan, new_device_plan
 from fused_moonvit.kernels.pos_embed import interp_pos_embed
 from fused_moonvit.kernels.rope2d import apply_rope_2d, rope_cos_sin_table
 
+from .attention import check_attention_dtype, varlen_attention
 from .config import MoonVitConfig
 from .inputs import check_inputs
-from .reference import Projector, VisionTower, rope_frequencies
+from .reference import MoonVitModules, rope_frequencies
 
 
-def _varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-    """Block-diagonal attention over packed (T, H, D) q, k, v; every row lies in one sequence."""
-    if q.is_cuda:
-        from torch.nn.attention.varlen import varlen_attn
-
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
-    # The CPU path is eager, so reading the bounds costs no device sync.
-    bounds = cu_seqlens.tolist()
-    out = torch.empty_like(q)
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end > start:
-            seq = [t[start:end].transpose(0, 1) for t in (q, k, v)]
-            out[start:end] = F.scaled_dot_product_attention(*seq).transpose(0, 1)
-    return out
-
-
-class FusedMoonVit(nn.Module):
+class FusedMoonVit(MoonVitModules):
     """MoonVit with the fused Triton kernels. Same state-dict keys and `forward` contract as `MoonVitReference`."""
 
     def __init__(self, config: MoonVitConfig | None = None):
-        super().__init__()
-        self.config = config if config is not None else MoonVitConfig()
-        self.vision_tower = VisionTower(self.config)
-        self.multi_modal_projector = Projector(self.config) if self.config.text_hidden_size is not None else None
+        super().__init__(config)
         self._rope_tables: dict[torch.device, torch.Tensor] = {}
 
     @classmethod
@@ -80,8 +61,9 @@ class FusedMoonVit(nn.Module):
     def forward(self, pixel_values: torch.Tensor, grid_hws) -> torch.Tensor:
         """Eager fused forward of exactly these images: (sum h/2*w/2, output_size)."""
         grid = check_inputs(pixel_values, grid_hws, self.config.patch_size)
+        check_attention_dtype(self.device, self.dtype)
         plan = build_plan(grid, pixel_values.shape[0], grid.shape[0])
-        device_plan = upload_plan(plan, new_device_plan(grid.shape[0], self.device))
+        device_plan = upload_plan(plan, new_device_plan(grid.shape[0], self.device), budget=pixel_values.shape[0])
         return self.forward_static(pixel_values.to(device=self.device, dtype=self.dtype), device_plan)
 
     @torch.no_grad()
@@ -89,11 +71,20 @@ class FusedMoonVit(nn.Module):
                        token_meta: torch.Tensor | None = None) -> torch.Tensor:
         """The graph body: (B, 3, p, p) pixels and an uploaded plan for budget B -> (B/4, output_size).
 
-        No host sync on CUDA, and every shape depends on B alone.
+        No host sync on CUDA, and every shape depends on B alone. The plan must have been built for this
+        B (`build_plan(grid, B, S)`, whose last cu_seqlens entry is B): reading it back to check would sync,
+        so `upload_plan(plan, buffer, budget=B)` checks it on the host instead.
         """
         cfg = self.config
         tower = self.vision_tower
+        p = cfg.patch_size
         budget = pixel_values.shape[0]
+        if pixel_values.shape[1:] != (3, p, p) or budget % 4 or budget == 0:
+            raise ValueError(f"pixel_values must be (B, 3, {p}, {p}) with B a positive multiple of 4, "
+                             f"got {tuple(pixel_values.shape)}")
+        if pixel_values.dtype != self.dtype or pixel_values.device != self.device:
+            raise ValueError(f"pixel_values must be {self.dtype} on {self.device} like the model, "
+                             f"got {pixel_values.dtype} on {pixel_values.device}")
         heads, head_dim = cfg.num_attention_heads, cfg.head_dim
         if token_meta is None:
             token_meta = new_token_meta(budget, pixel_values.device)
@@ -108,7 +99,7 @@ class FusedMoonVit(nn.Module):
             qkv = block.wqkv(block.norm0(x))
             apply_rope_2d(qkv, meta, cos_sin, num_heads=heads, head_dim=head_dim)
             q, k, v = qkv.view(budget, 3, heads, head_dim).unbind(1)
-            attn = _varlen_attention(q, k, v, cu_seqlens, budget)
+            attn = varlen_attention(q, k, v, cu_seqlens, budget)
             x = x + block.wo(attn.reshape(budget, heads * head_dim))
             x = x + block.mlp(block.norm1(x))
         x = tower.encoder.final_layernorm(x)
@@ -120,11 +111,36 @@ class FusedMoonVit(nn.Module):
         return projector.linear_2(F.gelu(projector.linear_1(merged)))
 
 
+def capture_graph(fn, *, device: torch.device | str, pool=None, warmup: int = 1):
+    """(graph, output, pool growth in bytes): `fn` warmed up on a side stream (Triton compiles, cuBLAS
+    picks its kernels, the allocator settles), then captured on `device`."""
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        # torch.cuda.graph empties the cache as it starts anyway; doing it first makes `before` the
+        # memory in use, so the difference is what the capture itself took.
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+        torch.cuda.synchronize()
+        return graph, out, torch.cuda.memory_reserved() - before
+
+
 def default_budgets(max_budget: int = 16384, min_budget: int = 64) -> list[int]:
-    """A ladder of patch budgets, each at most ~1.25x the one below once past 1024 (so padding stays
-    under 25% there), multiples of 64."""
-    if min_budget < 4 or min_budget % 4 or max_budget < min_budget:
-        raise ValueError(f"need 4 <= min_budget <= max_budget, multiples of 4; got {min_budget}, {max_budget}")
+    """A ladder of patch budgets, multiples of 64, each at most ~1.25x the one below once past 1024 (so
+    padding stays under 25% there) and at most twice it below."""
+    for name, value in (("min_budget", min_budget), ("max_budget", max_budget)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 64 or value % 64:
+            raise ValueError(f"{name} must be a positive multiple of 64 patches, got {value!r}")
+    if max_budget < min_budget:
+        raise ValueError(f"max_budget {max_budget} is below min_budget {min_budget}")
     budgets = [min_budget]
     while budgets[-1] < max_budget:
         step = budgets[-1] if budgets[-1] < 1024 else budgets[-1] // 4
@@ -143,19 +159,21 @@ class MoonVitGraphRunner:
 
     def __init__(self, model: FusedMoonVit, budgets: Sequence[int] | None = None, max_images: int = 64):
         self.model = model.eval()
-        budgets = default_budgets() if budgets is None else sorted(set(int(b) for b in budgets))
-        bad = [b for b in budgets if b < 4 or b % 4]
+        budgets = default_budgets() if budgets is None else list(budgets)
+        bad = [b for b in budgets if isinstance(b, bool) or not isinstance(b, int) or b < 4 or b % 4]
         if not budgets or bad:
-            raise ValueError(f"budgets must be positive multiples of 4 patches, got {list(budgets)}")
-        if max_images < 1:
-            raise ValueError(f"max_images must be >= 1, got {max_images}")
-        self.budgets = budgets
-        self.max_images = int(max_images)
+            raise ValueError(f"budgets must be positive multiples of 4 patches, got {budgets}")
+        if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
+            raise ValueError(f"max_images must be an int >= 1, got {max_images!r}")
+        self.budgets = sorted(set(budgets))
+        self.max_images = max_images
         self.device = model.device
+        check_attention_dtype(self.device, model.dtype)
+        model.rope_table(self.device)  # built here, never inside a capture
         p = model.config.patch_size
-        self.pixels = torch.zeros(budgets[-1], 3, p, p, dtype=model.dtype, device=self.device)
+        self.pixels = torch.zeros(self.budgets[-1], 3, p, p, dtype=model.dtype, device=self.device)
         self.device_plan = new_device_plan(self.max_images, self.device)
-        self.token_meta = {b: new_token_meta(b, self.device) for b in budgets}
+        self.token_meta = {b: new_token_meta(b, self.device) for b in self.budgets}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.memory: dict[int, int] = {}
@@ -179,25 +197,11 @@ class MoonVitGraphRunner:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         # An all-padding plan: capture must not depend on what the images will be.
-        upload_plan(build_plan([], budget, self.max_images), self.device_plan)
-        pixels = self.pixels[:budget]
-        meta = self.token_meta[budget]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.model.forward_static(pixels, self.device_plan, meta)
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        # Hand the warm-up's cached blocks back first, or the capture reuses them and the pool's growth
-        # reads as negative.
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_reserved(self.device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = self.model.forward_static(pixels, self.device_plan, meta)
-        torch.cuda.synchronize()
-        self.graphs[budget], self.outputs[budget] = graph, out
-        self.memory[budget] = torch.cuda.memory_reserved(self.device) - before
+        upload_plan(build_plan([], budget, self.max_images), self.device_plan, budget=budget)
+        pixels, meta = self.pixels[:budget], self.token_meta[budget]
+        graph, out, grown = capture_graph(lambda: self.model.forward_static(pixels, self.device_plan, meta),
+                                          device=self.device, pool=self._pool)
+        self.graphs[budget], self.outputs[budget], self.memory[budget] = graph, out, grown
 
     def graph_memory(self) -> dict[int, int]:
         """Bytes the shared pool grew by when each budget's graph was captured."""
@@ -248,8 +252,9 @@ class MoonVitGraphRunner:
     def _run(self, budget: int, pixels: torch.Tensor, grid: list[list[int]]) -> torch.Tensor:
         if self.uses_graphs and budget not in self.graphs:
             self._capture_one(budget)  # before the upload: capture runs an all-padding plan
-        upload_plan(build_plan(grid, budget, self.max_images), self.device_plan)
-        self.pixels[:pixels.shape[0]].copy_(pixels, non_blocking=True)
+        upload_plan(build_plan(grid, budget, self.max_images), self.device_plan, budget=budget)
+        # Not non-blocking from host memory: a caller could refill a pinned buffer before the copy ran.
+        self.pixels[:pixels.shape[0]].copy_(pixels, non_blocking=pixels.device.type != "cpu")
         n_out = pixels.shape[0] // 4
         if not self.uses_graphs:
             return self.model.forward_static(self.pixels[:budget], self.device_plan, self.token_meta[budget])[:n_out]

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import sdpa_per_sequence
 from .config import MoonVitConfig
 from .inputs import check_inputs
 
@@ -100,18 +101,13 @@ class EncoderBlock(nn.Module):
         self.wo = nn.Linear(c, c)
         self.mlp = MLP(config)
 
-    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bounds: list[int]) -> torch.Tensor:
         q, k, v = self.wqkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(1)
         q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
-        out = []
-        for qi, ki, vi in zip(q.split(seqlens), k.split(seqlens), v.split(seqlens)):
-            # (L, H, D) -> (H, L, D): one image attends only to itself.
-            o = F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1))
-            out.append(o.transpose(0, 1).flatten(1))
-        return self.wo(torch.cat(out))
+        return self.wo(sdpa_per_sequence(q, k, v, bounds).flatten(1))
 
-    def forward(self, x, cos, sin, seqlens):
-        x = x + self.attention(self.norm0(x), cos, sin, seqlens)
+    def forward(self, x, cos, sin, bounds):
+        x = x + self.attention(self.norm0(x), cos, sin, bounds)
         return x + self.mlp(self.norm1(x))
 
 
@@ -143,19 +139,24 @@ class Projector(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(x)))
 
 
-class MoonVitReference(nn.Module):
-    """Eager MoonVit: `forward(pixel_values (N,3,p,p), grid_hws (n,2)) -> (sum h/2*w/2, output_size)`.
-
-    State-dict keys are the Kimi-VL checkpoint names (`vision_tower.…`, `multi_modal_projector.…`).
-    With `config.text_hidden_size=None` there is no projector and the output is the merged
-    `(M, 4 * hidden_size)` features, sub-tokens in (0,0),(0,1),(1,0),(1,1) order.
-    """
+class MoonVitModules(nn.Module):
+    """The encoder's parameters, under the Kimi-VL checkpoint's names (`vision_tower.…`,
+    `multi_modal_projector.…`); every model class here shares them, so any one's state dict loads into
+    any other. With `config.text_hidden_size=None` there is no projector."""
 
     def __init__(self, config: MoonVitConfig | None = None):
         super().__init__()
         self.config = config if config is not None else MoonVitConfig()
         self.vision_tower = VisionTower(self.config)
         self.multi_modal_projector = Projector(self.config) if self.config.text_hidden_size is not None else None
+
+
+class MoonVitReference(MoonVitModules):
+    """Eager MoonVit: `forward(pixel_values (N,3,p,p), grid_hws (n,2)) -> (sum h/2*w/2, output_size)`.
+
+    Without a projector the output is the merged `(M, 4 * hidden_size)` features, sub-tokens in
+    (0,0),(0,1),(1,0),(1,1) order.
+    """
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor, grid_hws) -> torch.Tensor:
@@ -172,8 +173,11 @@ class MoonVitReference(nn.Module):
         angles = rope_angles(torch.cat([r for r, _ in positions]), torch.cat([c for _, c in positions]), freqs)
         cos, sin = angles.cos(), angles.sin()
         seqlens = [h * w for h, w in grid]
+        bounds = [0]
+        for n in seqlens:
+            bounds.append(bounds[-1] + n)
         for block in tower.encoder.blocks:
-            x = block(x, cos, sin, seqlens)
+            x = block(x, cos, sin, bounds)
         x = tower.encoder.final_layernorm(x)
 
         merged = torch.cat([merge_2x2(seq, h, w) for seq, (h, w) in zip(x.split(seqlens), grid)])

@@ -11,6 +11,11 @@ from safetensors.torch import save_file
 from fused_moonvit.moonvit import MoonVitConfig, MoonVitReference
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, in fp64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 def tiny_config(**overrides) -> MoonVitConfig:
     """A small MoonVit with the real structure: 2 layers, 4 heads of 8, a 16x16 position table."""
     fields = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=48,

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from moonvit_fixtures import random_model, random_pixels, tiny_config
+from moonvit_fixtures import random_model, random_pixels, rel_err, tiny_config
 from fused_moonvit.benchmarks.bench_encoder import main
 from fused_moonvit.benchmarks.flops import encoder_flops, encoder_flops_breakdown
 from fused_moonvit.benchmarks.hostmeta import HostMetadataGraph
@@ -21,10 +21,6 @@ CASES = [
     ([(2, 2), (6, 10), (16, 16), (20, 12)], 640, 4),
     ([(8, 8)] * 5, 320, 6),
 ]
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(scope="module")

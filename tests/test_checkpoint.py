@@ -99,3 +99,26 @@ def test_config_round_trip(tmp_path):
     cfg.save_pretrained(tmp_path)
     back = MoonVitConfig.from_pretrained(tmp_path)
     assert all(getattr(back, k) == getattr(cfg, k) for k in MoonVitConfig._FIELDS)
+
+
+def test_duplicate_and_absent_keys_are_named(tmp_path):
+    cfg = tiny_config(text_hidden_size=None)
+    tensors = dict(random_model(cfg, seed=17).state_dict())
+    # a tower checkpoint holding one tensor with and without the prefix
+    tensors["encoder.final_layernorm.bias"] = tensors["vision_tower.encoder.final_layernorm.bias"].clone()
+    standalone = {k: getattr(cfg, k) for k in MoonVitConfig._FIELDS if k != "text_hidden_size"}
+    write_checkpoint(tmp_path / "dup", tensors, standalone)
+    with pytest.raises(CheckpointError, match="1 given twice:\n  vision_tower.encoder.final_layernorm.bias"):
+        build_model(MoonVitReference, tmp_path / "dup")
+
+    full = tiny_config()
+    write_checkpoint(tmp_path / "idx", dict(random_model(full, seed=18).state_dict()), kimi_vl_config_json(full),
+                     shards=2)
+    index_path = tmp_path / "idx" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    name = "vision_tower.encoder.blocks.0.wo.bias"
+    index["weight_map"][name] = "model-00002-of-00002.safetensors" if index["weight_map"][name].startswith(
+        "model-00001") else "model-00001-of-00002.safetensors"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"absent from their shard:\n  {name}"):
+        build_model(MoonVitReference, tmp_path / "idx")

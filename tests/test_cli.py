@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -61,3 +62,17 @@ def test_bench_subcommand_smoke(tmp_path):
     assert data["sets"] and all(set(r["rows"]) == {"reference_eager", "host_metadata_graph", "fused_graph"}
                                 for r in data["sets"])
     assert (tmp_path / "encoder.png").stat().st_size > 0
+
+
+def test_encode_rejects_bad_arguments_before_any_work(tmp_path, capsys):
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.zeros((14, 7300, 3), dtype=np.uint8)).save(wide)
+    assert main(["encode", str(wide), "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {wide}: " in err and "at most 512 patches" in err and "model" not in err
+    assert main(["encode", "--demo", "--device", "cuda", "--dtype", "float32"]) == 2
+    assert "bfloat16 or float16 on CUDA" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["encode", "--demo", "--in-token-limit", "0"])
+    assert "must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()

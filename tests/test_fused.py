@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moonvit_fixtures import random_model, random_pixels, tiny_config
+from moonvit_fixtures import random_model, random_pixels, rel_err, tiny_config
 from fused_moonvit.moonvit import FusedMoonVit, MoonVitGraphRunner
 from fused_moonvit.moonvit.fused import default_budgets
 
@@ -15,10 +15,6 @@ IMAGE_SETS = [
     [(16, 16)],  # the tiny table's own size: the identity interpolation
     [(8, 8)] * 5,
 ]
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def fused_pair(seed, **overrides):
@@ -63,19 +59,20 @@ def test_tower_only():
     assert rel_err(got, ref(pix, torch.tensor(grids))) <= 1e-5
 
 
-def test_runner_padding_is_poisoned_and_harmless():
+@pytest.mark.parametrize("grids", IMAGE_SETS, ids=lambda g: "_".join(f"{h}x{w}" for h, w in g))
+def test_runner_padding_is_poisoned_and_harmless(grids):
     """Padding rows of the pixel buffer hold NaN; valid outputs match the reference, padding stays finite."""
     ref, fused = fused_pair(seed=7)
-    runner = MoonVitGraphRunner(fused, budgets=[256], max_images=6)
+    budget = -(-sum(h * w for h, w in grids) // 64) * 64 + 64
+    runner = MoonVitGraphRunner(fused, budgets=[budget], max_images=len(grids) + 2)
     runner.pixels.fill_(float("nan"))
-    grids = [(2, 2), (6, 10), (8, 4)]
     pix = random_pixels(grids, seed=8)
     outs = runner.encode(pix, torch.tensor(grids))
     want = ref(pix, torch.tensor(grids)).split([h * w // 4 for h, w in grids])
     assert [o.shape for o in outs] == [w.shape for w in want]
     for o, w in zip(outs, want):
         assert torch.isfinite(o).all() and rel_err(o, w) <= 1e-5
-    full = fused.forward_static(runner.pixels[:256], runner.device_plan, runner.token_meta[256])
+    full = fused.forward_static(runner.pixels[:budget], runner.device_plan, runner.token_meta[budget])
     assert torch.isfinite(full).all(), "padding rows must stay finite"
 
 
@@ -111,5 +108,28 @@ def test_bad_inputs():
         fused(torch.randn(15, 3, 14, 14), torch.tensor([[4, 4]]))
     with pytest.raises(ValueError, match="multiples of 4"):
         MoonVitGraphRunner(fused, budgets=[66])
+    with pytest.raises(ValueError, match=r"multiples of 4 patches, got \[64.5\]"):
+        MoonVitGraphRunner(fused, budgets=[64.5])
+    with pytest.raises(ValueError, match=r"max_images must be an int >= 1, got 2.5"):
+        MoonVitGraphRunner(fused, budgets=[64], max_images=2.5)
     with pytest.raises(RuntimeError, match="CUDA"):
         MoonVitGraphRunner(fused, budgets=[64]).capture()
+    runner = MoonVitGraphRunner(fused, budgets=[64, 128], max_images=2)
+    with pytest.raises(ValueError, match=r"pixel_values must be \(B, 3, 14, 14\)"):
+        fused.forward_static(torch.randn(62, 3, 14, 14), runner.device_plan)
+    with pytest.raises(ValueError, match="pixel_values must be torch.float32"):
+        fused.forward_static(torch.randn(64, 3, 14, 14, dtype=torch.float64), runner.device_plan)
+
+
+def test_plan_budget_must_match_the_buffer():
+    from fused_moonvit.kernels import build_plan, new_device_plan, upload_plan
+
+    with pytest.raises(ValueError, match="built for a budget of 128 patches, but the buffer has 64"):
+        upload_plan(build_plan([(8, 8)], 128, 2), new_device_plan(2, "cpu"), budget=64)
+
+
+def test_default_budgets_reject_bad_bounds():
+    with pytest.raises(ValueError, match="min_budget must be a positive multiple of 64 patches, got 4"):
+        default_budgets(min_budget=4)
+    with pytest.raises(ValueError, match="max_budget 64 is below min_budget 128"):
+        default_budgets(max_budget=64, min_budget=128)

@@ -10,16 +10,12 @@ import os
 import pytest
 import torch
 
-from moonvit_fixtures import random_model, random_pixels
+from moonvit_fixtures import random_model, random_pixels, rel_err
 from fused_moonvit.moonvit import FusedMoonVit, MoonVitConfig, MoonVitGraphRunner
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 FIGURES = {}
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,12 @@ names. The encoder CUDA-graph protocol is driven through vLLM's own `EncoderCuda
 graph itself is replaced, by a rerun of the recorded forward on the recorded buffers.
 """
 
-import json
 
 import pytest
 import torch
 
-from moonvit_fixtures import kimi_vl_config_json, random_model, random_pixels, tiny_config
-from vllm_peer import init_vllm_cpu
+from moonvit_fixtures import random_model, random_pixels, rel_err, tiny_config
+from vllm_peer import init_vllm_cpu, write_tiny_kimi_vl_dir
 
 pytestmark = pytest.mark.vllm
 
@@ -27,10 +26,6 @@ IMAGE_SETS = {
 }
 
 
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def mm_kwargs(grids, seed=0):
     return {"pixel_values": random_pixels(grids, seed=seed), "image_grid_hws": torch.tensor(grids)}
 
@@ -38,13 +33,7 @@ def mm_kwargs(grids, seed=0):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny_kimi_vl")
-    config = kimi_vl_config_json(VISION)
-    # A dense one-layer DeepseekV2 with MLA: transformers' DeepseekV2Config insists on an int kv_lora_rank.
-    config["text_config"].update(model_type="deepseek_v2", num_attention_heads=2, num_key_value_heads=2,
-                                 num_hidden_layers=1, intermediate_size=16, vocab_size=64, kv_lora_rank=8,
-                                 q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-                                 first_k_dense_replace=1, max_position_embeddings=MAX_MODEL_LEN)
-    (directory / "config.json").write_text(json.dumps(config))
+    write_tiny_kimi_vl_dir(directory, VISION, max_position_embeddings=MAX_MODEL_LEN)
     init_vllm_cpu()
     return directory
 

@@ -12,7 +12,8 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from moonvit_fixtures import kimi_vl_config_json, tiny_config
+from moonvit_fixtures import tiny_config
+from vllm_peer import write_tiny_kimi_vl_dir
 
 pytestmark = pytest.mark.vllm
 
@@ -53,14 +54,7 @@ print("PROBE " + json.dumps(result))
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("kimi_vl_config")
-    config = kimi_vl_config_json(tiny_config())
-    # A dense one-layer DeepseekV2 with MLA: what vLLM's KimiVLConfig accepts as a text config.
-    config["text_config"].update(model_type="deepseek_v2", num_attention_heads=2, num_key_value_heads=2,
-                                 num_hidden_layers=1, intermediate_size=16, vocab_size=64, kv_lora_rank=8,
-                                 q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-                                 first_k_dense_replace=1, max_position_embeddings=256)
-    (directory / "config.json").write_text(json.dumps(config))
-    return directory
+    return write_tiny_kimi_vl_dir(directory, tiny_config())
 
 
 CASES = {

@@ -4,14 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moonvit_fixtures import random_model, random_pixels, tiny_config
+from moonvit_fixtures import random_model, random_pixels, rel_err, tiny_config
 from fused_moonvit.moonvit import MoonVitConfig, MoonVitReference
 from fused_moonvit.moonvit.reference import (interpolate_pos_table, merge_2x2, rope_angles, rope_frequencies,
                                              rotate_pairs)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def test_state_dict_keys_are_checkpoint_names():

@@ -6,7 +6,7 @@ These tests need the `vllm` extra; they are meant to run (not be skipped) in CI.
 import pytest
 import torch
 
-from moonvit_fixtures import random_model, random_pixels, tiny_config
+from moonvit_fixtures import random_model, random_pixels, rel_err, tiny_config
 from vllm_peer import VllmMoonVit
 
 pytestmark = pytest.mark.vllm
@@ -25,10 +25,6 @@ IMAGE_SETS = {
     "several": [(2, 2), (6, 10), (16, 16), (20, 12)],
     "thin": [(2, 40), (40, 2)],
 }
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

@@ -7,10 +7,12 @@ be set before vLLM is imported; tests/conftest.py does it.
 
 from __future__ import annotations
 
+import json
 import socket
 from functools import lru_cache
 
 import torch
+from moonvit_fixtures import kimi_vl_config_json
 
 from fused_moonvit.moonvit import MoonVitConfig
 
@@ -31,6 +33,19 @@ def init_vllm_cpu() -> None:
         init_distributed_environment(world_size=1, rank=0, local_rank=0,
                                      distributed_init_method=f"tcp://127.0.0.1:{_free_port()}", backend="gloo")
         initialize_model_parallel(tensor_model_parallel_size=1)
+
+
+def write_tiny_kimi_vl_dir(directory, vision: MoonVitConfig, max_position_embeddings: int = 256):
+    """A local Kimi-VL model directory (config.json only) that vLLM's ModelConfig accepts: `vision` as the
+    tower, and a dense one-layer DeepseekV2 with MLA as the text model (transformers' DeepseekV2Config
+    insists on an int kv_lora_rank)."""
+    config = kimi_vl_config_json(vision)
+    config["text_config"].update(model_type="deepseek_v2", num_attention_heads=2, num_key_value_heads=2,
+                                 num_hidden_layers=1, intermediate_size=16, vocab_size=64, kv_lora_rank=8,
+                                 q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                                 first_k_dense_replace=1, max_position_embeddings=max_position_embeddings)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
 
 
 def vllm_kimi_config(config: MoonVitConfig):
