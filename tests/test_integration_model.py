@@ -334,3 +334,30 @@ def test_manager_execute_matches_stock(ours, stock, model_dir, case, data_parall
     assert_matches(got, want)
     assert sorted(replays) == budgets
     assert (manager.graph_hits, manager.graph_misses) == (len(grids) - eager, eager)
+
+
+def test_protocol_feature_detection_against_other_layouts():
+    """The dataclass and signature shims work for layouts other than the installed vLLM's."""
+    import dataclasses
+
+    from fused_moonvit.integration.kimi_vl import _make, _protocol_arguments
+
+    @dataclasses.dataclass
+    class Older:
+        values: dict
+
+    @dataclasses.dataclass
+    class Newer:
+        values: dict
+        frames: int
+
+    assert _make(Older, values={"a": 1}, out_hidden_size=3) == Older(values={"a": 1})
+    with pytest.raises(RuntimeError, match=r"requires \['frames'\].*FUSED_MOONVIT_DISABLE"):
+        _make(Newer, values={})
+    # positional or keyword, the arguments come back by name
+    by_position = _protocol_arguments("prepare_encoder_cudagraph_capture_inputs",
+                                      (256, 4, 1, torch.device("cpu"), torch.float32), {})
+    by_name = _protocol_arguments("prepare_encoder_cudagraph_capture_inputs", (),
+                                  dict(token_budget=256, max_batch_size=4, max_frames_per_batch=1,
+                                       device=torch.device("cpu"), dtype=torch.float32))
+    assert by_position == by_name and by_name["token_budget"] == 256 and by_name["path"] == "default"

@@ -77,11 +77,17 @@ def probes(model_dir):
         running[name] = subprocess.Popen([sys.executable, "-c", PROBE, *args], env=full_env, text=True,
                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     results = {}
-    for name, proc in running.items():
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"{name} probe failed:\n{out}"
-        line = next(l for l in out.splitlines() if l.startswith("PROBE "))
-        results[name] = (json.loads(line[len("PROBE "):]), [l for l in out.splitlines() if LOG_MARK in l])
+    try:
+        for name, proc in running.items():
+            out, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 0, f"{name} probe failed:\n{out}"
+            line = next(l for l in out.splitlines() if l.startswith("PROBE "))
+            results[name] = (json.loads(line[len("PROBE "):]), [l for l in out.splitlines() if LOG_MARK in l])
+    finally:
+        for proc in running.values():  # a failed or timed-out probe must not leave the others running
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return results
 
 
