@@ -58,8 +58,7 @@ class HostMetadataGraph:
         self.model = model
         self.config = model.config
         self.budget, self.max_images = budget, max_images
-        weight = model.vision_tower.patch_embed.proj.weight
-        self.device, self.dtype = weight.device, weight.dtype
+        self.device, self.dtype = model.device, model.dtype
         self.graphed = self.device.type == "cuda" if graph is None else graph
         if self.graphed and self.device.type != "cuda":
             raise ValueError(f"a CUDA graph needs the model on a CUDA device, got {self.device}")

@@ -29,7 +29,7 @@ from vllm.v1.worker import encoder_cudagraph_defs
 from fused_moonvit.kernels.plan import build_plan, new_device_plan, plan_cu_seqlens, upload_plan
 from fused_moonvit.moonvit.config import MoonVitConfig
 from fused_moonvit.moonvit.fused import FusedMoonVit
-from fused_moonvit.moonvit.inputs import check_inputs
+from fused_moonvit.moonvit.inputs import check_inputs, patch_offsets
 
 PLAN_KEY = "moonvit_plan"
 PATCHES_PER_TOKEN = 4  # the 2x2 merge
@@ -170,9 +170,7 @@ class FusedKimiVLForConditionalGeneration(vllm_kimi_vl.KimiVLForConditionalGener
         # replay plan from it never waits on the device.
         grid = self._get_grid_hws(mm_kwargs)
         pixel_values = mm_kwargs["pixel_values"]
-        offsets = [0]
-        for h, w in grid:
-            offsets.append(offsets[-1] + h * w)
+        offsets = patch_offsets(grid)
         parts = [pixel_values[offsets[i]:offsets[i + 1]] for i in indices]
         return {"pixel_values": torch.cat(parts) if parts else pixel_values[:0],
                 "image_grid_hws": torch.tensor([grid[i] for i in indices], dtype=torch.long).view(-1, 2)}

@@ -23,7 +23,7 @@ from fused_moonvit.kernels.rope2d import apply_rope_2d, rope_cos_sin_table
 
 from .attention import check_attention_dtype, varlen_attention
 from .config import MoonVitConfig
-from .inputs import check_inputs
+from .inputs import check_inputs, patch_offsets
 from .reference import MoonVitModules, rope_frequencies
 
 
@@ -48,14 +48,6 @@ class FusedMoonVit(MoonVitModules):
             freqs = rope_frequencies(self.config.head_dim, self.config.rope_theta).to(device)
             self._rope_tables[device] = rope_cos_sin_table(freqs)
         return self._rope_tables[device]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.vision_tower.patch_embed.proj.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.vision_tower.patch_embed.proj.weight.device
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor, grid_hws) -> torch.Tensor:
@@ -235,9 +227,7 @@ class MoonVitGraphRunner:
     def encode(self, pixel_values: torch.Tensor, grid_hws) -> list[torch.Tensor]:
         """Per-image outputs, (h/2*w/2, output_size) each, for any number of images of any size."""
         grid = check_inputs(pixel_values, grid_hws, self.model.config.patch_size).tolist()
-        offsets = [0]
-        for h, w in grid:
-            offsets.append(offsets[-1] + h * w)
+        offsets = patch_offsets(grid)
         results: list[torch.Tensor] = []
         for first, end, budget in self.plan_chunks(grid):
             pixels = pixel_values[offsets[first]:offsets[end]]

@@ -27,6 +27,14 @@ def check_grid_hws(grid_hws: torch.Tensor | list | tuple, max_side: int = MAX_GR
     return grid
 
 
+def patch_offsets(grid) -> list[int]:
+    """Each image's first patch row in the packed input, then the total: [0, h0*w0, h0*w0 + h1*w1, ...]."""
+    offsets = [0]
+    for h, w in grid:
+        offsets.append(offsets[-1] + int(h) * int(w))
+    return offsets
+
+
 def check_inputs(pixel_values: torch.Tensor, grid_hws, patch_size: int) -> torch.Tensor:
     """Validates `(pixel_values, grid_hws)` together; returns the grid as a CPU int64 tensor."""
     if not isinstance(pixel_values, torch.Tensor):

@@ -13,7 +13,7 @@ from torch import nn
 
 from .attention import sdpa_per_sequence
 from .config import MoonVitConfig
-from .inputs import check_inputs
+from .inputs import check_inputs, patch_offsets
 
 
 def rope_frequencies(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
@@ -150,6 +150,14 @@ class MoonVitModules(nn.Module):
         self.vision_tower = VisionTower(self.config)
         self.multi_modal_projector = Projector(self.config) if self.config.text_hidden_size is not None else None
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vision_tower.patch_embed.proj.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vision_tower.patch_embed.proj.weight.device
+
 
 class MoonVitReference(MoonVitModules):
     """Eager MoonVit: `forward(pixel_values (N,3,p,p), grid_hws (n,2)) -> (sum h/2*w/2, output_size)`.
@@ -162,8 +170,7 @@ class MoonVitReference(MoonVitModules):
     def forward(self, pixel_values: torch.Tensor, grid_hws) -> torch.Tensor:
         grid = check_inputs(pixel_values, grid_hws, self.config.patch_size).tolist()
         tower = self.vision_tower
-        dtype = tower.patch_embed.proj.weight.dtype
-        x = tower.patch_embed.proj(pixel_values.to(dtype)).flatten(1)
+        x = tower.patch_embed.proj(pixel_values.to(self.dtype)).flatten(1)
 
         table = tower.patch_embed.pos_emb.weight
         positions = [grid_positions(h, w, x.device) for h, w in grid]
@@ -172,15 +179,12 @@ class MoonVitReference(MoonVitModules):
         freqs = rope_frequencies(self.config.head_dim, self.config.rope_theta).to(x.device)
         angles = rope_angles(torch.cat([r for r, _ in positions]), torch.cat([c for _, c in positions]), freqs)
         cos, sin = angles.cos(), angles.sin()
-        seqlens = [h * w for h, w in grid]
-        bounds = [0]
-        for n in seqlens:
-            bounds.append(bounds[-1] + n)
+        bounds = patch_offsets(grid)
         for block in tower.encoder.blocks:
             x = block(x, cos, sin, bounds)
         x = tower.encoder.final_layernorm(x)
 
-        merged = torch.cat([merge_2x2(seq, h, w) for seq, (h, w) in zip(x.split(seqlens), grid)])
+        merged = torch.cat([merge_2x2(x[start:end], h, w) for start, end, (h, w) in zip(bounds, bounds[1:], grid)])
         if self.multi_modal_projector is None:
             return merged.flatten(1)
         return self.multi_modal_projector(merged)
