@@ -1,8 +1,9 @@
 """fp32 -> storage dtype conversion with round-to-nearest-even, identical on the GPU and the interpreter.
 
-The Triton interpreter converts fp32 to bf16 by truncation, so a plain `.to(tl.bfloat16)` gives
-different bits there than on the GPU. Rounding the fp32 bit pattern first leaves a value that bf16
-holds exactly, which both conversions then keep as is.
+On the GPU, `.to(tl.bfloat16)` is one round-to-nearest-even conversion, and NaN and Inf pass through.
+The Triton interpreter converts fp32 to bf16 by truncation instead, so there the fp32 bit pattern is
+rounded first, leaving a value that bf16 holds exactly. That bit trick is confined to the interpreter:
+on the GPU a NaN is 0x7FFFFFFF, whose rounding carry would run into the sign bit and turn it into -0.0.
 """
 
 import triton
@@ -10,9 +11,20 @@ import triton.language as tl
 
 
 @triton.jit
+def _probe():
+    pass
+
+
+# Triton picks the interpreter when a function is decorated, so a probe decorated with this module tells
+# which one every kernel of this package got.
+INTERPRETED = type(_probe).__name__ == "InterpretedFunction"
+_INTERPRETED = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
 def round_to(x, DTYPE: tl.constexpr):
-    if DTYPE == tl.bfloat16:
+    if _INTERPRETED and DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        x = bits.to(tl.float32, bitcast=True)
+        x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
     return x.to(DTYPE)

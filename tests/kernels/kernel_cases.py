@@ -41,9 +41,12 @@ CASES = {
     "all_padding": Case((), 16, 2),
 }
 
-# Real sizes (1152 channels, 16 x 72 heads, 20k tokens) run only on a GPU: interpreted, they would take
-# minutes.
+# Real sizes (1152 channels, 16 x 72 heads) run only on a GPU: interpreted, they would take minutes. The
+# large case takes the launchers' paths for many tokens (the position embedding loops over channel blocks
+# inside a program from 4224 tokens on); the small one spreads channel blocks over programs instead.
 REAL_SIZE = make_case([(32, 32)] * 12 + [(64, 64), (24, 40), (40, 24), (28, 36)], extra=1000, slots=20)
+REAL_SMALL = make_case([(32, 32), (16, 16), (2, 2)], extra=100, slots=4)
+real_case_params = pytest.mark.parametrize("real_case", [REAL_SIZE, REAL_SMALL], ids=["20k_tokens", "1.4k_tokens"])
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 case_params = pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
@@ -68,6 +71,40 @@ def token_meta_for(case: Case, device: torch.device) -> torch.Tensor:
     plan = build_plan(list(case.grids), case.budget, case.max_images)
     device_plan = upload_plan(plan, new_device_plan(case.max_images, device))
     return expand_plan(device_plan, new_token_meta(case.budget, device))
+
+
+def assert_elementwise_close(out: torch.Tensor, exact: torch.Tensor) -> None:
+    """Every element of `out` within one unit in the last place of out's dtype at the exact value's
+    magnitude, plus fp32 noise relative to the largest value (for sums that cancel to near zero).
+
+    `exact` is the reference computed without rounding to out's dtype (in fp32 from upcast inputs). A
+    norm-relative bound lets a few completely wrong elements through at millions of elements, which is
+    what an indexing or masking bug looks like; this does not. NaN anywhere fails.
+    """
+    got, want = out.double().cpu(), exact.double().cpu()
+    assert got.shape == want.shape, f"shape {tuple(got.shape)} != {tuple(want.shape)}"
+    mag = want.abs().clamp(min=torch.finfo(torch.float32).tiny)
+    ulp = torch.exp2(torch.floor(torch.log2(mag))) * torch.finfo(out.dtype).eps
+    bound = ulp + 2.0**-20 * want.abs().max()
+    err = (got - want).abs()
+    bad = ~(err <= bound)
+    if bad.any():
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise AssertionError(f"{int(bad.sum())} of {got.numel()} elements are off, e.g. at {first}: "
+                             f"got {got[first].item()!r}, want {want[first].item()!r} (bound {bound[first].item():.3g})")
+
+
+def assert_nonfinite_as_reference(out: torch.Tensor, exact: torch.Tensor) -> None:
+    """NaN and Inf in valid rows come out where the exact reference has them (NaN where it has NaN), and
+    every other element is as close as `assert_elementwise_close` demands: a kernel must never turn a
+    NaN or Inf into a finite number, nor make one up."""
+    got, want = out.cpu(), exact.cpu()
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want)), (
+        f"non-finite elements at {(~torch.isfinite(got)).nonzero().tolist()[:8]}, "
+        f"the reference has them at {(~torch.isfinite(want)).nonzero().tolist()[:8]}")
+    assert got[want.isnan()].isnan().all(), "a NaN of the reference came out as a number"
+    finite = torch.isfinite(want)
+    assert_elementwise_close(torch.where(finite, got, 0), torch.where(finite, want, 0))
 
 
 def relerr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,8 +1,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_cases import (CASES, REAL_SIZE, TOL, case_params, dtype_params, generator,
-                          needs_gpu, randn, relerr, token_meta_for)
+from kernel_cases import (CASES, TOL, assert_elementwise_close, assert_nonfinite_as_reference, case_params,
+                          dtype_params, generator, needs_gpu, randn, real_case_params, relerr, token_meta_for)
 
 from fused_moonvit.kernels import merge_patches, merge_patches_reference
 
@@ -34,12 +34,20 @@ def inputs(case, dtype, device, channels=C):
     return x, token_meta_for(case, device), weight, bias
 
 
-def check_result(out, want, case, dtype):
+def exact(x, meta, weight=None, bias=None):
+    """The reference without the final rounding to x's dtype (fp32 from upcast inputs)."""
+    upcast = [None if t is None else t.float() for t in (weight, bias)]
+    return merge_patches_reference(x.float(), meta, *upcast)
+
+
+def check_result(out, want, case, dtype, exact_want=None):
     n = case.total // 4
     assert out.shape == (case.budget // 4, want.shape[1])
     assert torch.isfinite(out).all(), "NaN or inf left in the output"
     assert out[n:].eq(0).all(), "padding rows must be zero"
     assert relerr(out[:n], want[:n]) <= TOL[dtype]
+    if exact_want is not None:
+        assert_elementwise_close(out, exact_want)
 
 
 @case_params
@@ -48,7 +56,7 @@ def test_matches_reference_and_vllm(case, dtype, device):
     x, meta, weight, bias = inputs(case, dtype, device)
     out = torch.full((case.budget // 4, 4 * C), float("nan"), dtype=dtype, device=device)
     merge_patches(x, meta, weight, bias, out=out)
-    check_result(out, merge_patches_reference(x, meta, weight, bias), case, dtype)
+    check_result(out, merge_patches_reference(x, meta, weight, bias), case, dtype, exact(x, meta, weight, bias))
     if case.grids:
         check_result(out, vllm_merge(x, case.grids, weight, bias), case, dtype)
 
@@ -58,7 +66,7 @@ def test_odd_channel_count(dtype, device):
     case = CASES["many"]
     x, meta, weight, bias = inputs(case, dtype, device, C_ODD)
     out = merge_patches(x, meta, weight, bias)
-    check_result(out, vllm_merge(x, case.grids, weight, bias), case, dtype)
+    check_result(out, vllm_merge(x, case.grids, weight, bias), case, dtype, exact(x, meta, weight, bias))
 
 
 @dtype_params
@@ -66,17 +74,35 @@ def test_plain_merge_without_norm(dtype, device):
     case = CASES["padding"]
     x, meta, _, _ = inputs(case, dtype, device)
     out = merge_patches(x, meta)
-    check_result(out, merge_patches_reference(x, meta), case, dtype)
+    check_result(out, merge_patches_reference(x, meta), case, dtype, exact(x, meta))
     assert torch.equal(out[: case.total // 4], vllm_merge(x, case.grids, None, None))
+
+
+@dtype_params
+@pytest.mark.parametrize("norm", [True, False], ids=["prenorm", "plain"])
+def test_nan_and_inf_in_valid_rows_propagate(dtype, norm, device):
+    case = CASES["padding"]
+    x, meta, weight, bias = inputs(case, dtype, device)
+    if not norm:
+        weight = bias = None
+    for row, col, value in ((0, 1, float("nan")), (5, 3, float("inf")), (25, 0, -float("inf"))):
+        x[row, col] = value
+    out = merge_patches(x, meta, weight, bias, out=torch.full((case.budget // 4, 4 * C), 0.5, dtype=dtype,
+                                                             device=device))
+    want = exact(x, meta, weight, bias)
+    assert_nonfinite_as_reference(out, want)
+    assert out[case.total // 4 :].eq(0).all()
 
 
 @pytest.mark.gpu
 @needs_gpu
-def test_real_size(device):
-    x, meta, weight, bias = inputs(REAL_SIZE, torch.bfloat16, device, 1152)
-    out = torch.full((REAL_SIZE.budget // 4, 4 * 1152), float("nan"), dtype=torch.bfloat16, device=device)
+@real_case_params
+def test_real_size(real_case, device):
+    x, meta, weight, bias = inputs(real_case, torch.bfloat16, device, 1152)
+    out = torch.full((real_case.budget // 4, 4 * 1152), float("nan"), dtype=torch.bfloat16, device=device)
     merge_patches(x, meta, weight, bias, out=out)
-    check_result(out, vllm_merge(x, REAL_SIZE.grids, weight, bias), REAL_SIZE, torch.bfloat16)
+    check_result(out, vllm_merge(x, real_case.grids, weight, bias), real_case, torch.bfloat16,
+                 exact(x, meta, weight, bias))
 
 
 def test_launcher_rejects_bad_arguments(device):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_cases import (CASES, REAL_SIZE, TOL, case_params, dtype_params, generator,
-                          needs_gpu, randn, relerr, token_meta_for)
+from kernel_cases import (CASES, TOL, assert_elementwise_close, assert_nonfinite_as_reference, case_params,
+                          dtype_params, generator, needs_gpu, randn, real_case_params, relerr, token_meta_for)
 
 from fused_moonvit.kernels import interp_pos_embed, interp_pos_embed_reference
 
@@ -34,11 +34,17 @@ def inputs(case, dtype, device, channels=C):
     return x, table, token_meta_for(case, device)
 
 
-def check_result(out, want, case, dtype):
+def exact(x, table, meta, bias=None):
+    """The reference without the final rounding to x's dtype (fp32 from upcast inputs)."""
+    return interp_pos_embed_reference(x.float(), table.float(), meta, None if bias is None else bias.float())
+
+
+def check_result(out, x, table, meta, case, dtype, bias=None):
     n = case.total
     assert torch.isfinite(out).all(), "NaN or inf left in the output"
-    assert relerr(out[:n], want[:n]) <= TOL[dtype]
     assert out[n:].eq(0).all(), "padding rows must be zero"
+    assert_elementwise_close(out, exact(x, table, meta, bias))
+    assert relerr(out[:n], interp_pos_embed_reference(x, table, meta, bias)[:n]) <= TOL[dtype]
 
 
 @case_params
@@ -46,7 +52,7 @@ def check_result(out, want, case, dtype):
 def test_matches_reference_and_vllm(case, dtype, device):
     x, table, meta = inputs(case, dtype, device)
     out = interp_pos_embed(x, table, meta, out=torch.full_like(x, float("nan")))
-    check_result(out, interp_pos_embed_reference(x, table, meta), case, dtype)
+    check_result(out, x, table, meta, case, dtype)
     if case.grids:
         assert relerr(out[: case.total], vllm_pos_embed(x, table, case.grids)) <= VLLM_TOL[dtype]
 
@@ -63,11 +69,10 @@ def test_in_place_with_bias_and_odd_channels(dtype, device):
     case = CASES["padding"]
     x, table, meta = inputs(case, dtype, device, C_ODD)
     bias = randn((C_ODD,), generator("bias", dtype), dtype, device)
-    want = interp_pos_embed_reference(x, table, meta, bias)
     x0 = x.clone()
     out = interp_pos_embed(x, table, meta, bias)
     assert out.data_ptr() == x.data_ptr()
-    check_result(out, want, case, dtype)
+    check_result(out, x0, table, meta, case, dtype, bias)
     n = case.total
     # vLLM's patch projection adds the bias itself and rounds once before the position embedding.
     want_vllm = vllm_pos_embed((x0[:n].float() + bias.float()).to(dtype), table, case.grids)
@@ -79,16 +84,36 @@ def test_fp32_table_with_bf16_activations(device):
     x, table, meta = inputs(case, torch.bfloat16, device)
     table = table.float()
     out = interp_pos_embed(x, table, meta, out=torch.full_like(x, float("nan")))
-    check_result(out, interp_pos_embed_reference(x, table, meta), case, torch.bfloat16)
+    check_result(out, x, table, meta, case, torch.bfloat16)
+
+
+@dtype_params
+def test_nan_and_inf_in_valid_rows_propagate(dtype, device):
+    case = CASES["padding"]
+    x, table, meta = inputs(case, dtype, device)
+    bias = randn((C,), generator("bias", dtype), dtype, device)
+    for row, col, value in ((0, 1, float("nan")), (5, 3, float("inf")), (7, 2, -float("inf")), (9, 0, float("nan"))):
+        x[row, col] = value
+    # A tap of the first image's top rows, with nonzero weights, in an fp32 table so that the NaN keeps
+    # the GPU's bit pattern (0x7FFFFFFF): rounding it to bf16 by adding to the bits would carry into the
+    # sign and give -0.0.
+    table = table.float()
+    table[7, 5, 4] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)
+    out = interp_pos_embed(x, table, meta, bias, out=torch.full_like(x, 0.5))
+    want = exact(x, table, meta, bias)
+    assert (~torch.isfinite(want[: case.total])).sum() > 4, "the poisoned table entry must reach some token"
+    assert_nonfinite_as_reference(out, want)
+    assert out[case.total :].eq(0).all()
 
 
 @pytest.mark.gpu
 @needs_gpu
-def test_real_size(device):
-    x, table, meta = inputs(REAL_SIZE, torch.bfloat16, device, 1152)
+@real_case_params
+def test_real_size(real_case, device):
+    x, table, meta = inputs(real_case, torch.bfloat16, device, 1152)
     out = interp_pos_embed(x, table, meta, out=torch.full_like(x, float("nan")))
-    check_result(out, interp_pos_embed_reference(x, table, meta), REAL_SIZE, torch.bfloat16)
-    assert relerr(out[: REAL_SIZE.total], vllm_pos_embed(x, table, REAL_SIZE.grids)) <= VLLM_TOL[torch.bfloat16]
+    check_result(out, x, table, meta, real_case, torch.bfloat16)
+    assert relerr(out[: real_case.total], vllm_pos_embed(x, table, real_case.grids)) <= VLLM_TOL[torch.bfloat16]
 
 
 def test_launcher_rejects_bad_arguments(device):

@@ -1,7 +1,7 @@
 import pytest
 import torch
-from kernel_cases import (CASES, REAL_SIZE, TOL, case_params, dtype_params, generator,
-                          needs_gpu, randn, relerr, token_meta_for)
+from kernel_cases import (CASES, TOL, assert_elementwise_close, assert_nonfinite_as_reference, case_params,
+                          dtype_params, generator, needs_gpu, randn, real_case_params, relerr, token_meta_for)
 
 from fused_moonvit.kernels import apply_rope_2d, apply_rope_2d_reference, rope_cos_sin_table
 
@@ -47,12 +47,21 @@ def inputs(case, dtype, device, heads=HEADS, dim=HEAD_DIM):
     return qkv, token_meta_for(case, device), rope_cos_sin_table(vllm_freqs(dim).to(device))
 
 
-def check_result(out, before, want, case, dtype, heads=HEADS, dim=HEAD_DIM):
+def exact(qkv, meta, cos_sin, heads=HEADS, dim=HEAD_DIM):
+    """The reference without the final rounding to qkv's dtype (fp32 from upcast inputs)."""
+    return apply_rope_2d_reference(qkv.float(), meta, cos_sin, heads, dim)
+
+
+def check_result(out, before, want, case, dtype, heads=HEADS, dim=HEAD_DIM, meta=None, cos_sin=None):
+    """`want` is checked by norm; with meta and cos_sin, every element is also checked against the exact
+    reference."""
     n, qk = case.total, 2 * heads * dim
     assert torch.equal(out[:, qk:], before[:, qk:]), "v must not be touched"
     assert torch.isfinite(out[:, :qk]).all()
     assert out[n:, :qk].eq(0).all(), "padding q and k must be zero"
     assert relerr(out[:n, :qk], want[:n, :qk]) <= TOL[dtype]
+    if meta is not None:
+        assert_elementwise_close(out[:, :qk], exact(before, meta, cos_sin, heads, dim)[:, :qk])
 
 
 @case_params
@@ -63,7 +72,7 @@ def test_matches_reference_and_vllm(case, dtype, device):
     want = apply_rope_2d_reference(qkv, meta, cos_sin, HEADS, HEAD_DIM)
     out = apply_rope_2d(qkv, meta, cos_sin, HEADS, HEAD_DIM)
     assert out.data_ptr() == qkv.data_ptr()
-    check_result(out, before, want, case, dtype)
+    check_result(out, before, want, case, dtype, meta=meta, cos_sin=cos_sin)
     vllm = torch.cat([vllm_rope(before, case.grids, HEADS, HEAD_DIM), want[case.total :]])
     check_result(out, before, vllm, case, dtype)
 
@@ -76,17 +85,34 @@ def test_real_head_config(dtype, device):
     out = apply_rope_2d(qkv, meta, cos_sin, 16, 72)
     want = torch.cat([vllm_rope(before, case.grids, 16, 72), before[case.total :]])
     check_result(out, before, want, case, dtype, 16, 72)
-    check_result(out, before, apply_rope_2d_reference(before, meta, cos_sin, 16, 72), case, dtype, 16, 72)
+    check_result(out, before, apply_rope_2d_reference(before, meta, cos_sin, 16, 72), case, dtype, 16, 72,
+                 meta=meta, cos_sin=cos_sin)
+
+
+@dtype_params
+def test_nan_and_inf_in_valid_rows_propagate(dtype, device):
+    case = CASES["padding"]
+    qkv, meta, cos_sin = inputs(case, dtype, device)
+    # q and k of tokens at row or column 0 (cos 1, sin 0) and elsewhere; v too, which stays as it is.
+    for row, col, value in ((0, 0, float("nan")), (1, 3, float("inf")), (13, 17, -float("inf")),
+                            (20, 9, float("nan")), (4, 40, float("nan"))):
+        qkv[row, col] = value
+    before = qkv.clone()
+    out = apply_rope_2d(qkv, meta, cos_sin, HEADS, HEAD_DIM)
+    qk = 2 * HEADS * HEAD_DIM
+    assert_nonfinite_as_reference(out[:, :qk], exact(before, meta, cos_sin)[:, :qk])
+    assert torch.equal(out[:, qk:].isnan(), before[:, qk:].isnan()), "v must not be touched"
 
 
 @pytest.mark.gpu
 @needs_gpu
-def test_real_size(device):
-    qkv, meta, cos_sin = inputs(REAL_SIZE, torch.bfloat16, device, 16, 72)
+@real_case_params
+def test_real_size(real_case, device):
+    qkv, meta, cos_sin = inputs(real_case, torch.bfloat16, device, 16, 72)
     before = qkv.clone()
     out = apply_rope_2d(qkv, meta, cos_sin, 16, 72)
-    want = torch.cat([vllm_rope(before, REAL_SIZE.grids, 16, 72), before[REAL_SIZE.total :]])
-    check_result(out, before, want, REAL_SIZE, torch.bfloat16, 16, 72)
+    want = torch.cat([vllm_rope(before, real_case.grids, 16, 72), before[real_case.total :]])
+    check_result(out, before, want, real_case, torch.bfloat16, 16, 72, meta=meta, cos_sin=cos_sin)
 
 
 def test_large_positions_use_the_table_exactly(device):
