@@ -162,7 +162,7 @@ def row(kernel, case, tokens, timer, ours, baseline, nbytes, err, copy_tbps):
 def bench_set(name, grids, cfg, device, timer, copy_tbps, gen, kernels):
     from fused_moonvit.kernels import (apply_rope_2d, build_plan, expand_plan, interp_pos_embed, merge_patches,
                                        new_device_plan, new_token_meta, rope_cos_sin_table, upload_plan)
-    from fused_moonvit.moonvit.reference import rope_frequencies
+    from fused_moonvit.moonvit.modules import rope_frequencies
 
     dt, c, heads, hd = cfg["dtype"], cfg["hidden"], cfg["heads"], cfg["head_dim"]
     es = torch.finfo(dt).bits // 8

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from fused_moonvit.moonvit.attention import varlen_attention
 from fused_moonvit.moonvit.fused import capture_graph
 from fused_moonvit.moonvit.inputs import MAX_GRID_SIDE, check_inputs
-from fused_moonvit.moonvit.reference import MoonVitReference, rope_angles, rope_frequencies
+from fused_moonvit.moonvit.modules import rope_frequencies
+from fused_moonvit.moonvit.reference import MoonVitReference, rope_angles
 
 
 def merge_gather_index(grid: list[tuple[int, int]]) -> np.ndarray:

@@ -24,7 +24,7 @@ from fused_moonvit.kernels.rope2d import apply_rope_2d, rope_cos_sin_table
 from .attention import check_attention_dtype, varlen_attention
 from .config import MoonVitConfig
 from .inputs import check_inputs, patch_offsets
-from .reference import MoonVitModules, rope_frequencies
+from .modules import MoonVitModules, rope_frequencies
 
 
 class FusedMoonVit(MoonVitModules):

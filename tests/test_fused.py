@@ -24,6 +24,22 @@ def fused_pair(seed, **overrides):
     return ref, fused.eval()
 
 
+def test_neither_model_imports_the_other():
+    import ast
+    import inspect
+
+    from fused_moonvit.moonvit import fused, reference
+
+    for module, other in ((fused, "reference"), (reference, "fused")):
+        imported = set()
+        for node in ast.walk(ast.parse(inspect.getsource(module))):
+            if isinstance(node, ast.ImportFrom):
+                imported.add((node.module or "").rsplit(".", 1)[-1])
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name.rsplit(".", 1)[-1] for alias in node.names)
+        assert "modules" in imported and other not in imported, (module.__name__, sorted(imported))
+
+
 def test_same_state_dict_keys():
     cfg = tiny_config()
     from fused_moonvit.moonvit import MoonVitReference

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from moonvit_fixtures import random_model, random_pixels, rel_err, tiny_config
 from fused_moonvit.moonvit import MoonVitConfig, MoonVitReference
-from fused_moonvit.moonvit.reference import (interpolate_pos_table, merge_2x2, rope_angles, rope_frequencies,
-                                             rotate_pairs)
+from fused_moonvit.moonvit.modules import rope_frequencies
+from fused_moonvit.moonvit.reference import interpolate_pos_table, merge_2x2, rope_angles, rotate_pairs
 
 
 def test_state_dict_keys_are_checkpoint_names():
