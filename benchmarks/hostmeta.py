@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from fused_moonvit.moonvit.attention import varlen_attention
 from fused_moonvit.moonvit.fused import capture_graph
-from fused_moonvit.moonvit.inputs import MAX_GRID_SIDE, check_inputs
+from fused_moonvit.kernels.limits import MAX_GRID_SIDE, check_budget, check_int
+from fused_moonvit.moonvit.inputs import check_inputs
 from fused_moonvit.moonvit.modules import rope_frequencies
 from fused_moonvit.moonvit.reference import MoonVitReference, rope_angles
 
@@ -52,10 +53,8 @@ class HostMetadataGraph:
 
     def __init__(self, model: MoonVitReference, budget: int, max_images: int, *, graph: bool | None = None,
                  warmup: int = 2):
-        if budget < 4 or budget % 4:
-            raise ValueError(f"budget must be a positive multiple of 4 patches (the 2x2 merge), got {budget}")
-        if max_images < 1:
-            raise ValueError(f"max_images must be >= 1, got {max_images}")
+        budget = check_budget(budget)
+        max_images = check_int("max_images", max_images, 1)
         self.model = model
         self.config = model.config
         self.budget, self.max_images = budget, max_images

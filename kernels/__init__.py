@@ -8,59 +8,31 @@ Device, in graph: expand_plan(device_plan, token_meta)
 Each kernel has a plain-PyTorch `*_reference` twin with the same arguments.
 
 On CPU tensors the kernels run under the Triton interpreter, which must be switched on
-(TRITON_INTERPRET=1) before this package is imported.
+(TRITON_INTERPRET=1) before the first kernel module is imported. The kernel modules are imported on
+first use of a name from this package, so importing the package (or `fused_moonvit.kernels.limits`)
+alone does not decide it.
 """
 
-from .patch_merge import merge_patches, merge_patches_reference
-from .plan import (
-    MAX_GRID_SIDE,
-    META_COL,
-    META_HEIGHT,
-    META_IMAGE,
-    META_MERGE_SRC,
-    META_MERGE_WIDTH,
-    META_ROW,
-    META_ROWS,
-    META_WIDTH,
-    build_plan,
-    expand_plan,
-    expand_plan_reference,
-    new_device_plan,
-    new_token_meta,
-    plan_cu_seqlens,
-    plan_images,
-    plan_max_images,
-    plan_numel,
-    upload_plan,
-)
-from .pos_embed import interp_pos_embed, interp_pos_embed_reference
-from .rope2d import apply_rope_2d, apply_rope_2d_reference, rope_cos_sin_table
+import importlib
 
-__all__ = [
-    "MAX_GRID_SIDE",
-    "META_COL",
-    "META_HEIGHT",
-    "META_IMAGE",
-    "META_MERGE_SRC",
-    "META_MERGE_WIDTH",
-    "META_ROW",
-    "META_ROWS",
-    "META_WIDTH",
-    "apply_rope_2d",
-    "apply_rope_2d_reference",
-    "build_plan",
-    "expand_plan",
-    "expand_plan_reference",
-    "interp_pos_embed",
-    "interp_pos_embed_reference",
-    "merge_patches",
-    "merge_patches_reference",
-    "new_device_plan",
-    "new_token_meta",
-    "plan_cu_seqlens",
-    "plan_images",
-    "plan_max_images",
-    "plan_numel",
-    "rope_cos_sin_table",
-    "upload_plan",
-]
+_EXPORTS = {
+    "limits": ["MAX_GRID_SIDE", "check_budget"],
+    "patch_merge": ["merge_patches", "merge_patches_reference"],
+    "plan": ["META_COL", "META_HEIGHT", "META_IMAGE", "META_MERGE_SRC", "META_MERGE_WIDTH", "META_ROW",
+             "META_ROWS", "META_WIDTH", "build_plan", "expand_plan", "expand_plan_reference", "new_device_plan",
+             "new_token_meta", "plan_cu_seqlens", "plan_images", "plan_max_images", "plan_numel", "upload_plan"],
+    "pos_embed": ["interp_pos_embed", "interp_pos_embed_reference"],
+    "rope2d": ["apply_rope_2d", "apply_rope_2d_reference", "rope_cos_sin_table"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -34,7 +34,6 @@ Token metadata layout (`token_meta`, int32 (META_ROWS, B), one row per field):
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 
 import torch
@@ -42,8 +41,8 @@ import triton
 import triton.language as tl
 
 from ._checks import check_launchable, check_tensor
+from .limits import MAX_GRID_SIDE, check_budget, check_int
 
-MAX_GRID_SIDE = 512
 IMAGE_FIELDS = 4
 
 META_IMAGE = 0
@@ -54,8 +53,6 @@ META_WIDTH = 4
 META_MERGE_SRC = 5
 META_MERGE_WIDTH = 6
 META_ROWS = 7
-
-_INT32_MAX = 2**31 - 1
 
 # Triton kernels may read module globals only when they are constexpr objects.
 _IMAGE_FIELDS = tl.constexpr(IMAGE_FIELDS)
@@ -92,18 +89,6 @@ def plan_images(plan: torch.Tensor) -> torch.Tensor:
     return plan[s + 2 :].view(s, IMAGE_FIELDS)
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)  # Python and NumPy integers; not floats
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _grid_list(grid_hws: torch.Tensor | Sequence[Sequence[int]]) -> list[list[int]]:
     if not isinstance(grid_hws, torch.Tensor):
         grid_hws = torch.as_tensor(grid_hws) if len(grid_hws) else torch.zeros(0, 2, dtype=torch.int64)
@@ -130,12 +115,8 @@ def build_plan(
     asynchronously. A fresh tensor each call: PyTorch's pinned-memory cache does not reuse a block
     until the copies that read it have run, so the caller may drop it right after `upload_plan`.
     """
-    budget = _check_int("budget", budget, 4)
-    max_images = _check_int("max_images", max_images, 1)
-    if budget % 4:
-        raise ValueError(f"budget must be a multiple of 4 (2x2 merge), got {budget}")
-    if budget > _INT32_MAX:
-        raise ValueError(f"budget must fit in int32, got {budget}")
+    budget = check_budget(budget)
+    max_images = check_int("max_images", max_images, 1)
     grids = _grid_list(grid_hws)
     if len(grids) > max_images:
         raise ValueError(f"got {len(grids)} images but max_images is {max_images}")
@@ -161,7 +142,7 @@ def build_plan(
 
 def new_device_plan(max_images: int, device: torch.device | str) -> torch.Tensor:
     """A static device buffer for `upload_plan`."""
-    return torch.zeros(plan_numel(_check_int("max_images", max_images, 1)), dtype=torch.int32, device=device)
+    return torch.zeros(plan_numel(check_int("max_images", max_images, 1)), dtype=torch.int32, device=device)
 
 
 def upload_plan(plan: torch.Tensor, device_plan: torch.Tensor, budget: int | None = None) -> torch.Tensor:
@@ -184,7 +165,7 @@ def upload_plan(plan: torch.Tensor, device_plan: torch.Tensor, budget: int | Non
 
 def new_token_meta(budget: int, device: torch.device | str) -> torch.Tensor:
     """A static device buffer for `expand_plan`."""
-    return torch.empty(META_ROWS, _check_int("budget", budget, 4), dtype=torch.int32, device=device)
+    return torch.empty(META_ROWS, check_budget(budget), dtype=torch.int32, device=device)
 
 
 @triton.jit
@@ -248,9 +229,7 @@ def expand_plan(device_plan: torch.Tensor, token_meta: torch.Tensor) -> torch.Te
     check_tensor("device_plan", device_plan, dtypes=(torch.int32,), shape=(None,))
     num_slots = plan_max_images(device_plan)
     check_tensor("token_meta", token_meta, dtypes=(torch.int32,), shape=(META_ROWS, None), device=device_plan.device)
-    budget = token_meta.shape[1]
-    if budget % 4 or budget == 0:
-        raise ValueError(f"token_meta must have B columns with B a positive multiple of 4, got {budget}")
+    budget = check_budget(token_meta.shape[1], "token_meta's column count B")
     interpreted = check_launchable(_expand_plan_kernel, device_plan.device)
     block = 4096 if interpreted else 256
     _expand_plan_kernel[(triton.cdiv(budget, block),)](

@@ -25,7 +25,8 @@ import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, check_launchable, check_tensor, next_pow2
 from ._rounding import round_to
-from .plan import MAX_GRID_SIDE, META_COL, META_HEIGHT, META_ROW, META_ROWS
+from .limits import MAX_GRID_SIDE
+from .plan import META_COL, META_HEIGHT, META_ROW, META_ROWS
 
 
 def rope_cos_sin_table(freqs: torch.Tensor, max_pos: int = MAX_GRID_SIDE) -> torch.Tensor:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from fused_moonvit.kernels.limits import check_budget, check_int
 from fused_moonvit.kernels.patch_merge import merge_patches
 from fused_moonvit.kernels.plan import (build_plan, expand_plan, new_device_plan, new_token_meta,
                                         plan_cu_seqlens, upload_plan)
@@ -71,9 +72,9 @@ class FusedMoonVit(MoonVitModules):
         tower = self.vision_tower
         p = cfg.patch_size
         budget = pixel_values.shape[0]
-        if pixel_values.shape[1:] != (3, p, p) or budget % 4 or budget == 0:
-            raise ValueError(f"pixel_values must be (B, 3, {p}, {p}) with B a positive multiple of 4, "
-                             f"got {tuple(pixel_values.shape)}")
+        if pixel_values.dim() != 4 or pixel_values.shape[1:] != (3, p, p):
+            raise ValueError(f"pixel_values must be (B, 3, {p}, {p}), got {tuple(pixel_values.shape)}")
+        check_budget(budget, "pixel_values' row count B")
         if pixel_values.dtype != self.dtype or pixel_values.device != self.device:
             raise ValueError(f"pixel_values must be {self.dtype} on {self.device} like the model, "
                              f"got {pixel_values.dtype} on {pixel_values.device}")
@@ -125,18 +126,20 @@ def capture_graph(fn, *, device: torch.device | str, pool=None, warmup: int = 1)
         return graph, out, torch.cuda.memory_reserved() - before
 
 
+LADDER_STEP = 64  # patches: the default ladder's budgets are multiples of this, below its top
+
+
 def default_budgets(max_budget: int = 16384, min_budget: int = 64) -> list[int]:
-    """A ladder of patch budgets, multiples of 64, each at most ~1.25x the one below once past 1024 (so
-    padding stays under 25% there) and at most twice it below."""
-    for name, value in (("min_budget", min_budget), ("max_budget", max_budget)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 64 or value % 64:
-            raise ValueError(f"{name} must be a positive multiple of 64 patches, got {value!r}")
+    """A ladder of patch budgets from min_budget to max_budget, each at most ~1.25x the one below once
+    past 1024 (so padding stays under 25% there) and at most twice it below, rounded up to multiples of
+    `LADDER_STEP`."""
+    min_budget, max_budget = check_budget(min_budget, "min_budget"), check_budget(max_budget, "max_budget")
     if max_budget < min_budget:
         raise ValueError(f"max_budget {max_budget} is below min_budget {min_budget}")
     budgets = [min_budget]
     while budgets[-1] < max_budget:
         step = budgets[-1] if budgets[-1] < 1024 else budgets[-1] // 4
-        budgets.append(min(max_budget, -(-(budgets[-1] + step) // 64) * 64))
+        budgets.append(min(max_budget, -(-(budgets[-1] + step) // LADDER_STEP) * LADDER_STEP))
     return budgets
 
 
@@ -152,13 +155,10 @@ class MoonVitGraphRunner:
     def __init__(self, model: FusedMoonVit, budgets: Sequence[int] | None = None, max_images: int = 64):
         self.model = model.eval()
         budgets = default_budgets() if budgets is None else list(budgets)
-        bad = [b for b in budgets if isinstance(b, bool) or not isinstance(b, int) or b < 4 or b % 4]
-        if not budgets or bad:
-            raise ValueError(f"budgets must be positive multiples of 4 patches, got {budgets}")
-        if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
-            raise ValueError(f"max_images must be an int >= 1, got {max_images!r}")
-        self.budgets = sorted(set(budgets))
-        self.max_images = max_images
+        if not budgets:
+            raise ValueError("budgets must name at least one patch budget")
+        self.budgets = sorted({check_budget(b, "each budget") for b in budgets})
+        self.max_images = check_int("max_images", max_images, 1)
         self.device = model.device
         check_attention_dtype(self.device, model.dtype)
         model.rope_table(self.device)  # built here, never inside a capture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-MAX_GRID_SIDE = 512  # patches; the processor's limit, and the RoPE table's extent
+from fused_moonvit.kernels.limits import MAX_GRID_SIDE
 
 
 def check_grid_hws(grid_hws: torch.Tensor | list | tuple, max_side: int = MAX_GRID_SIDE) -> torch.Tensor:

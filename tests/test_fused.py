@@ -122,17 +122,23 @@ def test_bad_inputs():
         fused(torch.randn(12, 3, 14, 14), torch.tensor([[3, 4]]))
     with pytest.raises(ValueError, match="needs 16"):
         fused(torch.randn(15, 3, 14, 14), torch.tensor([[4, 4]]))
-    with pytest.raises(ValueError, match="multiples of 4"):
-        MoonVitGraphRunner(fused, budgets=[66])
-    with pytest.raises(ValueError, match=r"multiples of 4 patches, got \[64.5\]"):
+    with pytest.raises(ValueError, match=r"each budget must be a multiple of 4 patches \(the 2x2 merge\), got 66"):
+        MoonVitGraphRunner(fused, budgets=[128, 66])
+    with pytest.raises(TypeError, match=r"each budget must be an int, got float 64.5"):
         MoonVitGraphRunner(fused, budgets=[64.5])
-    with pytest.raises(ValueError, match=r"max_images must be an int >= 1, got 2.5"):
+    with pytest.raises(ValueError, match="budgets must name at least one patch budget"):
+        MoonVitGraphRunner(fused, budgets=[])
+    with pytest.raises(TypeError, match=r"max_images must be an int, got float 2.5"):
         MoonVitGraphRunner(fused, budgets=[64], max_images=2.5)
+    with pytest.raises(ValueError, match=r"max_images must be >= 1, got 0"):
+        MoonVitGraphRunner(fused, budgets=[64], max_images=0)
     with pytest.raises(RuntimeError, match="CUDA"):
         MoonVitGraphRunner(fused, budgets=[64]).capture()
     runner = MoonVitGraphRunner(fused, budgets=[64, 128], max_images=2)
-    with pytest.raises(ValueError, match=r"pixel_values must be \(B, 3, 14, 14\)"):
+    with pytest.raises(ValueError, match=r"pixel_values' row count B must be a multiple of 4 patches \(the 2x2 merge\), got 62"):
         fused.forward_static(torch.randn(62, 3, 14, 14), runner.device_plan)
+    with pytest.raises(ValueError, match=r"pixel_values must be \(B, 3, 14, 14\), got \(64, 3, 14, 13\)"):
+        fused.forward_static(torch.randn(64, 3, 14, 13), runner.device_plan)
     with pytest.raises(ValueError, match="pixel_values must be torch.float32"):
         fused.forward_static(torch.randn(64, 3, 14, 14, dtype=torch.float64), runner.device_plan)
 
@@ -145,7 +151,9 @@ def test_plan_budget_must_match_the_buffer():
 
 
 def test_default_budgets_reject_bad_bounds():
-    with pytest.raises(ValueError, match="min_budget must be a positive multiple of 64 patches, got 4"):
-        default_budgets(min_budget=4)
+    with pytest.raises(ValueError, match=r"min_budget must be a multiple of 4 patches \(the 2x2 merge\), got 6"):
+        default_budgets(min_budget=6)
+    with pytest.raises(TypeError, match="max_budget must be an int, got float 4096.0"):
+        default_budgets(max_budget=4096.0)
     with pytest.raises(ValueError, match="max_budget 64 is below min_budget 128"):
         default_budgets(max_budget=64, min_budget=128)

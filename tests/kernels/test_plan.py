@@ -124,7 +124,7 @@ def test_upload_and_expand_reject_bad_buffers(device):
     device_plan = upload_plan(plan, new_device_plan(2, device))
     with pytest.raises(ValueError, match=r"token_meta must have shape \(7, \*\)"):
         expand_plan(device_plan, torch.zeros(3, 16, dtype=torch.int32, device=device))
-    with pytest.raises(ValueError, match="B a positive multiple of 4, got 18"):
+    with pytest.raises(ValueError, match="token_meta's column count B must be a multiple of 4 patches .the 2x2 merge., got 18"):
         expand_plan(device_plan, torch.zeros(META_ROWS, 18, dtype=torch.int32, device=device))
     with pytest.raises(ValueError, match="plan must have 5 \\* S \\+ 2 entries"):
         expand_plan(device_plan[:10], new_token_meta(16, device))
