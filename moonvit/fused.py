@@ -10,6 +10,8 @@ padding sequence whose outputs are finite and discarded.
 
 from __future__ import annotations
 
+import threading
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -57,16 +59,21 @@ class FusedMoonVit(MoonVitModules):
         check_attention_dtype(self.device, self.dtype)
         plan = build_plan(grid, pixel_values.shape[0], grid.shape[0])
         device_plan = upload_plan(plan, new_device_plan(grid.shape[0], self.device), budget=pixel_values.shape[0])
-        return self.forward_static(pixel_values.to(device=self.device, dtype=self.dtype), device_plan)
+        longest = int((grid[:, 0] * grid[:, 1]).max())
+        return self.forward_static(pixel_values.to(device=self.device, dtype=self.dtype), device_plan,
+                                   max_seqlen=longest)
 
     @torch.no_grad()
     def forward_static(self, pixel_values: torch.Tensor, device_plan: torch.Tensor,
-                       token_meta: torch.Tensor | None = None) -> torch.Tensor:
+                       token_meta: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
         """The graph body: (B, 3, p, p) pixels and an uploaded plan for budget B -> (B/4, output_size).
 
         No host sync on CUDA, and every shape depends on B alone. The plan must have been built for this
         B (`build_plan(grid, B, S)`, whose last cu_seqlens entry is B): reading it back to check would sync,
         so `upload_plan(plan, buffer, budget=B)` checks it on the host instead.
+
+        max_seqlen: the longest sequence of the plan in patches, the padding sequence included, when the
+        caller knows it (the eager forward does); a graph, which must serve any plan, leaves it at B.
         """
         cfg = self.config
         tower = self.vision_tower
@@ -92,7 +99,7 @@ class FusedMoonVit(MoonVitModules):
             qkv = block.wqkv(block.norm0(x))
             apply_rope_2d(qkv, meta, cos_sin, num_heads=heads, head_dim=head_dim)
             q, k, v = qkv.view(budget, 3, heads, head_dim).unbind(1)
-            attn = varlen_attention(q, k, v, cu_seqlens, budget)
+            attn = varlen_attention(q, k, v, cu_seqlens, budget if max_seqlen is None else max_seqlen)
             x = x + block.wo(attn.reshape(budget, heads * head_dim))
             x = x + block.mlp(block.norm1(x))
         x = tower.encoder.final_layernorm(x)
@@ -150,6 +157,12 @@ class MoonVitGraphRunner:
     `max_images` images, and replays the smallest graph that holds each chunk. An image larger than the
     largest budget runs eagerly on its own. Each call's host work is O(images): one plan build and upload
     per chunk. On the CPU there are no graphs: the same chunks run through the fused eager forward.
+
+    All budgets share one pixel buffer and one plan buffer. `encode` is safe to call from several threads
+    (calls take turns) and from several CUDA streams: each call's uploads wait, on the device, for the
+    last replay that read the buffers, whichever stream it ran on, and its outputs are copies. Call
+    `capture()` before serving: a budget not captured yet is captured on first use, which synchronizes
+    the device in the middle of a call (a warning says so).
     """
 
     def __init__(self, model: FusedMoonVit, budgets: Sequence[int] | None = None, max_images: int = 64):
@@ -170,6 +183,9 @@ class MoonVitGraphRunner:
         self.outputs: dict[int, torch.Tensor] = {}
         self.memory: dict[int, int] = {}
         self._pool = None
+        self._lock = threading.Lock()
+        self._buffers_released: torch.cuda.Event | None = None
+        self._warned_lazy_capture = False
 
     @property
     def uses_graphs(self) -> bool:
@@ -181,19 +197,33 @@ class MoonVitGraphRunner:
             raise RuntimeError(f"CUDA graphs need a CUDA model; this one is on {self.device}")
         from tqdm import tqdm
 
-        todo = [b for b in reversed(self.budgets) if b not in self.graphs]
-        for budget in tqdm(todo, desc="capturing encoder graphs", unit="graph", disable=not progress):
-            self._capture_one(budget)
+        with self._lock:
+            todo = [b for b in reversed(self.budgets) if b not in self.graphs]
+            for budget in tqdm(todo, desc="capturing encoder graphs", unit="graph", disable=not progress):
+                self._capture_one(budget)
 
     def _capture_one(self, budget: int) -> None:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        self._claim_buffers()
         # An all-padding plan: capture must not depend on what the images will be.
         upload_plan(build_plan([], budget, self.max_images), self.device_plan, budget=budget)
         pixels, meta = self.pixels[:budget], self.token_meta[budget]
         graph, out, grown = capture_graph(lambda: self.model.forward_static(pixels, self.device_plan, meta),
                                           device=self.device, pool=self._pool)
         self.graphs[budget], self.outputs[budget], self.memory[budget] = graph, out, grown
+
+    def _claim_buffers(self) -> None:
+        # Device-side ordering: what the current stream does next waits for the last work that read the
+        # shared buffers, even if that ran on another stream.
+        if self.uses_graphs and self._buffers_released is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._buffers_released)
+
+    def _release_buffers(self) -> None:
+        if self.uses_graphs:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self._buffers_released = event
 
     def graph_memory(self) -> dict[int, int]:
         """Bytes the shared pool grew by when each budget's graph was captured."""
@@ -229,20 +259,28 @@ class MoonVitGraphRunner:
         grid = check_inputs(pixel_values, grid_hws, self.model.config.patch_size).tolist()
         offsets = patch_offsets(grid)
         results: list[torch.Tensor] = []
-        for first, end, budget in self.plan_chunks(grid):
-            pixels = pixel_values[offsets[first]:offsets[end]]
-            chunk_grid = grid[first:end]
-            if budget is None:
-                out = self.model(pixels, chunk_grid)
-            else:
-                out = self._run(budget, pixels, chunk_grid)
-            results += list(out.split([h * w // 4 for h, w in chunk_grid]))
+        with self._lock:
+            for first, end, budget in self.plan_chunks(grid):
+                pixels = pixel_values[offsets[first]:offsets[end]]
+                chunk_grid = grid[first:end]
+                if budget is None:
+                    out = self.model(pixels, chunk_grid)
+                else:
+                    out = self._run(budget, pixels, chunk_grid)
+                results += list(out.split([h * w // 4 for h, w in chunk_grid]))
         return results
 
     def _run(self, budget: int, pixels: torch.Tensor, grid: list[list[int]]) -> torch.Tensor:
         if self.uses_graphs and budget not in self.graphs:
+            if not self._warned_lazy_capture:
+                warnings.warn(f"MoonVitGraphRunner: capturing the {budget}-patch graph on first use, which "
+                              "synchronizes the device mid-call; call runner.capture() before serving",
+                              stacklevel=3)
+                self._warned_lazy_capture = True
             self._capture_one(budget)  # before the upload: capture runs an all-padding plan
-        upload_plan(build_plan(grid, budget, self.max_images), self.device_plan, budget=budget)
+        plan = build_plan(grid, budget, self.max_images)
+        self._claim_buffers()
+        upload_plan(plan, self.device_plan, budget=budget)
         # Not non-blocking from host memory: a caller could refill a pinned buffer before the copy ran.
         self.pixels[:pixels.shape[0]].copy_(pixels, non_blocking=pixels.device.type != "cpu")
         n_out = pixels.shape[0] // 4
@@ -250,5 +288,7 @@ class MoonVitGraphRunner:
             return self.model.forward_static(self.pixels[:budget], self.device_plan, self.token_meta[budget])[:n_out]
         self.graphs[budget].replay()
         # The pool is shared, so the next replay may reuse this memory: copy the valid rows out.
-        return self.outputs[budget][:n_out].clone()
+        out = self.outputs[budget][:n_out].clone()
+        self._release_buffers()
+        return out
 

@@ -108,6 +108,31 @@ def test_split_equals_one_call():
         assert rel_err(a, w) <= 1e-5
 
 
+def test_concurrent_threads_get_their_own_images():
+    """All budgets share one pixel and one plan buffer: calls from several threads must take turns."""
+    import threading
+
+    ref, fused = fused_pair(seed=12)
+    runner = MoonVitGraphRunner(fused, budgets=[128, 256], max_images=4)
+    sets = [[(8, 8), (4, 6)], [(16, 16)], [(2, 2), (6, 2), (4, 4)], [(10, 10)]]
+    pixels = [random_pixels(g, seed=20 + i) for i, g in enumerate(sets)]
+    wants = [ref(p, torch.tensor(g)) for p, g in zip(pixels, sets)]
+    results, start = {}, threading.Barrier(len(sets))
+
+    def call(i):
+        start.wait()
+        results[i] = [torch.cat(runner.encode(pixels[i], torch.tensor(sets[i]))) for _ in range(2)]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(sets))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, want in enumerate(wants):
+        for got in results[i]:
+            assert rel_err(got, want) <= 1e-5, f"thread {i} got another call's result"
+
+
 def test_default_budgets():
     ladder = default_budgets()
     assert ladder[0] == 64 and ladder[-1] == 16384

@@ -62,9 +62,30 @@ def check(models, grids, name, seed):
 def test_graph_memory_report(models):
     memory = models[2].graph_memory()
     assert sorted(memory) == [1024, 4096, 8192]
-    # captured largest first: the largest graph grows the shared pool, the smaller ones mostly reuse it
-    assert memory[8192] > 0 and all(v >= 0 for v in memory.values())
     FIGURES["graph_memory_bytes"] = memory
+    # Captured largest first: the largest graph grows the shared pool by at least what one MLP activation
+    # of its budget takes, and the smaller ones reuse that memory.
+    cfg = MoonVitConfig()
+    assert memory[8192] >= 8192 * cfg.intermediate_size * 2
+    assert 0 <= memory[4096] <= memory[8192] // 4 and 0 <= memory[1024] <= memory[8192] // 4
+
+
+def test_calls_from_two_streams(models):
+    """Both streams' calls share the runner's buffers; each must get its own images' outputs."""
+    ref32, _, runner = models
+    sets = [[(64, 64), (32, 32)], [(16, 16), (2, 2)], [(40, 24)], [(32, 32)] * 3]
+    pixels = [random_pixels(g, seed=30 + i).cuda() for i, g in enumerate(sets)]
+    wants = [runner.model(p.to(torch.bfloat16), torch.tensor(g)) for p, g in zip(pixels, sets)]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    outs = []
+    for rep in range(3):
+        for i, (p, g) in enumerate(zip(pixels, sets)):
+            with torch.cuda.stream(streams[(i + rep) % 2]):
+                outs.append((i, torch.cat(runner.encode(p, torch.tensor(g)))))
+    torch.cuda.synchronize()
+    for i, got in outs:
+        # The eager forward and the graph run the same kernels; only GEMM row counts differ.
+        assert rel_err(got, wants[i]) <= 2e-2, f"set {i} got another call's result"
 
 
 def test_one_64x64_image_in_a_4096_budget(models):
