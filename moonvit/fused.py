@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from fused_moonvit.kernels.layernorm import add_layer_norm
 from fused_moonvit.kernels.limits import check_budget, check_int
 from fused_moonvit.kernels.patch_merge import merge_patches
 from fused_moonvit.kernels.plan import (build_plan, expand_plan, new_device_plan, new_token_meta,
@@ -24,7 +25,7 @@ from fused_moonvit.kernels.plan import (build_plan, expand_plan, new_device_plan
 from fused_moonvit.kernels.pos_embed import interp_pos_embed
 from fused_moonvit.kernels.rope2d import apply_rope_2d, rope_cos_sin_table
 
-from .attention import check_attention_dtype, varlen_attention
+from .attention import check_attention_dtype, choose_attention, packed_attention
 from .config import MoonVitConfig
 from .inputs import check_inputs, patch_offsets
 from .modules import MoonVitModules, rope_frequencies
@@ -33,9 +34,12 @@ from .modules import MoonVitModules, rope_frequencies
 class FusedMoonVit(MoonVitModules):
     """MoonVit with the fused Triton kernels. Same state-dict keys and `forward` contract as `MoonVitReference`."""
 
-    def __init__(self, config: MoonVitConfig | None = None):
+    def __init__(self, config: MoonVitConfig | None = None, attention_backend: str | None = None):
         super().__init__(config)
         self._rope_tables: dict[torch.device, torch.Tensor] = {}
+        # None: the measured choice per budget (or $FUSED_MOONVIT_ATTENTION); "triton" or "fa2" forces one.
+        self.attention_backend = attention_backend
+        self.gelu_epilogue = True
 
     @classmethod
     def from_pretrained(cls, model_dir, *, dtype: torch.dtype = torch.bfloat16, device="cuda", **kwargs):
@@ -91,24 +95,40 @@ class FusedMoonVit(MoonVitModules):
         meta = expand_plan(device_plan, token_meta)
         cu_seqlens = plan_cu_seqlens(device_plan)
         cos_sin = self.rope_table(pixel_values.device)
+        attention = choose_attention(budget, pixel_values.device, self.attention_backend)
+        max_seqlen = budget if max_seqlen is None else max_seqlen
 
         proj = tower.patch_embed.proj
         x = F.linear(pixel_values.flatten(1), proj.weight.flatten(1))
         x = interp_pos_embed(x, tower.patch_embed.pos_emb.weight, meta, bias=proj.bias)
-        for block in tower.encoder.blocks:
-            qkv = block.wqkv(block.norm0(x))
+        blocks = tower.encoder.blocks
+        norm = blocks[0].norm0
+        h = add_layer_norm(x, None, norm.weight, norm.bias, norm.eps)
+        for i, block in enumerate(blocks):
+            qkv = block.wqkv(h)
             apply_rope_2d(qkv, meta, cos_sin, num_heads=heads, head_dim=head_dim)
-            q, k, v = qkv.view(budget, 3, heads, head_dim).unbind(1)
-            attn = varlen_attention(q, k, v, cu_seqlens, budget if max_seqlen is None else max_seqlen)
-            x = x + block.wo(attn.reshape(budget, heads * head_dim))
-            x = x + block.mlp(block.norm1(x))
-        x = tower.encoder.final_layernorm(x)
+            attn = packed_attention(qkv, cu_seqlens, heads, head_dim, max_seqlen, attention)
+            # The output projections run without their biases: the add-and-norm kernel adds bias and
+            # residual in one rounding, updates x in place and normalises it for the next step.
+            h = add_layer_norm(x, F.linear(attn, block.wo.weight), block.norm1.weight, block.norm1.bias,
+                               block.norm1.eps, bias=block.wo.bias)
+            g = self._fc0_gelu(h, block.mlp.fc0)
+            norm = blocks[i + 1].norm0 if i + 1 < len(blocks) else tower.encoder.final_layernorm
+            h = add_layer_norm(x, F.linear(g, block.mlp.fc1.weight), norm.weight, norm.bias, norm.eps,
+                               bias=block.mlp.fc1.bias)
 
         projector = self.multi_modal_projector
         if projector is None:
-            return merge_patches(x, meta)
-        merged = merge_patches(x, meta, projector.pre_norm.weight, projector.pre_norm.bias, projector.pre_norm.eps)
+            return merge_patches(h, meta)
+        merged = merge_patches(h, meta, projector.pre_norm.weight, projector.pre_norm.bias, projector.pre_norm.eps)
         return projector.linear_2(F.gelu(projector.linear_1(merged)))
+
+    def _fc0_gelu(self, h: torch.Tensor, fc0: torch.nn.Linear) -> torch.Tensor:
+        """gelu_tanh(fc0(h)). On CUDA, bias and GELU run in cuBLASLt's epilogue (its GELU is the tanh
+        approximation; the GPU tests hold it to that), so the activation is rounded once and not re-read."""
+        if h.is_cuda and self.gelu_epilogue:
+            return torch._addmm_activation(fc0.bias, h, fc0.weight.t(), use_gelu=True)
+        return F.gelu(F.linear(h, fc0.weight, fc0.bias), approximate="tanh")
 
 
 def capture_graph(fn, *, device: torch.device | str, pool=None, warmup: int = 1):

@@ -1,0 +1,243 @@
+"""Block-diagonal attention over packed images, read straight from the packed QKV projection output.
+
+qkv is (B, 3 * H * D) with rows [Q | K | V] and each head's D values contiguous, as MoonVit's wqkv
+produces it (after `apply_rope_2d`); `cu_seqlens` (S + 2 entries, int32, on the device) splits the B
+rows into sequences, the last of which is the plan's trailing padding sequence. Each row attends to the
+rows of its own sequence, non-causally, with softmax scale 1 / sqrt(D); out is (B, H * D), the input of
+the output projection.
+
+How the work is laid out, and why:
+- Head dim 72 is not a power of two, which `tl.dot` needs. FlashAttention rounds it up to 96; here each
+  head is a 64-wide part plus a 16-wide tail of which 8 columns are real, so the matrix units do 80
+  columns of work for 72 (90% useful) and nothing is copied: the tail's other 8 columns are masked loads.
+- Programs map to real (sequence, query block) tiles. A program finds its tile from cu_seqlens alone
+  (a prefix sum of the sequences' block counts, S + 1 values), so no per-budget table or host sync is
+  needed and the grid depends on the budget only. The grid is cdiv(B, BLOCK_M) + a few programs per
+  head, and a program loops over tiles with that stride, so the partial last block of each sequence
+  never needs a CTA that would exit at once on a plan with few sequences.
+- The padding sequence is not attended: its rows are written as zeros, which keeps them finite and
+  costs one store.
+- Softmax runs online in fp32 with exp2 (scale folded with log2 e); P is rounded to the input dtype for
+  the second product, as FlashAttention does; the accumulators are fp32 and the output is rounded once.
+
+Block sizes are chosen per budget on the host (before any capture) from measurements; see
+`fused_moonvit.moonvit.attention`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import check_launchable, check_tensor, next_pow2
+from ._rounding import _INTERPRETED, round_to
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Tile sizes of one launch: BLOCK_M query rows and BLOCK_N key rows per step."""
+
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    # Programs beyond cdiv(B, BLOCK_M) per head: they take the partial last blocks of the sequences.
+    extra_programs: int = 4
+
+
+@triton.jit
+def _dot(a, b, acc):
+    # The interpreter cannot multiply bf16 (numpy has no such type); there, and only there, products run
+    # in fp32. On the GPU the operands stay in the input dtype for the matrix units.
+    if _INTERPRETED:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _load_head(rows_ptr, live, d_main, d_tail, D: tl.constexpr, MAIN_MASKED: tl.constexpr,
+               HAS_TAIL: tl.constexpr):
+    # One head's (rows, D) block as a main part and a tail part (the tail is d_main itself when the head
+    # has none; it is then never used).
+    if MAIN_MASKED:
+        main = tl.load(rows_ptr + d_main[None, :], mask=live[:, None] & (d_main < D)[None, :], other=0.0)
+    else:
+        main = tl.load(rows_ptr + d_main[None, :], mask=live[:, None], other=0.0)
+    if HAS_TAIL:
+        tail = tl.load(rows_ptr + d_tail[None, :], mask=live[:, None] & (d_tail < D)[None, :], other=0.0)
+    else:
+        tail = main
+    return main, tail
+
+
+@triton.jit
+def _store_head(rows_ptr, live, main, tail, d_main, d_tail, D: tl.constexpr, MAIN_MASKED: tl.constexpr,
+                HAS_TAIL: tl.constexpr):
+    if MAIN_MASKED:
+        tl.store(rows_ptr + d_main[None, :], main, mask=live[:, None] & (d_main < D)[None, :])
+    else:
+        tl.store(rows_ptr + d_main[None, :], main, mask=live[:, None])
+    if HAS_TAIL:
+        tl.store(rows_ptr + d_tail[None, :], tail, mask=live[:, None] & (d_tail < D)[None, :])
+
+
+@triton.jit
+def _varlen_attention_kernel(
+    qkv_ptr, out_ptr, cu_ptr, num_seqs, qk_scale,
+    H: tl.constexpr, D: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
+    PAD_LAST: tl.constexpr, SEQS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    QKV_STRIDE: tl.constexpr = 3 * H * D
+    OUT_STRIDE: tl.constexpr = H * D
+    MAIN_MASKED: tl.constexpr = D_MAIN > D
+    HAS_TAIL: tl.constexpr = D_TAIL > 0
+    TAIL_WIDTH: tl.constexpr = D_TAIL if D_TAIL > 0 else D_MAIN
+    head = tl.program_id(1)
+    q_base = qkv_ptr + head * D
+    k_base = qkv_ptr + (H + head) * D
+    v_base = qkv_ptr + (2 * H + head) * D
+    o_base = out_ptr + head * D
+    out_dtype = out_ptr.dtype.element_ty
+
+    d_main = tl.arange(0, D_MAIN)
+    d_tail = D_MAIN + tl.arange(0, TAIL_WIDTH)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    # Query blocks per sequence, and the number of blocks before each: tile t belongs to the sequence
+    # whose [before, before + blocks) holds t. Zero-length sequences own no tile.
+    s = tl.arange(0, SEQS_POW2)
+    s_live = s < num_seqs
+    seq_starts = tl.load(cu_ptr + s, mask=s_live, other=0)
+    seq_ends = tl.load(cu_ptr + s + 1, mask=s_live, other=0)
+    blocks = tl.where(s_live, (seq_ends - seq_starts + BLOCK_M - 1) // BLOCK_M, 0)
+    before = tl.cumsum(blocks, 0) - blocks
+    total = tl.sum(blocks)
+
+    for tile in range(tl.program_id(0), total, tl.num_programs(0)):
+        owner = (before <= tile) & (tile < before + blocks)
+        seq = tl.sum(tl.where(owner, s, 0))
+        start = tl.sum(tl.where(owner, seq_starts, 0))
+        end = tl.sum(tl.where(owner, seq_ends, 0))
+        rows = start + (tile - tl.sum(tl.where(owner, before, 0))) * BLOCK_M + offs_m
+        row_live = rows < end
+        o_rows = o_base + rows.to(tl.int64)[:, None] * OUT_STRIDE
+        if PAD_LAST and seq == num_seqs - 1:
+            # The plan's padding sequence: zeros, not attention.
+            zero_main = tl.zeros((BLOCK_M, D_MAIN), out_dtype)
+            zero_tail = tl.zeros((BLOCK_M, TAIL_WIDTH), out_dtype)
+            _store_head(o_rows, row_live, zero_main, zero_tail, d_main, d_tail, D, MAIN_MASKED, HAS_TAIL)
+        else:
+            q_main, q_tail = _load_head(q_base + rows.to(tl.int64)[:, None] * QKV_STRIDE, row_live, d_main,
+                                        d_tail, D, MAIN_MASKED, HAS_TAIL)
+            m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
+            l_i = tl.zeros((BLOCK_M,), tl.float32)
+            acc_main = tl.zeros((BLOCK_M, D_MAIN), tl.float32)
+            acc_tail = tl.zeros((BLOCK_M, TAIL_WIDTH), tl.float32)
+            for n_start in range(start, end, BLOCK_N):
+                cols = n_start + offs_n
+                col_live = cols < end
+                k_main, k_tail = _load_head(k_base + cols.to(tl.int64)[:, None] * QKV_STRIDE, col_live, d_main,
+                                            d_tail, D, MAIN_MASKED, HAS_TAIL)
+                qk = _dot(q_main, tl.trans(k_main), tl.zeros((BLOCK_M, BLOCK_N), tl.float32))
+                if HAS_TAIL:
+                    qk = _dot(q_tail, tl.trans(k_tail), qk)
+                qk = tl.where(col_live[None, :], qk * qk_scale, -float("inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(qk - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v_main, v_tail = _load_head(v_base + cols.to(tl.int64)[:, None] * QKV_STRIDE, col_live, d_main,
+                                            d_tail, D, MAIN_MASKED, HAS_TAIL)
+                p = round_to(p, v_main.dtype)
+                acc_main = _dot(p, v_main, acc_main * alpha[:, None])
+                if HAS_TAIL:
+                    acc_tail = _dot(p, v_tail, acc_tail * alpha[:, None])
+                m_i = m_new
+            # A live row has at least its own key, so l_i >= 1; dead rows of the block are not stored.
+            inv_l = 1.0 / tl.where(row_live, l_i, 1.0)
+            _store_head(o_rows, row_live, round_to(acc_main * inv_l[:, None], out_dtype),
+                        round_to(acc_tail * inv_l[:, None], out_dtype), d_main, d_tail, D, MAIN_MASKED, HAS_TAIL)
+
+
+def _check(qkv, cu_seqlens, num_heads, head_dim, out):
+    if num_heads <= 0 or head_dim <= 0 or head_dim % 8:
+        # 8 elements are 16 bytes: every head then starts on a 16-byte boundary for wide loads.
+        raise ValueError(f"num_heads must be positive and head_dim a positive multiple of 8, got "
+                         f"num_heads={num_heads}, head_dim={head_dim}")
+    check_tensor("qkv", qkv, dtypes=(torch.float32, torch.bfloat16, torch.float16),
+                 shape=(None, 3 * num_heads * head_dim))
+    check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32,), shape=(None,), device=qkv.device)
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must have at least 2 entries (one sequence), got {cu_seqlens.numel()}")
+    if out is not None:
+        check_tensor("out", out, dtypes=(qkv.dtype,), shape=(qkv.shape[0], num_heads * head_dim), device=qkv.device)
+
+
+def head_split(head_dim: int) -> tuple[int, int]:
+    """(main, tail) widths the kernel loads a head as: the largest power of two in the head dim (at least
+    16, tl.dot's minimum), plus a power-of-two tail of at least 16 for the rest, or none. 72 -> (64, 16)."""
+    main = max(16, 1 << (head_dim.bit_length() - 1))
+    rest = head_dim - main
+    return main, 0 if rest <= 0 else max(16, next_pow2(rest))
+
+
+def varlen_attention_fwd(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    num_heads: int,
+    head_dim: int,
+    *,
+    pad_last: bool = True,
+    config: AttentionConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention within each sequence of the packed (B, 3 * H * D) QKV output; returns (B, H * D).
+
+    cu_seqlens: int32 (n + 1,) on qkv's device, 0 first and B last, non-decreasing (zero-length
+        sequences are fine). It is read on the device only: no host sync, so it may change between
+        replays of a captured graph.
+    pad_last: the last sequence is the plan's padding sequence, whose rows are written as zeros.
+    config: tile sizes (default: `AttentionConfig()`); choose them per budget, before capture.
+    """
+    _check(qkv, cu_seqlens, num_heads, head_dim, out)
+    budget = qkv.shape[0]
+    if out is None:
+        out = torch.empty(budget, num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
+    cfg = config or AttentionConfig()
+    interpreted = check_launchable(_varlen_attention_kernel, qkv.device)
+    num_seqs = cu_seqlens.numel() - 1
+    d_main, d_tail = head_split(head_dim)
+    programs = triton.cdiv(budget, cfg.block_m) + cfg.extra_programs
+    if interpreted:
+        programs = min(programs, 4)  # every program loops over its tiles; fewer are faster interpreted
+    _varlen_attention_kernel[(programs, num_heads)](
+        qkv, out, cu_seqlens, num_seqs, LOG2E / math.sqrt(head_dim),
+        H=num_heads, D=head_dim, D_MAIN=d_main, D_TAIL=d_tail, PAD_LAST=pad_last,
+        SEQS_POW2=max(16, next_pow2(num_seqs)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def varlen_attention_reference(
+    qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int, head_dim: int, *, pad_last: bool = True
+) -> torch.Tensor:
+    """Plain-PyTorch `varlen_attention_fwd`: SDPA per sequence in fp64, rounded once to qkv's dtype."""
+    _check(qkv, cu_seqlens, num_heads, head_dim, None)
+    budget = qkv.shape[0]
+    bounds = cu_seqlens.tolist()
+    q, k, v = qkv.double().view(budget, 3, num_heads, head_dim).unbind(1)
+    out = torch.zeros(budget, num_heads, head_dim, dtype=torch.float64, device=qkv.device)
+    last = len(bounds) - 2
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if end > start and not (pad_last and i == last):
+            seq = [t[start:end].transpose(0, 1) for t in (q, k, v)]
+            out[start:end] = torch.nn.functional.scaled_dot_product_attention(*seq).transpose(0, 1)
+    return out.reshape(budget, num_heads * head_dim).to(qkv.dtype)

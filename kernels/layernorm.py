@@ -1,0 +1,128 @@
+"""Residual add and LayerNorm in one pass: r = x + y (+ bias), stored back into x; out = LayerNorm(r).
+
+In a pre-norm block every residual add is followed by a LayerNorm of its result. Unfused, the output
+projection adds its bias and rounds, the add reads x and that result and rounds again, and the norm reads
+the sum once more. Here the projection runs without its bias, and one kernel reads x and y once, forms
+x + y + bias in fp32 and rounds once (the residual stream, written back in place), and normalises that
+stored value: `F.layer_norm` semantics (biased variance, eps inside the square root), statistics in
+fp32, affine in fp32, one rounding of the output. Without y it is a plain LayerNorm.
+
+Each program normalises whole rows held in registers, so the statistics need no second pass over
+memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import FLOAT_DTYPES, check_launchable, check_tensor, next_pow2
+from ._rounding import round_to
+
+
+@dataclass(frozen=True)
+class LayerNormConfig:
+    rows_per_program: int = 1
+    num_warps: int = 4
+
+
+@triton.jit
+def _add_layer_norm_kernel(
+    x_ptr, y_ptr, bias_ptr, w_ptr, b_ptr, out_ptr, num_rows, eps,
+    C: tl.constexpr, HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_C)
+    c_live = c < C
+    live = (r < num_rows)[:, None] & c_live[None, :]
+    offs = r.to(tl.int64)[:, None] * C + c[None, :]
+    x = tl.load(x_ptr + offs, mask=live, other=0.0).to(tl.float32)
+    if HAS_Y:
+        x += tl.load(y_ptr + offs, mask=live, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x += tl.load(bias_ptr + c, mask=c_live, other=0.0).to(tl.float32)[None, :]
+        # The residual stream is what is stored; the norm reads back exactly that.
+        stored = round_to(x, x_ptr.dtype.element_ty)
+        tl.store(x_ptr + offs, stored, mask=live)
+        x = stored.to(tl.float32)
+    mean = tl.sum(x, axis=1) / C
+    xc = tl.where(c_live[None, :], x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / C
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(w_ptr + c, mask=c_live, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + c, mask=c_live, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(out_ptr + offs, round_to(y, out_ptr.dtype.element_ty), mask=live)
+
+
+def _check(x, y, bias, weight, ln_bias, out):
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(None, None))
+    rows, channels = x.shape
+    dev = x.device
+    if y is not None:
+        check_tensor("y", y, dtypes=(x.dtype,), shape=(rows, channels), device=dev)
+    elif bias is not None:
+        raise ValueError("bias is added with y; give y too, or fold the bias into x")
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, shape=(channels,), device=dev)
+    check_tensor("ln_bias", ln_bias, dtypes=FLOAT_DTYPES, shape=(channels,), device=dev)
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, shape=(channels,), device=dev)
+    if out is not None:
+        check_tensor("out", out, dtypes=(x.dtype,), shape=(rows, channels), device=dev)
+        if out.data_ptr() == x.data_ptr():
+            raise ValueError("out must not be x: x receives the residual stream")
+
+
+def add_layer_norm(
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: LayerNormConfig | None = None,
+) -> torch.Tensor:
+    """x += y + bias (in place, rounded once), then returns LayerNorm(x) (a new tensor, or `out`).
+
+    x: (N, C) residual stream, fp32/bf16/fp16, contiguous; updated in place when y is given.
+    y: (N, C) of x's dtype (a projection's output without its bias), or None for a plain LayerNorm of x.
+    weight, ln_bias: (C,) the norm's affine parameters. eps: the norm's epsilon.
+    bias: optional (C,) added with y (the projection's bias).
+    """
+    _check(x, y, bias, weight, ln_bias, out)
+    rows, channels = x.shape
+    if out is None:
+        out = torch.empty_like(x)
+    cfg = config or LayerNormConfig()
+    interpreted = check_launchable(_add_layer_norm_kernel, x.device)
+    block_c = next_pow2(channels)
+    block_r = max(1, 16384 // block_c) if interpreted else cfg.rows_per_program
+    _add_layer_norm_kernel[(triton.cdiv(rows, block_r),)](
+        x, x if y is None else y, x if bias is None else bias, weight, ln_bias, out, rows, eps,
+        C=channels, HAS_Y=y is not None, HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+        num_warps=cfg.num_warps,
+    )
+    return out
+
+
+def add_layer_norm_reference(
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch `add_layer_norm`, without side effects: (new residual, normalised), each rounded once
+    to x's dtype from an fp64 computation (the norm of the rounded residual)."""
+    _check(x, y, bias, weight, ln_bias, None)
+    r = x.double()
+    if y is not None:
+        r = r + y.double() + (0.0 if bias is None else bias.double())
+    residual = r.to(x.dtype)
+    out = torch.nn.functional.layer_norm(residual.double(), (x.shape[1],), weight.double(), ln_bias.double(), eps)
+    return residual, out.to(x.dtype)
