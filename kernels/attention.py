@@ -89,9 +89,9 @@ def _store_head(rows_ptr, live, main, tail, d_main, d_tail, D: tl.constexpr, MAI
 
 @triton.jit
 def _varlen_attention_kernel(
-    qkv_ptr, out_ptr, cu_ptr, num_seqs, qk_scale,
+    qkv_ptr, out_ptr, cu_ptr, num_seqs, padding_seq, qk_scale,
     H: tl.constexpr, D: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
-    PAD_LAST: tl.constexpr, SEQS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SEQS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     QKV_STRIDE: tl.constexpr = 3 * H * D
     OUT_STRIDE: tl.constexpr = H * D
@@ -128,7 +128,7 @@ def _varlen_attention_kernel(
         rows = start + (tile - tl.sum(tl.where(owner, before, 0))) * BLOCK_M + offs_m
         row_live = rows < end
         o_rows = o_base + rows.to(tl.int64)[:, None] * OUT_STRIDE
-        if PAD_LAST and seq == num_seqs - 1:
+        if seq == padding_seq:
             # The plan's padding sequence: zeros, not attention.
             zero_main = tl.zeros((BLOCK_M, D_MAIN), out_dtype)
             zero_tail = tl.zeros((BLOCK_M, TAIL_WIDTH), out_dtype)
@@ -218,8 +218,8 @@ def varlen_attention_fwd(
     if interpreted:
         programs = min(programs, 4)  # every program loops over its tiles; fewer are faster interpreted
     _varlen_attention_kernel[(programs, num_heads)](
-        qkv, out, cu_seqlens, num_seqs, LOG2E / math.sqrt(head_dim),
-        H=num_heads, D=head_dim, D_MAIN=d_main, D_TAIL=d_tail, PAD_LAST=pad_last,
+        qkv, out, cu_seqlens, num_seqs, num_seqs - 1 if pad_last else -1, LOG2E / math.sqrt(head_dim),
+        H=num_heads, D=head_dim, D_MAIN=d_main, D_TAIL=d_tail,
         SEQS_POW2=max(16, next_pow2(num_seqs)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

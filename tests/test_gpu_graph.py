@@ -105,3 +105,22 @@ def test_mixed_sizes_split_across_replays(models):
     grids = [(16, 16), (32, 32), (24, 40), (40, 24), (32, 48), (16, 32), (64, 64), (28, 36)]
     assert len(models[2].plan_chunks([list(g) for g in grids])) > 1
     check(models, grids, "mix8", seed=20)
+
+
+def test_gelu_epilogue_is_the_tanh_approximation():
+    """The fused forward runs fc0's bias and GELU in cuBLASLt's epilogue; MoonVit's MLP uses GELU's tanh
+    approximation, so the epilogue must compute that one, at least as closely as the unfused path."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(5)
+    x, w, b = (torch.randn(*s, generator=g) for s in ((1024, 1152), (4304, 1152), (4304,)))
+    w /= 1152 ** 0.5
+    x, w, b = (t.cuda().to(torch.bfloat16) for t in (x, w, b))
+    pre = F.linear(x.double(), w.double(), b.double())
+    tanh, erf = F.gelu(pre, approximate="tanh"), F.gelu(pre)
+    fused = torch._addmm_activation(b, x, w.t(), use_gelu=True)
+    unfused = F.gelu(F.linear(x, w, b), approximate="tanh")
+    fused_err, unfused_err = rel_err(fused, tanh), rel_err(unfused, tanh)
+    print(f"GELU epilogue vs tanh: {fused_err:.3e} (unfused {unfused_err:.3e}); vs erf {rel_err(fused, erf):.3e}")
+    assert fused_err <= unfused_err
+    assert rel_err(fused, erf) > 4 * fused_err, "the epilogue computes the erf GELU, not the tanh one"
