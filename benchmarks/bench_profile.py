@@ -21,7 +21,7 @@ from collections import defaultdict
 import torch
 
 from fused_moonvit.benchmarks.bench_encoder import _versions, round_budget
-from fused_moonvit.benchmarks.image_sets import IMAGE_SETS
+from fused_moonvit.benchmarks.image_sets import IMAGE_SETS, PADDED_EXACT, PADDED_SETS
 
 # First match wins; kernel names are lower-cased.
 CATEGORIES = [
@@ -29,10 +29,13 @@ CATEGORIES = [
     ("rope kernel", ("_rope_2d",)),
     ("merge kernel", ("_merge_patches",)),
     ("plan expand kernel", ("_expand_plan",)),
-    ("attention (varlen FA2)", ("flash", "fmha", "attention")),
-    ("layernorm", ("layer_norm", "layernorm")),
-    ("gelu", ("gelu",)),
+    ("attention (Triton)", ("_varlen_attention",)),
+    ("attention (FlashAttention-2)", ("flash", "fmha", "attention")),
+    ("add + layernorm kernel", ("_add_layer_norm",)),
+    ("layernorm (PyTorch)", ("layer_norm", "layernorm")),
+    # Before "gelu": cuBLASLt's GEMMs with the bias + GELU epilogue carry "gelu" in their names.
     ("GEMMs (cuBLAS)", ("gemm", "cutlass", "xmma", "nvjet", "sm90", "cublas", "splitk")),
+    ("gelu (PyTorch)", ("gelu",)),
     ("elementwise (residual adds, copies)", ("elementwise", "copy", "add", "fill")),
 ]
 
@@ -57,8 +60,9 @@ def _event_ms(fn, iters: int) -> float:
     return statistics.median(times)
 
 
-def _kernel_times_us(fn, iters: int) -> dict[str, dict[str, float]]:
-    """Per kernel name: total device µs over one call, from the profiler's kernel events."""
+def _kernel_times_us(fn, iters: int) -> tuple[dict[str, float], float]:
+    """Per kernel name: total device µs over one call, from the profiler's kernel events; and the number
+    of kernel launches per call."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -66,38 +70,41 @@ def _kernel_times_us(fn, iters: int) -> dict[str, dict[str, float]]:
             fn()
         torch.cuda.synchronize()
     per_kernel: dict[str, float] = defaultdict(float)
+    launches = 0
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             per_kernel[evt.name] += evt.device_time_total / iters
-    return dict(per_kernel)
+            launches += 1
+    return dict(per_kernel), launches / iters
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fused-moonvit bench profile", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sets", default="1x224,1x448", help="comma-separated sets of DESIGN.md §5")
+    parser.add_argument("--sets", default="1x224,1x448",
+                        help="comma-separated image sets or padded cases (default: %(default)s)")
     parser.add_argument("--out", default="benchmarks/results", help="output directory")
     parser.add_argument("--iters", type=int, default=30)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("profiling needs a CUDA device")
+    available = {n: (g, round_budget(sum(h * w for h, w in g))) for n, g in IMAGE_SETS.items()}
+    available.update(PADDED_SETS)
     names = args.sets.split(",")
-    unknown = [n for n in names if n not in IMAGE_SETS]
+    unknown = [n for n in names if n not in available]
     if unknown:
-        parser.error(f"unknown image sets {unknown}; known: {sorted(IMAGE_SETS)}")
+        parser.error(f"unknown image sets {unknown}; known: {sorted(available)}")
 
     from fused_moonvit.moonvit import FusedMoonVit, MoonVitConfig, MoonVitGraphRunner, build_model
 
     config = MoonVitConfig()
     model = build_model(FusedMoonVit, None, config=config, dtype=torch.bfloat16, device="cuda")
-    budgets = sorted({round_budget(sum(h * w for h, w in IMAGE_SETS[n])) for n in names})
-    runner = MoonVitGraphRunner(model, budgets=budgets, max_images=16)
-    runner.capture(progress=False)
 
     results = {}
     for index, name in enumerate(names):
-        grids = IMAGE_SETS[name]
+        grids, budget = available[name]
+        runner = MoonVitGraphRunner(model, budgets=[budget], max_images=16)
+        runner.capture(progress=False)
         patches = sum(h * w for h, w in grids)
-        budget = round_budget(patches)
         gen = torch.Generator().manual_seed(index)
         pixels = (torch.rand(patches, 3, 14, 14, generator=gen) * 2 - 1).to("cuda", torch.bfloat16)
         grid = torch.tensor(grids)
@@ -105,20 +112,30 @@ def main(argv: list[str] | None = None) -> int:
             runner.encode(pixels, grid)
         call_ms = _event_ms(lambda: runner.encode(pixels, grid), args.iters)
         replay_ms = _event_ms(runner.graphs[budget].replay, args.iters)
+        # The eager forward on the graph's buffers as the last call left them: the graph's kernels.
         static = (runner.pixels[:budget], runner.device_plan, runner.token_meta[budget])
         model.forward_static(*static)
-        kernels = _kernel_times_us(lambda: model.forward_static(*static), 5)
+        kernels, launches = _kernel_times_us(lambda: model.forward_static(*static), 5)
         by_cat: dict[str, float] = defaultdict(float)
         for kname, us in kernels.items():
             by_cat[category(kname)] += us
         kernel_ms = sum(kernels.values()) / 1e3
+        attention_us = sum(us for cat, us in by_cat.items() if cat.startswith("attention"))
         results[name] = {
-            "grids": [list(g) for g in grids], "budget": budget,
+            "grids": [list(g) for g in grids], "budget": budget, "patches": patches,
             "whole_call_ms": call_ms, "graph_replay_ms": replay_ms, "kernel_sum_ms": kernel_ms,
             "gaps_inside_graph_ms": replay_ms - kernel_ms, "host_and_copies_ms": call_ms - replay_ms,
+            "kernel_launches_per_call": launches,
+            "attention_share_of_kernels": attention_us / 1e3 / kernel_ms,
             "by_category_us": dict(sorted(by_cat.items(), key=lambda kv: -kv[1])),
             "top_kernels_us": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:12]),
         }
+        del runner
+        torch.cuda.empty_cache()
+    for name, exact in PADDED_EXACT.items():
+        if name in results and exact in results:
+            results[name]["attention_share_vs_exact"] = (results[name]["attention_share_of_kernels"]
+                                                         / results[exact]["attention_share_of_kernels"])
 
     report = {
         "benchmark": "profile", "device": torch.cuda.get_device_name(), "versions": _versions(),
@@ -131,9 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
     for name, r in results.items():
-        print(f"{name}: whole call {r['whole_call_ms']:.3f} ms = replay {r['graph_replay_ms']:.3f} ms "
-              f"(kernels {r['kernel_sum_ms']:.3f}, gaps {r['gaps_inside_graph_ms']:.3f}) "
-              f"+ host and copies {r['host_and_copies_ms']:.3f}")
+        print(f"{name} ({r['patches']} patches in {r['budget']}): whole call {r['whole_call_ms']:.3f} ms = replay "
+              f"{r['graph_replay_ms']:.3f} ms (kernels {r['kernel_sum_ms']:.3f}, gaps {r['gaps_inside_graph_ms']:.3f}) "
+              f"+ host and copies {r['host_and_copies_ms']:.3f}; {r['kernel_launches_per_call']:.0f} launches; attention {100 * r['attention_share_of_kernels']:.1f}%"
+              + (f" ({r['attention_share_vs_exact']:.2f}x its exact budget's share)"
+                 if "attention_share_vs_exact" in r else ""))
         for cat, us in r["by_category_us"].items():
             print(f"    {cat:40s} {us:9.1f} us  {100 * us / 1e3 / r['kernel_sum_ms']:5.1f}%")
     print(f"wrote {path}")

@@ -1,13 +1,25 @@
-"""The benchmark image sets of DESIGN.md §5, defined once: name -> list of (h, w) patch grids."""
+"""The benchmark image sets (docs/design.md), defined once: name -> list of (h, w) patch grids, and the
+padded cases a server meets: name -> (grids, budget in patches), the budget larger than the images."""
 
 IMAGE_SETS: dict[str, list[tuple[int, int]]] = {
     "1x224": [(16, 16)],
     "1x448": [(32, 32)],
     "4x448": [(32, 32)] * 4,
+    "1x896": [(64, 64)],
     "2x896": [(64, 64)] * 2,
     "mix8": [(16, 16), (32, 32), (24, 40), (40, 24), (32, 48), (16, 32), (64, 64), (28, 36)],
     "16x448": [(32, 32)] * 16,
 }
+
+PADDED_SETS: dict[str, tuple[list[tuple[int, int]], int]] = {
+    "1x896-in-8192": ([(64, 64)], 8192),
+    "1x448-in-2048": ([(32, 32)], 2048),
+    "mix8-in-11264": (IMAGE_SETS["mix8"], 11264),  # 2816 tokens: vLLM 0.34.0's default budget grid
+    "mix8-in-16384": (IMAGE_SETS["mix8"], 16384),  # 4096 tokens: vLLM 0.33.0's power-of-two ladder
+}
+
+# Each padded case's images in an exact budget, for comparisons.
+PADDED_EXACT = {"1x896-in-8192": "1x896", "1x448-in-2048": "1x448", "mix8-in-11264": "mix8", "mix8-in-16384": "mix8"}
 
 
 def patches(grids: list[tuple[int, int]]) -> int:

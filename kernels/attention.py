@@ -19,6 +19,7 @@ How the work is laid out, and why:
   costs one store.
 - Softmax runs online in fp32 with exp2 (scale folded with log2 e); P is rounded to the input dtype for
   the second product, as FlashAttention does; the accumulators are fp32 and the output is rounded once.
+  Only a sequence's last key block, which may run past its end, is loaded and scored with masks.
 
 Block sizes are chosen per budget on the host (before any capture) from measurements; see
 `fused_moonvit.moonvit.attention`.
@@ -54,23 +55,36 @@ class AttentionConfig:
 @triton.jit
 def _dot(a, b, acc):
     # The interpreter cannot multiply bf16 (numpy has no such type); there, and only there, products run
-    # in fp32. On the GPU the operands stay in the input dtype for the matrix units.
+    # in fp32. On the GPU the operands stay in the input dtype for the matrix units, and fp32 inputs are
+    # multiplied in fp32 (not tf32, Triton's default for them).
     if _INTERPRETED:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc)
 
 
 @triton.jit
 def _load_head(rows_ptr, live, d_main, d_tail, D: tl.constexpr, MAIN_MASKED: tl.constexpr,
-               HAS_TAIL: tl.constexpr):
+               HAS_TAIL: tl.constexpr, ROWS_MASKED: tl.constexpr):
     # One head's (rows, D) block as a main part and a tail part (the tail is d_main itself when the head
-    # has none; it is then never used).
-    if MAIN_MASKED:
-        main = tl.load(rows_ptr + d_main[None, :], mask=live[:, None] & (d_main < D)[None, :], other=0.0)
+    # has none; it is then never used). Without ROWS_MASKED every row is known to be live.
+    main_cols = d_main < D
+    if ROWS_MASKED:
+        if MAIN_MASKED:
+            main = tl.load(rows_ptr + d_main[None, :], mask=live[:, None] & main_cols[None, :], other=0.0)
+        else:
+            main = tl.load(rows_ptr + d_main[None, :], mask=live[:, None], other=0.0)
     else:
-        main = tl.load(rows_ptr + d_main[None, :], mask=live[:, None], other=0.0)
+        if MAIN_MASKED:
+            main = tl.load(rows_ptr + d_main[None, :], mask=main_cols[None, :], other=0.0)
+        else:
+            main = tl.load(rows_ptr + d_main[None, :])
     if HAS_TAIL:
-        tail = tl.load(rows_ptr + d_tail[None, :], mask=live[:, None] & (d_tail < D)[None, :], other=0.0)
+        if ROWS_MASKED:
+            tail = tl.load(rows_ptr + d_tail[None, :], mask=live[:, None] & (d_tail < D)[None, :], other=0.0)
+        else:
+            tail = tl.load(rows_ptr + d_tail[None, :], mask=(d_tail < D)[None, :], other=0.0)
     else:
         tail = main
     return main, tail
@@ -85,6 +99,35 @@ def _store_head(rows_ptr, live, main, tail, d_main, d_tail, D: tl.constexpr, MAI
         tl.store(rows_ptr + d_main[None, :], main, mask=live[:, None])
     if HAS_TAIL:
         tl.store(rows_ptr + d_tail[None, :], tail, mask=live[:, None] & (d_tail < D)[None, :])
+
+
+@triton.jit
+def _attend_block(q_main, q_tail, m_i, l_i, acc_main, acc_tail, k_base, v_base, n_start, end, qk_scale,
+                  offs_n, d_main, d_tail, QKV_STRIDE: tl.constexpr, D: tl.constexpr, MAIN_MASKED: tl.constexpr,
+                  HAS_TAIL: tl.constexpr, KEYS_MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    # One step of the online softmax over keys [n_start, n_start + BLOCK_N); only the sequence's last
+    # block, which may run past its end, masks keys. The running max m_i is kept in log2 units of the
+    # scaled scores, so each score costs one multiply-add before exp2.
+    cols = n_start + offs_n
+    col_live = cols < end
+    offs = cols.to(tl.int64)[:, None] * QKV_STRIDE
+    k_main, k_tail = _load_head(k_base + offs, col_live, d_main, d_tail, D, MAIN_MASKED, HAS_TAIL, KEYS_MASKED)
+    qk = _dot(q_main, tl.trans(k_main), tl.zeros((BLOCK_M, BLOCK_N), tl.float32))
+    if HAS_TAIL:
+        qk = _dot(q_tail, tl.trans(k_tail), qk)
+    if KEYS_MASKED:
+        qk = tl.where(col_live[None, :], qk, -float("inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v_main, v_tail = _load_head(v_base + offs, col_live, d_main, d_tail, D, MAIN_MASKED, HAS_TAIL, KEYS_MASKED)
+    p = round_to(p, v_main.dtype)
+    acc_main = _dot(p, v_main, acc_main * alpha[:, None])
+    if HAS_TAIL:
+        acc_tail = _dot(p, v_tail, acc_tail * alpha[:, None])
+    return m_new, l_i, acc_main, acc_tail
 
 
 @triton.jit
@@ -135,31 +178,20 @@ def _varlen_attention_kernel(
             _store_head(o_rows, row_live, zero_main, zero_tail, d_main, d_tail, D, MAIN_MASKED, HAS_TAIL)
         else:
             q_main, q_tail = _load_head(q_base + rows.to(tl.int64)[:, None] * QKV_STRIDE, row_live, d_main,
-                                        d_tail, D, MAIN_MASKED, HAS_TAIL)
+                                        d_tail, D, MAIN_MASKED, HAS_TAIL, True)
             m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
             l_i = tl.zeros((BLOCK_M,), tl.float32)
             acc_main = tl.zeros((BLOCK_M, D_MAIN), tl.float32)
             acc_tail = tl.zeros((BLOCK_M, TAIL_WIDTH), tl.float32)
-            for n_start in range(start, end, BLOCK_N):
-                cols = n_start + offs_n
-                col_live = cols < end
-                k_main, k_tail = _load_head(k_base + cols.to(tl.int64)[:, None] * QKV_STRIDE, col_live, d_main,
-                                            d_tail, D, MAIN_MASKED, HAS_TAIL)
-                qk = _dot(q_main, tl.trans(k_main), tl.zeros((BLOCK_M, BLOCK_N), tl.float32))
-                if HAS_TAIL:
-                    qk = _dot(q_tail, tl.trans(k_tail), qk)
-                qk = tl.where(col_live[None, :], qk * qk_scale, -float("inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(qk - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v_main, v_tail = _load_head(v_base + cols.to(tl.int64)[:, None] * QKV_STRIDE, col_live, d_main,
-                                            d_tail, D, MAIN_MASKED, HAS_TAIL)
-                p = round_to(p, v_main.dtype)
-                acc_main = _dot(p, v_main, acc_main * alpha[:, None])
-                if HAS_TAIL:
-                    acc_tail = _dot(p, v_tail, acc_tail * alpha[:, None])
-                m_i = m_new
+            full_end = start + (end - start) // BLOCK_N * BLOCK_N
+            for n_start in range(start, full_end, BLOCK_N):
+                m_i, l_i, acc_main, acc_tail = _attend_block(
+                    q_main, q_tail, m_i, l_i, acc_main, acc_tail, k_base, v_base, n_start, end, qk_scale,
+                    offs_n, d_main, d_tail, QKV_STRIDE, D, MAIN_MASKED, HAS_TAIL, False, BLOCK_M, BLOCK_N)
+            if full_end < end:
+                m_i, l_i, acc_main, acc_tail = _attend_block(
+                    q_main, q_tail, m_i, l_i, acc_main, acc_tail, k_base, v_base, full_end, end, qk_scale,
+                    offs_n, d_main, d_tail, QKV_STRIDE, D, MAIN_MASKED, HAS_TAIL, True, BLOCK_M, BLOCK_N)
             # A live row has at least its own key, so l_i >= 1; dead rows of the block are not stored.
             inv_l = 1.0 / tl.where(row_live, l_i, 1.0)
             _store_head(o_rows, row_live, round_to(acc_main * inv_l[:, None], out_dtype),

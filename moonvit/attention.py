@@ -38,7 +38,8 @@ class AttentionChoice:
 # wins; measured on the H200 by `python -m fused_moonvit.benchmarks.tune_attention`
 # (benchmarks/results/attention_tuning.json). Budgets above the last row use the last row.
 _TRITON_TILES: list[tuple[int, int, int, int, int]] = [
-    (16384, 64, 64, 4, 2),
+    (2048, 64, 64, 4, 3),
+    (16384, 128, 64, 4, 2),
 ]
 
 

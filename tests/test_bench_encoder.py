@@ -112,10 +112,11 @@ def test_smoke_end_to_end(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert report["smoke"] and report["targets_apply"] is False
     assert report["command"] and report["versions"]["torch"] == torch.__version__
-    assert [s["name"] for s in report["sets"]] == ["1x4x4", "3mix"]
-    assert report["budgets"]["fused_graph"] == [64, 192]
+    assert [s["name"] for s in report["sets"]] == ["1x4x4", "3mix", "3mix-in-512"]
+    assert [s["budget"] for s in report["sets"]] == [64, 192, 512]
     for s in report["sets"]:
-        assert set(s["rows"]) == {"reference_eager", "host_metadata_graph", "fused_graph"}
+        assert set(s["rows"]) == {"reference_eager", "host_metadata_graph", "fused_graph_fa2", "fused_graph"}
+        assert all(s["rows"][k]["budget"] == s["budget"] for k in ("host_metadata_graph", "fused_graph"))
         assert all(row["ms"] > 0 and row["tflops"] > 0 for row in s["rows"].values())
         assert all(s["outputs_finite"].values())
         # fp32 on the CPU: both graph paths agree with the reference to rounding.

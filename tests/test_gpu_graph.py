@@ -109,18 +109,23 @@ def test_mixed_sizes_split_across_replays(models):
 
 def test_gelu_epilogue_is_the_tanh_approximation():
     """The fused forward runs fc0's bias and GELU in cuBLASLt's epilogue; MoonVit's MLP uses GELU's tanh
-    approximation, so the epilogue must compute that one, at least as closely as the unfused path."""
+    approximation, so the epilogue must compute that one, at least as closely as the unfused path.
+
+    The two approximations differ by ~1e-3 at most, under bf16's rounding for typical activations, but
+    by ~10% of the value on the negative tail (GELU(-3) is -0.0036 with tanh, -0.0040 with erf): the
+    bias puts the pre-activations there."""
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(5)
-    x, w, b = (torch.randn(*s, generator=g) for s in ((1024, 1152), (4304, 1152), (4304,)))
-    w /= 1152 ** 0.5
+    x = torch.randn(1024, 1152, generator=g)
+    w = torch.randn(4304, 1152, generator=g) * (0.01 / 1152 ** 0.5)
+    b = -2.0 - 2.0 * torch.rand(4304, generator=g)
     x, w, b = (t.cuda().to(torch.bfloat16) for t in (x, w, b))
     pre = F.linear(x.double(), w.double(), b.double())
     tanh, erf = F.gelu(pre, approximate="tanh"), F.gelu(pre)
     fused = torch._addmm_activation(b, x, w.t(), use_gelu=True)
     unfused = F.gelu(F.linear(x, w, b), approximate="tanh")
-    fused_err, unfused_err = rel_err(fused, tanh), rel_err(unfused, tanh)
-    print(f"GELU epilogue vs tanh: {fused_err:.3e} (unfused {unfused_err:.3e}); vs erf {rel_err(fused, erf):.3e}")
-    assert fused_err <= unfused_err
-    assert rel_err(fused, erf) > 4 * fused_err, "the epilogue computes the erf GELU, not the tanh one"
+    fused_err, unfused_err, erf_err = rel_err(fused, tanh), rel_err(unfused, tanh), rel_err(fused, erf)
+    print(f"GELU epilogue vs tanh: {fused_err:.3e} (unfused {unfused_err:.3e}); vs erf {erf_err:.3e}")
+    assert fused_err <= 1.05 * unfused_err
+    assert erf_err > 10 * fused_err, "the epilogue computes the erf GELU, not the tanh one"
