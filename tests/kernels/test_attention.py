@@ -39,17 +39,19 @@ def check(out, qkv, cu, heads, head_dim):
     assert torch.isfinite(out[:valid]).all(), "a valid element was not written"
     assert out[valid:].eq(0).all(), "padding rows must be zeros"
     exact = varlen_attention_reference(qkv.float(), cu, heads, head_dim)
-    if qkv.dtype == torch.float32 or valid == 0:
-        assert_elementwise_close(out, exact)
+    if valid == 0:
         return
-    # bf16: P is rounded to bf16 before the second product (as FlashAttention does), so an element may be
-    # off by 2^-9 of the largest |v| its head averages, plus the output's own rounding.
-    assert relerr(out[:valid], exact[:valid]) <= 1e-2
+    assert relerr(out[:valid], exact[:valid]) <= (1e-6 if qkv.dtype == torch.float32 else 1e-2)
+    # Every element: an output row averages its head's v rows, so its error scales with the largest |v|
+    # there: P rounded to bf16 before the second product (as FlashAttention does) gives 2^-9 of it; in fp32,
+    # exp2 and a sum over thousands of keys give a few 1e-6 of it. Plus the output's own rounding. A wrong
+    # row or column (an indexing or masking bug) is off by far more.
+    scale = 2.0**-8 if qkv.dtype != torch.float32 else 2.0**-18
     vmax = qkv[:valid, 2 * heads * head_dim:].float().abs().view(valid, heads, head_dim).amax(dim=(0, 2))
     err = (out.float() - exact).abs().view(-1, heads, head_dim)
-    ulp = torch.exp2(torch.floor(torch.log2(exact.abs().clamp(min=1e-30)))).view(-1, heads, head_dim) * 2.0**-7
-    bound = 2.0**-8 * vmax[None, :, None] + ulp
-    assert (err <= bound).all(), f"{int((err > bound).sum())} elements off"
+    ulp = torch.exp2(torch.floor(torch.log2(exact.abs().clamp(min=1e-30)))).view(-1, heads, head_dim)
+    bound = scale * vmax[None, :, None] + ulp * torch.finfo(qkv.dtype).eps
+    assert (err <= bound).all(), f"{int((err > bound).sum())} elements off, worst {float((err - bound).max()):.3g}"
 
 
 # The interpreter would take minutes over a 4096-row sequence: that one runs on the GPU only.
