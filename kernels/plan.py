@@ -163,6 +163,23 @@ def upload_plan(plan: torch.Tensor, device_plan: torch.Tensor, budget: int | Non
     return device_plan.copy_(plan, non_blocking=True)
 
 
+def extend_padding_sequence(device_plan: torch.Tensor, budget: int) -> torch.Tensor:
+    """End an uploaded plan's padding sequence at `budget` rows, in place, with device work only.
+
+    For a plan built before its graph's budget was known: `build_plan(grid, total, S)` with the images'
+    own patch total as the budget leaves no padding sequence. Recorded in a CUDA graph captured for B
+    rows, this call sets the last cu_seqlens entry to B at every replay, so rows [total, B) become the
+    padding sequence and the plan equals `build_plan(grid, B, S)`. The images must fit (total <= B),
+    which the caller checks on the host where the total is known: reading the plan here would sync.
+    """
+    check_tensor("device_plan", device_plan, dtypes=(torch.int32,), shape=(None,))
+    budget = _check_int("budget", budget, 4)
+    if budget % 4 or budget > _INT32_MAX:
+        raise ValueError(f"budget must be a multiple of 4 (2x2 merge) that fits in int32, got {budget}")
+    plan_cu_seqlens(device_plan)[-1:].fill_(budget)
+    return device_plan
+
+
 def new_token_meta(budget: int, device: torch.device | str) -> torch.Tensor:
     """A static device buffer for `expand_plan`."""
     return torch.empty(META_ROWS, check_budget(budget), dtype=torch.int32, device=device)

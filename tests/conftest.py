@@ -13,3 +13,6 @@ import torch
 # Without a GPU the Triton kernels run under the interpreter, which must be chosen before they are imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # vLLM 0.34's CPU platform refuses x86 without triton-cpu unless CUDA_VISIBLE_DEVICES is set and empty
+    # (read when vLLM is imported; the plugin tests' subprocesses inherit it). There is no GPU to hide.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""

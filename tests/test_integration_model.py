@@ -1,19 +1,32 @@
-"""`FusedKimiVLForConditionalGeneration` against vLLM 0.33.0's own `KimiVLForConditionalGeneration`, on the CPU.
+"""`FusedKimiVLForConditionalGeneration` against the installed vLLM's (0.33.0 or 0.34.0) own
+`KimiVLForConditionalGeneration`, on the CPU.
 
 Both classes are built by vLLM's `initialize_model` from a tiny Kimi-VL config.json (2 vision layers, one
 dense DeepseekV2 layer) and receive the same random weights through `load_weights` under the checkpoint's
-names. The encoder CUDA-graph protocol is driven through vLLM's own `EncoderCudaGraphManager`; only the
-graph itself is replaced, by a rerun of the recorded forward on the recorded buffers.
+names. The encoder CUDA-graph protocol is driven through vLLM's own `EncoderCudaGraphManager`, its own
+capture included; only the CUDA graph itself is replaced, by a stand-in whose replay reruns the body the
+manager ran under capture.
 """
 
 
+import contextlib
+import threading
+from importlib.metadata import version
+
 import pytest
 import torch
+from packaging.version import Version
 
 from moonvit_fixtures import random_model, random_pixels, rel_err, tiny_config
 from vllm_peer import init_vllm_cpu, write_tiny_kimi_vl_dir
 
+from fused_moonvit.integration.encoder_graph import PADDING_LOGICS, PLAN_KEY
+
 pytestmark = pytest.mark.vllm
+
+# vLLM 0.34's manager shares capture buffers across budgets and replays once per batch; 0.33's gives each
+# budget its own buffers and packs a batch into several replays.
+SHARED_BUFFERS = Version(version("vllm")) >= Version("0.34")
 
 VISION = tiny_config()  # 2 layers, hidden 32, 4 heads, a 16x16 position table, text hidden 24
 TEXT_HIDDEN = VISION.text_hidden_size
@@ -147,6 +160,69 @@ def test_builds_fused_encoder_once(model_dir, checkpoint, monkeypatch):
         == len(encoder_keys)
 
 
+def test_constructor_swap_is_local_to_the_model(model_dir, monkeypatch):
+    """While ours is being built, vLLM's module still names its own tower classes, and a stock Kimi-VL
+    built then, in another thread, gets vLLM's own MoonVit."""
+    import fused_moonvit.integration.kimi_vl as integration
+    from vllm.model_executor.models import kimi_vl as vllm_kimi_vl
+    from vllm.model_executor.models import moonvit as vllm_moonvit
+
+    seen = {}
+
+    class FusedMoonVitBuildingAStockModel(integration.FusedMoonVit):
+        def __init__(self, config):
+            super().__init__(config)
+            seen["module_names"] = (vllm_kimi_vl.MoonVitPretrainedModel, vllm_kimi_vl.KimiVLMultiModalProjector)
+
+            def build_stock():
+                try:
+                    seen["stock"] = build(vllm_kimi_vl.KimiVLForConditionalGeneration, model_dir)
+                except BaseException as e:  # reported below, in the test's thread
+                    seen["error"] = e
+
+            thread = threading.Thread(target=build_stock)
+            thread.start()
+            thread.join()
+
+    monkeypatch.setattr(integration, "FusedMoonVit", FusedMoonVitBuildingAStockModel)
+    ours = build(integration.FusedKimiVLForConditionalGeneration, model_dir)
+
+    assert "error" not in seen, seen.get("error")
+    assert seen["module_names"] == (vllm_moonvit.MoonVitPretrainedModel, vllm_kimi_vl.KimiVLMultiModalProjector)
+    stock = seen["stock"]
+    assert type(stock.vision_tower) is vllm_moonvit.MoonVitPretrainedModel
+    assert type(stock.multi_modal_projector) is vllm_kimi_vl.KimiVLMultiModalProjector
+    assert isinstance(ours.fused_encoder, FusedMoonVitBuildingAStockModel)
+    assert ours.vision_tower is ours.fused_encoder.vision_tower
+
+
+def test_tower_constructors_refuse_what_they_cannot_build():
+    """A quantization config for the tower (vLLM 0.33 and 0.34 pass none), or a prefix other than the
+    attribute whose checkpoint names the encoder's parameters carry."""
+    from fused_moonvit.integration.kimi_vl import _FusedTowerConstructors
+
+    constructors = _FusedTowerConstructors(VISION, "model")
+    with pytest.raises(ValueError, match="unquantized vision weights only.*vision_tower quantized \\(object\\)"):
+        constructors.vision_tower(None, prefix="model.vision_tower", quant_config=object())
+    with pytest.raises(RuntimeError, match="multi_modal_projector under the prefix 'model.projector', not "
+                                           "'model.multi_modal_projector'"):
+        constructors.multi_modal_projector(config=None, prefix="model.projector")
+    assert constructors.encoder is None and constructors.built == []
+    tower = constructors.vision_tower(None, prefix="model.vision_tower", quant_config=None)
+    assert tower is constructors.encoder.vision_tower and constructors.built == ["vision_tower"]
+
+
+def test_load_weights_refuses_quantized_vision_tensors(model_dir, checkpoint):
+    from fused_moonvit.integration.kimi_vl import FusedKimiVLForConditionalGeneration
+
+    model = build(FusedKimiVLForConditionalGeneration, model_dir)
+    quantized = dict(checkpoint)
+    quantized["vision_tower.encoder.blocks.0.wqkv.weight_scale"] = torch.ones(1)
+    with pytest.raises(ValueError, match="'vision_tower.encoder.blocks.0.wqkv.weight_scale'.*unquantized vision "
+                                         "weights only"):
+        model.load_weights(iter(quantized.items()))
+
+
 def test_refuses_weight_sharded_encoder(model_dir):
     from vllm.config import ParallelConfig
 
@@ -180,13 +256,13 @@ def test_data_parallel_mode_matches_stock(model_dir, checkpoint, reference):
 def test_protocol_config_and_item_specs(ours):
     from vllm.model_executor.models.interfaces import supports_encoder_cudagraph
 
-    from fused_moonvit.integration.kimi_vl import PLAN_KEY
-
     assert supports_encoder_cudagraph(ours)
     config = ours.get_encoder_cudagraph_config()
     assert config.modalities == ["image"]
     assert config.buffer_keys == ["pixel_values", PLAN_KEY]
     assert config.out_hidden_size == TEXT_HIDDEN
+    # Both releases take the model's padding logics: the pixel buffer's padding rows are not cleared.
+    assert config.padding_logics == PADDING_LOGICS
     specs = ours.get_encoder_cudagraph_item_specs(mm_kwargs(IMAGE_SETS["several"]))
     assert [(s.input_size, s.output_tokens) for s in specs] == [(h * w, h * w // 4) for h, w in IMAGE_SETS["several"]]
 
@@ -194,7 +270,6 @@ def test_protocol_config_and_item_specs(ours):
 @pytest.mark.parametrize("token_budget,slots,dtype", [(16, 1, torch.float32), (64, 4, torch.float32),
                                                      (100, 7, torch.bfloat16)])
 def test_capture_inputs(ours, token_budget, slots, dtype):
-    from fused_moonvit.integration.kimi_vl import PLAN_KEY
 
     capture = ours.prepare_encoder_cudagraph_capture_inputs(token_budget, slots, slots, torch.device("cpu"), dtype)
     values = capture.values
@@ -213,7 +288,6 @@ def test_capture_inputs(ours, token_budget, slots, dtype):
 
 @pytest.mark.parametrize("image_set", sorted(IMAGE_SETS))
 def test_replay_buffers_fit_capture_buffers(ours, image_set):
-    from fused_moonvit.integration.kimi_vl import PLAN_KEY
 
     grids = IMAGE_SETS[image_set]
     kwargs = mm_kwargs(grids)
@@ -233,7 +307,6 @@ def test_replay_buffers_fit_capture_buffers(ours, image_set):
 def test_padding_cannot_produce_nan(ours, reference):
     """Whatever the captured buffer holds past the last image (here NaN), the padding rows stay finite
     and the images' rows are unchanged."""
-    from fused_moonvit.integration.kimi_vl import PLAN_KEY
     from fused_moonvit.kernels.plan import build_plan, plan_cu_seqlens
 
     grids = IMAGE_SETS["several"]
@@ -256,74 +329,130 @@ def test_padding_cannot_produce_nan(ours, reference):
                    reference["several"])
 
 
-class RerunGraph:
-    """A captured CUDA graph's stand-in on the CPU: replay reruns the recorded forward on the recorded
-    buffers, which is what replaying the graph computes."""
+def test_protocol_signatures_are_inspected_once(ours, monkeypatch):
+    import inspect
 
-    def __init__(self, model, budget, buffers, output, replays):
-        self.model, self.budget, self.buffers, self.output, self.replays = model, budget, buffers, output, replays
+    import fused_moonvit.integration.kimi_vl as integration
+
+    calls = []
+    real = inspect.signature
+    monkeypatch.setattr(integration.inspect, "signature", lambda f: calls.append(f) or real(f))
+    integration._protocol_signature.cache_clear()
+    kwargs = mm_kwargs(IMAGE_SETS["several"])
+    for _ in range(3):
+        ours.prepare_encoder_cudagraph_replay_buffers(kwargs, 6, 6)
+        ours.encoder_eager_forward(kwargs)
+    assert len(calls) == 2
+
+
+def test_replay_validates_the_grid_once(ours, monkeypatch):
+    from fused_moonvit.integration import encoder_graph
+    from fused_moonvit.moonvit import inputs
+
+    plans = []
+    real = encoder_graph.build_plan
+    monkeypatch.setattr(encoder_graph, "build_plan", lambda *a, **k: plans.append(a) or real(*a, **k))
+    monkeypatch.setattr(inputs, "check_grid_hws", lambda *a, **k: pytest.fail("the grid was validated again"))
+    ours.prepare_encoder_cudagraph_replay_buffers(mm_kwargs(IMAGE_SETS["several"]), 6, 6)
+    assert len(plans) == 1
+    with pytest.raises(ValueError, match="image 1: h must be even"):
+        ours.prepare_encoder_cudagraph_replay_buffers({"pixel_values": torch.zeros(19, 3, 14, 14),
+                                                      "image_grid_hws": torch.tensor([[2, 2], [3, 5]])}, 6, 6)
+
+
+class StandInGraph:
+    """`torch.cuda.CUDAGraph`'s stand-in on the CPU. The manager's own capture runs the body once under
+    `stand_in_capture`, which records what the model's forward was given; replay reruns that forward on
+    those buffers and copies it into the manager's output buffer, which is what replaying the graph does."""
+
+    capturing: list["StandInGraph"] = []
+
+    def __init__(self):
+        self.forward = self.output_buffer = self.budget = self.replays = None
 
     def replay(self):
         self.replays.append(self.budget)
-        self.output.copy_(self.model.encoder_cudagraph_forward({**self.buffers}, path="default"))
-
-
-def manager_for(model, config):
-    """vLLM's EncoderCudaGraphManager for `model`, with every budget 'captured' as a RerunGraph."""
-    from vllm.v1.worker.encoder_cudagraph import BudgetGraphMetadata, EncoderCudaGraphManager
-
-    device = torch.device("cpu")
-    manager = EncoderCudaGraphManager(vllm_config=config, device=device, dtype=torch.float32, model=model)
-    replays = []
-    for budget in manager.token_budgets:
-        capture = model.prepare_encoder_cudagraph_capture_inputs(
-            budget, manager.max_batch_size, manager.max_frames_per_batch, device, torch.float32, "default", ())
         with torch.inference_mode():
-            output = torch.empty_like(model.encoder_cudagraph_forward({**capture.values}, path="default"))
-        manager._get_graph_set("default")[budget] = BudgetGraphMetadata(
-            token_budget=budget, max_batch_size=manager.max_batch_size,
-            max_frames_per_batch=manager.max_frames_per_batch,
-            graph=RerunGraph(model, budget, capture.values, output, replays),
-            input_buffers=capture.values, output_buffer=output)
+            self.output_buffer.copy_(self.forward())
+
+
+@contextlib.contextmanager
+def stand_in_capture(graph, pool=None, stream=None):
+    StandInGraph.capturing.append(graph)
+    try:
+        yield
+    finally:
+        StandInGraph.capturing.pop()
+
+
+def captured_manager(model, config, monkeypatch):
+    """vLLM's EncoderCudaGraphManager for `model` after its own `capture`, with stand-in graphs; and the
+    list every replay appends its token budget to."""
+    from vllm.v1.worker.encoder_cudagraph import EncoderCudaGraphManager
+
+    forward = model.encoder_cudagraph_forward
+
+    def recording_forward(values, path="default"):
+        if StandInGraph.capturing:
+            StandInGraph.capturing[-1].forward = lambda: forward(dict(values), path=path)
+        return forward(values, path=path)
+
+    monkeypatch.setattr(model, "encoder_cudagraph_forward", recording_forward)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", StandInGraph)
+    monkeypatch.setattr(torch.cuda, "graph", stand_in_capture)
+    manager = EncoderCudaGraphManager(vllm_config=config, device=torch.device("cpu"), dtype=torch.float32,
+                                      model=model)
+    manager.capture(graph_pool=object())
+    replays = []
+    for budget, graph in manager._get_graph_set("default").items():
+        assert graph.graph.forward is not None, budget
+        graph.graph.output_buffer, graph.graph.budget, graph.graph.replays = graph.output_buffer, budget, replays
     return manager, replays
 
 
-def test_auto_budgets(ours, model_dir):
-    """Without user budgets, vLLM infers them from the model's range (in output tokens)."""
+def test_auto_budgets(ours, model_dir, monkeypatch):
+    """Without user budgets, vLLM infers them from the model's range (in output tokens): 64 up to
+    min(max_num_batched_tokens, max_model_len), in each release's steps."""
     from vllm.config import CompilationConfig
 
     config = vllm_config(model_dir, compilation=CompilationConfig(cudagraph_mm_encoder=True))
-    manager, _ = manager_for(ours, config)
-    assert manager.token_budgets == [64, 128, MAX_MODEL_LEN]
+    manager, _ = captured_manager(ours, config, monkeypatch)
+    expected = [64, 80, 96, 112, 128, 160, 192, 224, MAX_MODEL_LEN] if SHARED_BUFFERS else [64, 128, MAX_MODEL_LEN]
+    assert manager.token_budgets == expected
     for budget in manager.token_budgets:
         graph = manager._get_graph_set("default")[budget]
         assert graph.input_buffers["pixel_values"].shape[0] == 4 * budget
         assert graph.output_buffer.shape == (budget, TEXT_HIDDEN)
 
 
-# Each case: the images, the budgets the manager replays, and how many images take the eager fallback.
+def manager_config(model_dir):
+    from vllm.config import CompilationConfig
+
+    return vllm_config(model_dir, compilation=CompilationConfig(
+        cudagraph_mm_encoder=True, encoder_cudagraph_token_budgets=[16, 32, 64],
+        encoder_cudagraph_max_vision_items_per_batch=4))
+
+
+# Each case: the images, then per release (0.33, 0.34) the budgets the manager replays and how many images
+# run eagerly.
 MANAGER_CASES = {
-    # sorted by size (1, 15, 30 tokens); vLLM splits off the 30 because 16 + 32 < 64
-    "packed": ([(6, 10), (2, 2), (10, 12)], [16, 32], 0),
+    # 1, 15 and 30 tokens: 0.33 splits off the 30 (16 + 32 < 64); 0.34 replays all 46 at 64
+    "packed": ([(6, 10), (2, 2), (10, 12)], ([16, 32], 0), ([64], 0)),
     # one image that fills its budget exactly: no padding rows at all
-    "exact_fit": ([(16, 16)], [64], 0),
-    # 72 tokens, above the largest budget: vLLM runs encoder_eager_forward for it
-    "oversized": ([(18, 16), (2, 2)], [16], 1),
-    # more images than max_batch_size slots: two batches
-    "many": ([(4, 4)] * 5, [16, 16], 0),
+    "exact_fit": ([(16, 16)], ([64], 0), ([64], 0)),
+    # 73 tokens, above the largest budget: 0.33 runs the 72-token image eagerly, 0.34 the whole batch
+    "oversized": ([(18, 16), (2, 2)], ([16], 1), ([], 2)),
+    # more images than max_batch_size slots: 0.33 replays twice, 0.34 runs the batch eagerly
+    "many": ([(4, 4)] * 5, ([16, 16], 0), ([], 5)),
 }
 
 
 @pytest.mark.parametrize("case", sorted(MANAGER_CASES))
 @pytest.mark.parametrize("data_parallel", [False, True], ids=["local", "dp"])
-def test_manager_execute_matches_stock(ours, stock, model_dir, case, data_parallel):
-    from vllm.config import CompilationConfig
-
-    grids, budgets, eager = MANAGER_CASES[case]
-    config = vllm_config(model_dir, compilation=CompilationConfig(
-        cudagraph_mm_encoder=True, encoder_cudagraph_token_budgets=[16, 32, 64],
-        encoder_cudagraph_max_vision_items_per_batch=4))
-    manager, replays = manager_for(ours, config)
+def test_manager_execute_matches_stock(ours, stock, model_dir, case, data_parallel, monkeypatch):
+    grids, *per_release = MANAGER_CASES[case]
+    budgets, eager = per_release[SHARED_BUFFERS]
+    manager, replays = captured_manager(ours, manager_config(model_dir), monkeypatch)
     # The manager's data-parallel path (load-balanced shard, then gather) at world size 1: it reorders
     # the images before selecting them.
     manager.use_dp = data_parallel
@@ -336,28 +465,52 @@ def test_manager_execute_matches_stock(ours, stock, model_dir, case, data_parall
     assert (manager.graph_hits, manager.graph_misses) == (len(grids) - eager, eager)
 
 
-def test_protocol_feature_detection_against_other_layouts():
-    """The dataclass and signature shims work for layouts other than the installed vLLM's."""
-    import dataclasses
+# In this order through one manager: a small budget follows a larger one; then every captured buffer is
+# poisoned (NaN pixels, a random plan) before each of the last two sets.
+STALE_ROW_SETS = [
+    ("largest_exact", [(16, 16)], [64]),
+    ("small_after_large", [(2, 2), (4, 6)], [16]),  # 7 tokens: rows 28..63 of the 16 budget are padding
+    ("after_poison", [(10, 12)], [32]),  # 30 tokens: 8 padding rows
+    ("thin_after_poison", [(2, 40), (40, 2), (4, 4)], [64]),  # 44 tokens
+]
 
-    from fused_moonvit.integration.kimi_vl import _make, _protocol_arguments
 
-    @dataclasses.dataclass
-    class Older:
-        values: dict
+def poison(manager, seed):
+    g = torch.Generator().manual_seed(seed)
+    for graph in manager._get_graph_set("default").values():
+        graph.input_buffers["pixel_values"].fill_(float("nan"))
+        plan = graph.input_buffers[PLAN_KEY]
+        plan.copy_(torch.randint(-(2**20), 2**20, plan.shape, generator=g, dtype=torch.int32))
 
-    @dataclasses.dataclass
-    class Newer:
-        values: dict
-        frames: int
 
-    assert _make(Older, values={"a": 1}, out_hidden_size=3) == Older(values={"a": 1})
-    with pytest.raises(RuntimeError, match=r"requires \['frames'\].*FUSED_MOONVIT_DISABLE"):
-        _make(Newer, values={})
-    # positional or keyword, the arguments come back by name
-    by_position = _protocol_arguments("prepare_encoder_cudagraph_capture_inputs",
-                                      (256, 4, 1, torch.device("cpu"), torch.float32), {})
-    by_name = _protocol_arguments("prepare_encoder_cudagraph_capture_inputs", (),
-                                  dict(token_budget=256, max_batch_size=4, max_frames_per_batch=1,
-                                       device=torch.device("cpu"), dtype=torch.float32))
-    assert by_position == by_name and by_name["token_budget"] == 256 and by_name["path"] == "default"
+@pytest.mark.parametrize("data_parallel", [False, True], ids=["local", "dp"])
+def test_stale_rows_and_nan_in_captured_buffers(ours, stock, model_dir, data_parallel, monkeypatch):
+    manager, replays = captured_manager(ours, manager_config(model_dir), monkeypatch)
+    manager.use_dp = data_parallel
+    graphs = manager._get_graph_set("default")
+    shared = [graphs[b].input_buffers[key].data_ptr() == graphs[64].input_buffers[key].data_ptr()
+              for b in (16, 32) for key in ("pixel_values", PLAN_KEY)]
+    assert shared == [SHARED_BUFFERS] * 4
+    for k, (name, grids, budgets) in enumerate(STALE_ROW_SETS):
+        if name.endswith("after_poison"):
+            poison(manager, seed=k)
+        kwargs = mm_kwargs(grids, seed=10 + k)
+        first = len(replays)
+        with torch.inference_mode():
+            got = manager.execute(kwargs)
+            want = stock.embed_multimodal(**kwargs)
+        assert_matches(got, want)
+        assert replays[first:] == budgets, name
+        if name == "small_after_large":
+            # Padding rows are not cleared: on 0.34 they hold the previous set's pixels (the buffer is
+            # shared with the 64 budget), on 0.33 the zeros of the 16 budget's own capture.
+            padding = graphs[16].input_buffers["pixel_values"][28:]
+            previous = mm_kwargs(STALE_ROW_SETS[0][1], seed=10)["pixel_values"][28:64]
+            assert torch.equal(padding, previous if SHARED_BUFFERS else torch.zeros_like(previous))
+    # The 32 budget's last padding rows, poisoned before the last set: on 0.34 that set (at 64) wrote
+    # its pixels there through the shared buffer; on 0.33 they are the 32 budget's own, still NaN.
+    rows = graphs[32].input_buffers["pixel_values"][120:128]
+    if SHARED_BUFFERS:
+        assert torch.equal(rows, kwargs["pixel_values"][120:128])
+    else:
+        assert rows.isnan().all()

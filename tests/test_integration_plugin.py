@@ -1,4 +1,5 @@
-"""The `vllm.general_plugins` entry point, through vLLM 0.33.0's own plugin loader and model registry.
+"""The `vllm.general_plugins` entry point, through the installed vLLM's (0.33.0 or 0.34.0) own plugin loader and
+model registry.
 
 Each case runs in a fresh interpreter: plugin loading and model registration are process-wide state in
 vLLM, and the switches under test are environment variables read at load time.

@@ -1,4 +1,5 @@
-"""Parity of `MoonVitReference` with vLLM 0.33.0's own MoonVit + Kimi-VL projector, same random weights.
+"""Parity of `MoonVitReference` with the installed vLLM's (0.33.0 or 0.34.0) own MoonVit + Kimi-VL projector, same
+random weights.
 
 These tests need the `vllm` extra; they are meant to run (not be skipped) in CI.
 """

@@ -1,4 +1,4 @@
-"""vLLM 0.33.0's own MoonVit and Kimi-VL projector, built on the CPU, as the parity peer.
+"""The installed vLLM's (0.33.0 or 0.34.0) own MoonVit and Kimi-VL projector, built on the CPU, as the parity peer.
 
 vLLM's layers need a current `VllmConfig`, an initialised (gloo, world size 1) distributed state, and
 `process_weights_after_loading` on each linear layer once weights are in. `VLLM_TARGET_DEVICE=cpu` must
