@@ -173,9 +173,7 @@ def extend_padding_sequence(device_plan: torch.Tensor, budget: int) -> torch.Ten
     which the caller checks on the host where the total is known: reading the plan here would sync.
     """
     check_tensor("device_plan", device_plan, dtypes=(torch.int32,), shape=(None,))
-    budget = _check_int("budget", budget, 4)
-    if budget % 4 or budget > _INT32_MAX:
-        raise ValueError(f"budget must be a multiple of 4 (2x2 merge) that fits in int32, got {budget}")
+    budget = check_budget(budget)
     plan_cu_seqlens(device_plan)[-1:].fill_(budget)
     return device_plan
 

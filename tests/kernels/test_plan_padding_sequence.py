@@ -33,7 +33,7 @@ def test_writes_only_the_last_cu_seqlens_entry_of_a_view(device):
 @pytest.mark.parametrize("budget,error,match", [
     (42, ValueError, "budget must be a multiple of 4.*got 42"),
     (0, ValueError, "budget must be >= 4, got 0"),
-    (2**31, ValueError, "fits in int32, got 2147483648"),
+    (2**31, ValueError, "must fit in int32, got 2147483648"),
     (64.0, TypeError, "budget must be an int, got float"),
 ])
 def test_refuses_bad_budget(device, budget, error, match):
