@@ -61,7 +61,6 @@ class Graphs:
 
     def __init__(self, encoder, token_budgets: list[int], slots: int):
         from fused_moonvit.integration import encoder_graph as eg
-        from fused_moonvit.moonvit.fused import capture_graph
 
         self.eg, self.encoder, self.slots = eg, encoder, slots
         self.buffers, self.graphs, self.outputs, self.pool_growth = {}, {}, {}, {}
@@ -71,9 +70,19 @@ class Graphs:
             buffers = eg.capture_buffers(encoder, budget, slots, encoder.device, encoder.dtype)
             self.buffers[budget] = buffers
             if cuda:
-                graph, out, grown = capture_graph(lambda b=buffers: eg.graph_forward(encoder, dict(b)),
-                                                  device=encoder.device, pool=pool)
-                self.graphs[budget], self.outputs[budget], self.pool_growth[budget] = graph, out, grown
+                self._capture(budget, pool)
+
+    def _capture(self, budget: int, pool) -> None:
+        # As vLLM's manager does: one eager run (Triton compiles, cuBLAS settles), then the capture.
+        self.eg.graph_forward(self.encoder, dict(self.buffers[budget]))
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # so that the growth below is the capture's own
+        before = torch.cuda.memory_reserved()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            self.outputs[budget] = self.eg.graph_forward(self.encoder, dict(self.buffers[budget]))
+        torch.cuda.synchronize()
+        self.graphs[budget], self.pool_growth[budget] = graph, torch.cuda.memory_reserved() - before
 
     def run(self, budget: int, pixel_values: torch.Tensor, grid: list[list[int]]) -> torch.Tensor:
         """One replay's whole call: replay values, the padding logics' copies, the replay, the valid rows

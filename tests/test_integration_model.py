@@ -212,6 +212,20 @@ def test_tower_constructors_refuse_what_they_cannot_build():
     assert tower is constructors.encoder.vision_tower and constructors.built == ["vision_tower"]
 
 
+def test_refuses_a_parent_that_builds_its_tower_otherwise(monkeypatch):
+    from vllm.model_executor.models import kimi_vl as vllm_kimi_vl
+
+    from fused_moonvit.integration.kimi_vl import _FusedTowerConstructors, _parent_init_with
+
+    def init_without_the_names(self, vllm_config, prefix=""):
+        self.vision_tower = None
+
+    monkeypatch.setattr(vllm_kimi_vl.KimiVLForConditionalGeneration, "__init__", init_without_the_names)
+    with pytest.raises(RuntimeError, match="no longer builds its tower through MoonVitPretrainedModel and "
+                                           "KimiVLMultiModalProjector.*FUSED_MOONVIT_DISABLE=1"):
+        _parent_init_with(_FusedTowerConstructors(VISION, ""))
+
+
 def test_load_weights_refuses_quantized_vision_tensors(model_dir, checkpoint):
     from fused_moonvit.integration.kimi_vl import FusedKimiVLForConditionalGeneration
 
