@@ -1,4 +1,4 @@
-"""MoonVit configuration, with Kimi-VL-A3B's values as defaults (docs/design.md, section 1)."""
+"""MoonVit configuration, with Kimi-VL-A3B's values as defaults (docs/design.md section 1.1)."""
 
 from __future__ import annotations
 
