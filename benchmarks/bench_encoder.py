@@ -1,7 +1,7 @@
 """`fused-moonvit bench encoder`: the whole encoder call, fused graph against the two baselines.
 
-For each image set of DESIGN.md §5, in one run on the same random weights and inputs, three rows
-(DESIGN.md §3): "reference eager" (`MoonVitReference.forward`), "host-metadata graph" (vLLM 0.33's
+For each image set of docs/design.md section 4.2, in one run on the same random weights and inputs, three
+rows (section 4.1): "reference eager" (`MoonVitReference.forward`), "host-metadata graph" (vLLM 0.33's
 Kimi-VL graph path, `HostMetadataGraph`, with a budget of the set's patches rounded up to 64) and
 "fused graph" (`MoonVitGraphRunner.encode`, whose budgets are exactly those rounded counts). Each
 row times the whole call, host work included: CUDA events around the call on an idle GPU, median of
@@ -27,10 +27,10 @@ from collections.abc import Callable
 import torch
 
 from fused_moonvit.benchmarks.flops import encoder_flops, encoder_flops_breakdown
-from fused_moonvit.moonvit.cli import DTYPES
+from fused_moonvit.moonvit.cli import DTYPES, OneLineParser, output_dir, positive_int
 from fused_moonvit.moonvit.config import MoonVitConfig
 
-GEMM_CEILING_TFLOPS = 794.0  # bf16, 8192^3, measured on this project's H200 (DESIGN.md §4)
+GEMM_CEILING_TFLOPS = 794.0  # bf16, 8192^3, measured on this project's H200 (docs/design.md section 4.3)
 BUDGET_ROUNDING = 64
 
 ROWS = {
@@ -92,15 +92,15 @@ def measure(fn: Callable[[], object], *, cuda: bool, iters: int, warmup: int) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fused-moonvit bench encoder", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="fused-moonvit bench encoder", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", help="comma-separated image sets and padded cases (default: all, or the "
                                        "smoke sets with --smoke)")
-    parser.add_argument("--out", default="results", metavar="DIR",
+    parser.add_argument("--out", type=output_dir, default="benchmarks/results", metavar="DIR",
                         help="directory for encoder.json and encoder.png (default: %(default)s)")
     parser.add_argument("--dtype", choices=sorted(DTYPES),
                         help="weights and activations (default: bfloat16; float32 with --smoke)")
-    parser.add_argument("--layers", type=int, metavar="N", help="override num_hidden_layers, for quick runs")
-    parser.add_argument("--iters", type=int, default=20, help="timed calls per row (default %(default)s)")
+    parser.add_argument("--layers", type=positive_int, metavar="N", help="override num_hidden_layers, for quick runs")
+    parser.add_argument("--iters", type=positive_int, default=20, help="timed calls per row (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
     parser.add_argument("--smoke", action="store_true",
@@ -213,16 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cuda = not args.smoke
     if cuda and not torch.cuda.is_available():
-        print("error: the encoder benchmark needs a CUDA device; --smoke checks the script on the CPU",
-              file=sys.stderr)
-        return 2
+        parser.error("the encoder benchmark needs a CUDA device; --smoke checks the script on the CPU")
     dtype = DTYPES[args.dtype or ("float32" if args.smoke else "bfloat16")]
     if cuda and dtype == torch.float32:
         parser.error("varlen attention (FlashAttention) runs in bfloat16 or float16 only")
-    if args.iters < 1 or args.warmup < 0:
-        parser.error("--iters must be >= 1 and --warmup >= 0")
-    if args.layers is not None and args.layers < 1:
-        parser.error("--layers must be >= 1")
+    if args.warmup < 0:
+        parser.error(f"argument --warmup: must be >= 0, got {args.warmup}")
     sets = _image_sets(args, parser)
     try:  # fail before the long run, not after it
         import matplotlib  # noqa: F401

@@ -1,9 +1,9 @@
 """Each fused kernel against the PyTorch way vLLM 0.33 does the same step, in the same run.
 
-    fused-moonvit bench kernels --out benchmarks/results/kernels_h200.json
-    fused-moonvit bench kernels --smoke --out /tmp/kernels_smoke.json
+    fused-moonvit bench kernels                      (writes benchmarks/results/kernels.json and kernels.png)
+    fused-moonvit bench kernels --smoke --out /tmp/kernels_smoke
 
-Rows, for every image set of DESIGN.md §5 (bf16, hidden 1152, 16 heads x 72, the 64x64 table):
+Rows, for every image set of docs/design.md section 4.2 (bf16, hidden 1152, 16 heads x 72, the 64x64 table):
   pos_embed  ours: interp_pos_embed                vLLM: per-image F.interpolate of the table, cat, x + pe
   rope       ours: apply_rope_2d (one layer)       vLLM: apply_rope on q and k with the per-call freqs_cis
   merge      ours: merge_patches                   vLLM: per-image view/permute (patch_merger), cat, pre_norm
@@ -25,7 +25,6 @@ checks the script (JSON and plot included), not the speed.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -39,11 +38,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fused_moonvit.moonvit.cli import OneLineParser, output_dir, positive_int
+
 FULL = dict(hidden=1152, heads=16, head_dim=72, mlp=4304, table=64, dtype=torch.bfloat16)
 SMOKE = dict(hidden=16, heads=2, head_dim=8, mlp=24, table=8, dtype=torch.float32)
 SMOKE_SETS = {"tiny2": [(4, 4), (2, 6)], "one": [(6, 2)]}
 EXTRA_ROPE = {"rope256": [(16, 16)], "rope4096": [(64, 64)]}
 EXTRA_MERGE = {"merge16384": [(128, 128)]}
+KERNELS = ("plan", "pos_embed", "rope", "merge", "attention", "add_norm", "gemm")
 
 
 # --- vLLM 0.33's way, per step (model_executor/models/moonvit.py and kimi_vl.py, rewritten) ----------
@@ -369,14 +371,14 @@ def plot(results, path):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="JSON results path; the plot goes beside it as .png")
+    parser = OneLineParser(prog="fused-moonvit bench kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=output_dir, default="benchmarks/results", metavar="DIR",
+                        help="directory for kernels.json and kernels.png (default: %(default)s)")
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny sizes, one call each")
-    parser.add_argument("--sets", help="comma-separated image sets (default: all of DESIGN.md §5)")
-    parser.add_argument("--kernels", default="plan,pos_embed,rope,merge,attention,add_norm,gemm",
-                        help="default: %(default)s")
-    parser.add_argument("--rep-ms", type=int, default=500, help="do_bench's timed budget per measurement")
-    parser.add_argument("--copy-tbps", type=float, default=4.2, help="copy ceiling (DESIGN.md §4)")
+    parser.add_argument("--sets", help="comma-separated image sets (default: all of docs/design.md section 4.2)")
+    parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated (default: %(default)s)")
+    parser.add_argument("--rep-ms", type=positive_int, default=500, help="do_bench's timed budget per measurement")
+    parser.add_argument("--copy-tbps", type=float, default=4.2, help="copy ceiling (docs/design.md section 4.3)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -397,6 +399,8 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown image set(s) {unknown}; choose from {list(all_sets)}")
     kernels = set(args.kernels.split(","))
+    if kernels - set(KERNELS):
+        parser.error(f"unknown kernel(s) {sorted(kernels - set(KERNELS))}; choose from {list(KERNELS)}")
     device = torch.device("cuda" if cuda else "cpu")
     timer = Timer(cuda, args.rep_ms)
     gen = torch.Generator().manual_seed(args.seed)
@@ -426,7 +430,7 @@ def main(argv=None) -> int:
         from triton.testing import do_bench
 
         copy_measured = 2 * src.numel() / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3) / 1e12
-    out = Path(args.out)
+    out = Path(args.out) / "kernels.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(
         device=torch.cuda.get_device_name() if cuda

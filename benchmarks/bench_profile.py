@@ -9,7 +9,6 @@ time the GPU spends between kernels inside the graph. Writes DIR/profile.json an
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -22,6 +21,7 @@ import torch
 
 from fused_moonvit.benchmarks.bench_encoder import _versions, round_budget
 from fused_moonvit.benchmarks.image_sets import IMAGE_SETS, PADDED_EXACT, PADDED_SETS
+from fused_moonvit.moonvit.cli import OneLineParser, output_dir, positive_int
 
 # First match wins; kernel names are lower-cased.
 CATEGORIES = [
@@ -79,11 +79,13 @@ def _kernel_times_us(fn, iters: int) -> tuple[dict[str, float], float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fused-moonvit bench profile", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="fused-moonvit bench profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", default="1x224,1x448",
-                        help="comma-separated image sets or padded cases (default: %(default)s)")
-    parser.add_argument("--out", default="benchmarks/results", help="output directory")
-    parser.add_argument("--iters", type=int, default=30)
+                        help="comma-separated image sets or padded cases of docs/design.md section 4.2 "
+                             "(default: %(default)s)")
+    parser.add_argument("--out", type=output_dir, default="benchmarks/results", metavar="DIR",
+                        help="directory for profile.json (default: %(default)s)")
+    parser.add_argument("--iters", type=positive_int, default=30, help="timed calls (default: %(default)s)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("profiling needs a CUDA device")

@@ -1,12 +1,12 @@
 """`HostMetadataGraph`: vLLM 0.33's Kimi-VL encoder CUDA-graph path, rebuilt in plain PyTorch.
 
-This is the "host-metadata graph" baseline of DESIGN.md §3. Like vLLM, every call builds all the
+This is the "host-metadata graph" baseline of docs/design.md section 4.1. Like vLLM, every call builds all the
 grid-dependent inputs with PyTorch on the host side of the graph (a bicubic interpolation of the
 position table per image, slices of a precomputed complex RoPE table, `cu_seqlens` and the 2x2 merge
 gather index), copies them into static buffers, and replays one graph of patch embed -> blocks ->
 final norm -> merge gather -> projector. It differs from vLLM on one point on purpose: `max_seqlen` is
 baked as the budget in patches (the true bound), not vLLM's output-token budget, which is 4x too small
-for attention over patches (DESIGN.md §2); the cost is the same.
+for attention over patches (docs/design.md section 3.4); the cost is the same.
 
 It reuses the weights of a `MoonVitReference` (no copy), so it is compared on the same model.
 """

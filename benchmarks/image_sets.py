@@ -1,4 +1,4 @@
-"""The benchmark image sets (docs/design.md), defined once: name -> list of (h, w) patch grids, and the
+"""The benchmark image sets (docs/design.md section 4.2), defined once: name -> list of (h, w) patch grids, and the
 padded cases a server meets: name -> (grids, budget in patches), the budget larger than the images."""
 
 IMAGE_SETS: dict[str, list[tuple[int, int]]] = {

@@ -3,7 +3,7 @@
     python -m fused_moonvit.benchmarks.tune_attention --out benchmarks/results
 
 For each case (a budget and the images in it, exact and padded, of the benchmark image sets in
-docs/design.md), every candidate configuration and FlashAttention-2 varlen (called as the encoder called
+docs/design.md section 4.2), every candidate configuration and FlashAttention-2 varlen (called as the encoder called
 it: the plan's cu_seqlens with its padding sequence, max_seqlen = B) run on the same random bf16 qkv,
 16 heads of 72, inside a CUDA graph of 5 back-to-back calls (the inputs stay where the QKV GEMM left
 them, as in the encoder), median of do_bench. Each configuration's output is checked against an fp32

@@ -2,7 +2,7 @@
 
 from .checkpoint import CheckpointError, load_encoder_state
 from .config import MoonVitConfig
-from .loading import build_model
+from .loading import build_model, check_model_dir
 from .preprocess import preprocess_image, preprocess_images
 from .reference import MoonVitReference
 
@@ -13,6 +13,7 @@ __all__ = [
     "MoonVitConfig",
     "MoonVitReference",
     "build_model",
+    "check_model_dir",
     "load_encoder_state",
     "preprocess_image",
     "preprocess_images",

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 ENCODER_PREFIXES = ("vision_tower.", "multi_modal_projector.")
@@ -22,7 +23,25 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that does not match the model: every missing, unexpected or misshaped key at once."""
+    """A checkpoint that does not match the model: every missing, unexpected or misshaped key at once.
+
+    `problems` maps each kind of problem ("missing", "unexpected", ...) to its keys; the message lists
+    them all, one per line, after `summary`. Errors about the files themselves have no problems.
+    """
+
+    def __init__(self, summary: str, problems: dict[str, list[str]] | None = None):
+        self.summary = summary
+        self.problems = problems or {}
+        parts = [f"{len(keys)} {kind}:\n  " + "\n  ".join(keys) for kind, keys in self.problems.items()]
+        super().__init__("\n".join([f"{summary}:" if parts else summary, *parts]))
+
+    def one_line(self, keys_per_kind: int = 3) -> str:
+        """The message on one line, naming the first few keys of each kind and counting the rest."""
+        kinds = []
+        for kind, keys in self.problems.items():
+            more = f" and {len(keys) - keys_per_kind} more" if len(keys) > keys_per_kind else ""
+            kinds.append(f"{len(keys)} {kind} ({', '.join(keys[:keys_per_kind])}{more})")
+        return f"{self.summary}: {'; '.join(kinds)}" if kinds else self.summary
 
 
 def _checkpoint_files(model_dir: str) -> dict[str, list[str]]:
@@ -31,7 +50,11 @@ def _checkpoint_files(model_dir: str) -> dict[str, list[str]]:
     single_path = os.path.join(model_dir, SINGLE_FILE)
     if os.path.isfile(index_path):
         with open(index_path) as f:
-            weight_map = json.load(f).get("weight_map")
+            try:
+                index = json.load(f)
+            except json.JSONDecodeError as err:
+                raise CheckpointError(f"{index_path} is not valid JSON: {err}") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_path} has no weight_map")
         shards: dict[str, list[str]] = defaultdict(list)
@@ -42,9 +65,16 @@ def _checkpoint_files(model_dir: str) -> dict[str, list[str]]:
             raise CheckpointError(f"{index_path} names shard files that do not exist: {sorted(missing)}")
         return dict(shards)
     if os.path.isfile(single_path):
-        with safe_open(single_path, framework="pt") as f:
+        with _open_safetensors(single_path) as f:
             return {single_path: list(f.keys())}
-    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir!r}")
+    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir!r}: the directory holds no weights")
+
+
+def _open_safetensors(path: str):
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
 
 
 def _encoder_name(name: str, tower_only: bool) -> str | None:
@@ -56,15 +86,15 @@ def _encoder_name(name: str, tower_only: bool) -> str | None:
     return None
 
 
-def load_encoder_state(model: nn.Module, model_dir: str | os.PathLike) -> None:
-    """Copies the encoder's tensors from `model_dir` into `model` (keys as in the Kimi-VL checkpoint).
+def match_checkpoint(model_dir: str | os.PathLike, expected: Mapping[str, Sequence[int]]
+                     ) -> dict[str, list[tuple[str, str]]]:
+    """Checks the checkpoint in `model_dir` against `expected` (state-dict key -> shape), reading only
+    the files' headers, and maps each file to the (key, checkpoint name) pairs it fills.
 
-    Reads only the encoder's tensors, memory-mapped, converting each to the parameter's dtype and
-    device. Raises `CheckpointError` listing every missing, unexpected and misshaped key before any
-    parameter is written.
+    Raises `CheckpointError` listing every missing, unexpected, misshaped, duplicated and absent key.
     """
     model_dir = os.fspath(model_dir)
-    expected = model.state_dict()
+    expected = {k: tuple(shape) for k, shape in expected.items()}
     tower_only = not any(k.startswith("multi_modal_projector.") for k in expected)
     files = _checkpoint_files(model_dir)
 
@@ -90,24 +120,37 @@ def load_encoder_state(model: nn.Module, model_dir: str | os.PathLike) -> None:
     for key, (path, name) in sources.items():
         by_file[path].append((key, name))
     for path, pairs in by_file.items():
-        with safe_open(path, framework="pt") as f:
+        with _open_safetensors(path) as f:
             stored = set(f.keys())
             for key, name in pairs:
                 if name not in stored:
                     absent.append(f"{name}: the index names {os.path.basename(path)}, which lacks it")
                     continue
                 shape = tuple(f.get_slice(name).get_shape())
-                if shape != tuple(expected[key].shape):
-                    misshaped.append(f"{name}: checkpoint {shape}, model {tuple(expected[key].shape)}")
+                if shape != expected[key]:
+                    misshaped.append(f"{name}: checkpoint {shape}, model {expected[key]}")
     missing = sorted(set(expected) - set(sources))
-    if missing or unexpected or misshaped or duplicated or absent:
-        parts = []
-        for title, items in (("missing", missing), ("unexpected", sorted(unexpected)), ("misshaped", sorted(misshaped)),
-                             ("given twice", sorted(duplicated)), ("absent from their shard", sorted(absent))):
-            if items:
-                parts.append(f"{len(items)} {title}:\n  " + "\n  ".join(items))
-        raise CheckpointError(f"checkpoint {model_dir!r} does not match the model:\n" + "\n".join(parts))
+    problems = {title: items for title, items in (
+        ("missing", missing), ("unexpected", sorted(unexpected)), ("misshaped", sorted(misshaped)),
+        ("given twice", sorted(duplicated)), ("absent from their shard", sorted(absent))) if items}
+    if problems:
+        summary = f"checkpoint {model_dir!r} does not match the model"
+        if not sources:
+            summary += (" (none of its tensors is the encoder's: a Kimi-VL or MoonViT checkpoint names them "
+                        "vision_tower.* and multi_modal_projector.*)")
+        raise CheckpointError(summary, problems)
+    return dict(by_file)
 
+
+def load_encoder_state(model: nn.Module, model_dir: str | os.PathLike) -> None:
+    """Copies the encoder's tensors from `model_dir` into `model` (keys as in the Kimi-VL checkpoint).
+
+    Reads only the encoder's tensors, memory-mapped, converting each to the parameter's dtype and
+    device. Raises `CheckpointError` listing every missing, unexpected and misshaped key before any
+    parameter is written.
+    """
+    expected = model.state_dict()
+    by_file = match_checkpoint(model_dir, {k: v.shape for k, v in expected.items()})
     with torch.no_grad():
         for path, pairs in by_file.items():
             with safe_open(path, framework="pt") as f:

@@ -2,6 +2,10 @@
 
 `fused-moonvit encode IMAGE... [--model DIR] [--out FILE]` encodes images to embeddings, one tensor per
 image in a safetensors file. Without `--model` the real architecture is built with seeded random weights.
+
+A mistake in the arguments (a missing file, a model directory that does not fit, an output path that
+cannot be written) is reported before any model is built: one line on stderr, exit status 2. Set
+FUSED_MOONVIT_DEBUG=1, or pass --debug, to see the traceback instead.
 """
 
 from __future__ import annotations
@@ -16,6 +20,131 @@ import torch
 from .preprocess import IN_TOKEN_LIMIT_INSTRUCT, IN_TOKEN_LIMIT_THINKING
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEBUG_ENV = "FUSED_MOONVIT_DEBUG"
+KEYS_PER_KIND = 3  # checkpoint keys named per kind of mismatch in the one-line error
+MODEL_DIR_LAYOUT = "config.json plus model.safetensors, or model.safetensors.index.json and its shards"
+
+
+class UsageError(Exception):
+    """A mistake in the command's arguments, reported as one line with exit status 2."""
+
+
+def debug_requested() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `PROG: error: MESSAGE`, with exit status 2 (the usage is in
+    --help). Every parser takes --debug, which shows tracebacks instead."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help=f"show tracebacks instead of one-line errors (or set {DEBUG_ENV}=1)")
+
+    def error(self, message: str):
+        if debug_requested():
+            raise UsageError(f"{self.prog}: {message}")
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def output_dir(text: str) -> str:
+    """argparse type: a directory that exists or can be created, and can be written into."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    existing = os.path.abspath(text)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise argparse.ArgumentTypeError(f"cannot create {text}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write into {existing}")
+    return text
+
+
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the encoder runs on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available here (torch {torch.__version__}, "
+                                             f"{build}); use --device cpu, or leave --device out")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s), cuda:0 to "
+                                             f"cuda:{count - 1}")
+    return device
+
+
+def _check_images(paths: list[str]) -> None:
+    for path in paths:
+        if os.path.isdir(path):
+            raise UsageError(f"{path} is a directory, not an image file; give the image files in it instead")
+        if not os.path.exists(path):
+            raise UsageError(f"no such image file: {path}")
+
+
+def _check_out(path: str) -> None:
+    """The output file must be writable before any work is done, since the model and the images come first."""
+    if os.path.isdir(path):
+        raise UsageError(f"--out {path} is a directory; give a file path, e.g. "
+                         f"{os.path.join(path, 'embeddings.safetensors')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        what = "is not a directory" if os.path.exists(parent) else "does not exist"
+        raise UsageError(f"--out {path}: {parent} {what}; create the directory first or choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"--out {path}: not writable here (permission denied)")
+
+
+def _check_model(model_dir: str, cls) -> None:
+    """Reads config.json and the checkpoint's headers, and compares them, without building anything."""
+    from .checkpoint import CheckpointError
+    from .loading import check_model_dir
+
+    if not os.path.isdir(model_dir):
+        what = "is not a directory" if os.path.exists(model_dir) else "does not exist"
+        raise UsageError(f"--model {model_dir} {what}; give a local model directory ({MODEL_DIR_LAYOUT})")
+    try:
+        check_model_dir(model_dir, cls=cls)
+    except CheckpointError as err:
+        listed_in_full = all(len(keys) <= KEYS_PER_KIND for keys in err.problems.values())
+        raise UsageError(err.one_line(KEYS_PER_KIND) + ("" if listed_in_full else "; --debug lists them all")) from err
+    except (OSError, ValueError) as err:
+        raise UsageError(" ".join(str(err).split())) from err
+
+
+def _write_safetensors(tensors: dict, metadata: dict, path: str) -> None:
+    """Writes the file beside its final name, then renames it: a failure leaves no partial output, and the
+    file's mode follows the umask (safetensors' own writer creates it readable by its owner only)."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    partial = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.partial")
+    try:
+        with open(partial, "wb") as f:
+            f.write(data)
+        os.replace(partial, path)
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
 
 
 def _demo_image():
@@ -30,42 +159,42 @@ def _demo_image():
     return Image.fromarray(rgb.astype(np.uint8), "RGB")
 
 
-def _load_encoder(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+def _model_class(device: torch.device):
+    if device.type == "cuda":
+        from .fused import FusedMoonVit
+
+        return FusedMoonVit
+    from .reference import MoonVitReference
+
+    return MoonVitReference
+
+
+def _load_encoder(args: argparse.Namespace, cls, device: torch.device, dtype: torch.dtype):
     """(encode, name): the CUDA-graph runner on a GPU, else the eager reference, one image at a time."""
     from .loading import build_model
 
+    model = build_model(cls, args.model, dtype=dtype, device=device, seed=args.seed)
     if device.type == "cuda":
-        from .fused import FusedMoonVit, MoonVitGraphRunner
+        from .fused import MoonVitGraphRunner
 
-        model = build_model(FusedMoonVit, args.model, dtype=dtype, device=device, seed=args.seed)
         return MoonVitGraphRunner(model).encode, "fused CUDA-graph encoder"
-    from .reference import MoonVitReference
-
-    print(f"note: no CUDA device ({device}): the fused CUDA-graph encoder needs one, so the eager "
-          f"reference model runs instead", file=sys.stderr)
-    model = build_model(MoonVitReference, args.model, dtype=dtype, device=device, seed=args.seed)
     return (lambda pixels, grids: [model(pixels, grids)]), "eager reference"
 
 
 def _encode(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     from .preprocess import preprocess_image, tokens_per_image
 
     if not args.images and not args.demo:
-        print("error: give at least one IMAGE, or --demo for a built-in synthetic image", file=sys.stderr)
-        return 2
-    missing = [p for p in args.images if not os.path.isfile(p)]
-    if missing:
-        print(f"error: no such image file: {', '.join(missing)}", file=sys.stderr)
-        return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        raise UsageError("give at least one IMAGE, or --demo for a built-in synthetic image")
+    _check_images(args.images)
+    _check_out(args.out)
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if device.type == "cuda" and dtype == torch.float32:
-        print("error: the fused encoder runs in bfloat16 or float16 on CUDA (FlashAttention); "
-              "use --dtype bfloat16, or --device cpu for float32", file=sys.stderr)
-        return 2
+        raise UsageError("--dtype float32: the fused encoder runs in bfloat16 or float16 on CUDA (FlashAttention); "
+                         "use --dtype bfloat16, or --device cpu for float32")
 
     # Every image is read and checked before the model is built, so a bad one costs nothing.
     inputs = [("demo", _demo_image())] if args.demo else []
@@ -75,14 +204,19 @@ def _encode(args: argparse.Namespace) -> int:
         try:
             prepared.append((label, *preprocess_image(image, in_token_limit=args.in_token_limit)))
         except (OSError, ValueError) as err:
-            print(f"error: {label}: {err}", file=sys.stderr)
-            return 2
+            raise UsageError(f"{label}: {err}") from err
 
+    cls = _model_class(device)
     if args.model is None:
         print(f"note: no --model given: using the Kimi-VL MoonVit architecture with seeded random weights "
               f"(seed {args.seed}); the embeddings are not meaningful", file=sys.stderr)
+    else:
+        _check_model(args.model, cls)
+    if device.type != "cuda":
+        print(f"note: no CUDA device ({device}): the fused CUDA-graph encoder needs one, so the eager "
+              f"reference model runs instead", file=sys.stderr)
     t0 = time.perf_counter()
-    encode, name = _load_encoder(args, device, dtype)
+    encode, name = _load_encoder(args, cls, device, dtype)
     print(f"{name} ready on {device} in {str(dtype).removeprefix('torch.')} ({time.perf_counter() - t0:.1f} s)",
           file=sys.stderr)
 
@@ -95,8 +229,8 @@ def _encode(args: argparse.Namespace) -> int:
         metadata[key] = label
         tqdm.write(f"{label}: grid {grid[0]}x{grid[1]} patches -> {tokens_per_image([grid])[0]} tokens "
                    f"x {out.shape[1]}", file=sys.stdout)
-    save_file(tensors, args.out, metadata=metadata)
-    print(f"wrote {len(tensors)} embeddings to {args.out}")
+    _write_safetensors(tensors, metadata, args.out)
+    print(f"wrote {len(tensors)} float32 embeddings to {args.out}")
     return 0
 
 
@@ -107,29 +241,33 @@ def _bench(args: argparse.Namespace) -> int:
     return module.main(args.rest) or 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fused-moonvit")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fused-moonvit", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="fused-moonvit", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{encode,bench}")
     enc = sub.add_parser("encode", help="encode images to MoonVit embeddings (one tensor per image)")
     enc.add_argument("images", nargs="*", metavar="IMAGE", help="image files (anything Pillow opens)")
     enc.add_argument("--demo", action="store_true", help="also encode a built-in synthetic 336x224 image")
     enc.add_argument("--model", metavar="DIR",
-                     help="local Kimi-VL or MoonViT model directory (config.json + safetensors); "
+                     help=f"local Kimi-VL or MoonViT model directory ({MODEL_DIR_LAYOUT}); "
                           "without it, seeded random weights")
     enc.add_argument("--out", default="embeddings.safetensors", metavar="FILE",
-                     help="output safetensors file (default: %(default)s)")
-    enc.add_argument("--in-token-limit", type=_positive_int, default=IN_TOKEN_LIMIT_INSTRUCT,
+                     help="output safetensors file, float32 whatever --dtype is (default: %(default)s)")
+    enc.add_argument("--in-token-limit", type=positive_int, default=IN_TOKEN_LIMIT_INSTRUCT, metavar="N",
                      help=f"patch limit per image before downscaling: {IN_TOKEN_LIMIT_INSTRUCT} for Kimi-VL-A3B-Instruct, "
                           f"{IN_TOKEN_LIMIT_THINKING} for -Thinking-2506 (default %(default)s)")
-    enc.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    enc.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
+    enc.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    enc.add_argument("--dtype", choices=sorted(DTYPES),
+                     help="the model's dtype (default: bfloat16 on cuda, float32 on cpu); the output is float32")
     enc.add_argument("--seed", type=int, default=0, help="seed of the random weights without --model")
     enc.set_defaults(func=_encode)
     bench = sub.add_parser("bench", help="run a benchmark (arguments after the name go to it; try --help)")
@@ -140,9 +278,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
-
+    argv = list(sys.argv[1:] if argv is None else argv)
+    previous = os.environ.get(DEBUG_ENV)
+    if "--debug" in argv:
+        # Through the environment, so that the benchmarks' own parsers see it too.
+        os.environ[DEBUG_ENV] = "1"
+    try:
+        args = build_parser().parse_args(argv)
+        try:
+            return args.func(args)
+        except UsageError as err:
+            if debug_requested():
+                raise
+            print(f"fused-moonvit {args.command}: error: {err}", file=sys.stderr)
+            return 2
+    finally:
+        if previous is None:
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = previous
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""MoonVit configuration, with Kimi-VL-A3B's values as defaults (DESIGN.md §1)."""
+"""MoonVit configuration, with Kimi-VL-A3B's values as defaults (docs/design.md section 1.1)."""
 
 from __future__ import annotations
 
@@ -94,9 +94,17 @@ class MoonVitConfig(_HFConfig):
         """
         cfg_path = os.path.join(os.fspath(path), "config.json")
         if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"no config.json in model directory {os.fspath(path)!r}")
+            raise FileNotFoundError(f"no config.json in model directory {os.fspath(path)!r}; a Kimi-VL or MoonViT "
+                                    f"model directory holds config.json and the weights (model.safetensors, or "
+                                    f"model.safetensors.index.json and its shards)")
         with open(cfg_path) as f:
-            raw = json.load(f)
+            try:
+                raw = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{cfg_path} is not valid JSON: {err}") from None
+        if not isinstance(raw, dict) or not ("vision_config" in raw or any(k in raw for k in cls._FIELDS)):
+            raise ValueError(f"{cfg_path} describes neither Kimi-VL (it has no vision_config) nor a MoonViT tower "
+                             f"(it has none of {', '.join(cls._FIELDS[:4])}, ...)")
         if "vision_config" in raw:
             vision = dict(raw["vision_config"])
             text = raw.get("text_config") or {}
@@ -108,4 +116,7 @@ class MoonVitConfig(_HFConfig):
             vision.setdefault("text_hidden_size", None)
         fields = {k: v for k, v in vision.items() if k in cls._FIELDS}
         fields.update(overrides)
-        return cls(**fields)
+        try:
+            return cls(**fields)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{cfg_path}: {err}") from None

@@ -1,5 +1,5 @@
-"""`FusedMoonVit`: the static-shape MoonVit forward of DESIGN.md §2, and `MoonVitGraphRunner`, which captures
-it as one CUDA graph per token budget.
+"""`FusedMoonVit`: the static-shape MoonVit forward of docs/design.md section 3, and `MoonVitGraphRunner`,
+which captures it as one CUDA graph per token budget.
 
 The forward works on a budget of B patch rows. A small int32 plan (one row per image slot plus cu_seqlens,
 built on the host in O(images)) is uploaded once; everything after that is device work of fixed shape:

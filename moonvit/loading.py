@@ -8,17 +8,36 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .checkpoint import load_encoder_state
+from .checkpoint import load_encoder_state, match_checkpoint
 from .config import MoonVitConfig
+from .modules import MoonVitModules
 
 M = TypeVar("M", bound=nn.Module)
 
 
+def check_model_dir(model_dir: str | os.PathLike, config: MoonVitConfig | None = None,
+                    cls: type[nn.Module] = MoonVitModules) -> MoonVitConfig:
+    """Reads `model_dir`'s config.json (unless `config` is given) and checks its checkpoint's encoder
+    tensors, names and shapes, against `cls(config)`'s state dict; returns the config.
+
+    Only config.json and the safetensors headers are read, and the parameters are laid out on the meta
+    device, so a bad directory fails in well under a second, before a model is built.
+    """
+    config = MoonVitConfig.from_pretrained(model_dir) if config is None else config
+    with torch.device("meta"):
+        expected = cls(config).state_dict()
+    match_checkpoint(model_dir, {k: v.shape for k, v in expected.items()})
+    return config
+
+
 def build_model(cls: type[M], model_dir: str | os.PathLike | None = None, *, config: MoonVitConfig | None = None,
                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0) -> M:
-    """`cls(config)` on `device` in `dtype`, filled from `model_dir`, or seeded random weights without it."""
+    """`cls(config)` on `device` in `dtype`, filled from `model_dir`, or seeded random weights without it.
+
+    A checkpoint that does not fit the config fails before the model is built (`check_model_dir`).
+    """
     if model_dir is not None:
-        config = MoonVitConfig.from_pretrained(model_dir) if config is None else config
+        config = check_model_dir(model_dir, config, cls)
     elif config is None:
         config = MoonVitConfig()
     with torch.random.fork_rng(devices=[]):

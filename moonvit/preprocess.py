@@ -1,4 +1,4 @@
-"""Kimi-VL image preprocessing (DESIGN.md §1): PIL images or paths -> (pixel_values, grid_hws)."""
+"""Kimi-VL image preprocessing (docs/design.md section 1.2): PIL images or paths -> (pixel_values, grid_hws)."""
 
 from __future__ import annotations
 

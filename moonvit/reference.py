@@ -1,4 +1,4 @@
-"""`MoonVitReference`: eager PyTorch MoonVit, exact to DESIGN.md §1.
+"""`MoonVitReference`: eager PyTorch MoonVit, exactly as docs/design.md sections 1 and 2 describe it.
 
 This is the golden reference for every test and the "reference eager" baseline in benchmarks. It does
 the per-image work the way the Hugging Face semantics do (bicubic per image, rotary per layer, merge per

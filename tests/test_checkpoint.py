@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moonvit_fixtures import kimi_vl_config_json, random_model, random_pixels, tiny_config, write_checkpoint
-from fused_moonvit.moonvit import CheckpointError, MoonVitConfig, MoonVitReference, build_model
+from fused_moonvit.moonvit import CheckpointError, MoonVitConfig, MoonVitReference, build_model, check_model_dir
 
 
 def _kimi_tensors(model, seed=0):
@@ -122,3 +122,32 @@ def test_duplicate_and_absent_keys_are_named(tmp_path):
     index_path.write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=f"absent from their shard:\n  {name}"):
         build_model(MoonVitReference, tmp_path / "idx")
+
+
+def test_bad_checkpoint_fails_before_the_model_is_built(tmp_path):
+    cfg = tiny_config()
+    tensors = dict(random_model(cfg, seed=19).state_dict())
+    del tensors["vision_tower.encoder.blocks.1.norm0.bias"]
+    write_checkpoint(tmp_path, tensors, kimi_vl_config_json(cfg))
+    built = []
+
+    class Recording(MoonVitReference):
+        def __init__(self, config):
+            super().__init__(config)
+            built.append(self.device.type)
+
+    with pytest.raises(CheckpointError) as err:
+        build_model(Recording, tmp_path)
+    assert built == ["meta"], "only the parameters' layout may be made, on the meta device"
+    assert err.value.one_line() == (f"checkpoint '{tmp_path}' does not match the model: "
+                                    f"1 missing (vision_tower.encoder.blocks.1.norm0.bias)")
+    with pytest.raises(CheckpointError, match="1 missing"):
+        check_model_dir(tmp_path)
+
+
+def test_one_line_counts_what_it_does_not_name():
+    err = CheckpointError("checkpoint 'x' does not match the model",
+                          {"missing": ["a", "b", "c", "d", "e"], "unexpected": ["f"]})
+    assert str(err) == ("checkpoint 'x' does not match the model:\n5 missing:\n  a\n  b\n  c\n  d\n  e\n"
+                        "1 unexpected:\n  f")
+    assert err.one_line(2) == "checkpoint 'x' does not match the model: 5 missing (a, b and 3 more); 1 unexpected (f)"

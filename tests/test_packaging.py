@@ -21,5 +21,11 @@ def test_wheel_holds_only_fused_moonvit(tmp_path):
     assert tops == {"fused_moonvit", wheel.name.split("-py3")[0] + ".dist-info"}, tops
     for pkg in ("kernels", "moonvit", "integration", "benchmarks"):
         assert f"fused_moonvit/{pkg}/__init__.py" in names
-    entry = zipfile.ZipFile(wheel).read(wheel.name.split("-py3")[0] + ".dist-info/entry_points.txt").decode()
+    dist_info = wheel.name.split("-py3")[0] + ".dist-info"
+    entry = zipfile.ZipFile(wheel).read(f"{dist_info}/entry_points.txt").decode()
     assert "fused-moonvit = fused_moonvit.moonvit.cli:main" in entry
+    metadata = zipfile.ZipFile(wheel).read(f"{dist_info}/METADATA").decode()
+    assert "License: Apache-2.0" in metadata.splitlines()
+    # setuptools >= 77 puts license files under licenses/, older ones beside METADATA
+    (license_file,) = [n for n in names if n.startswith(dist_info) and n.endswith("/LICENSE")]
+    assert zipfile.ZipFile(wheel).read(license_file) == (ROOT / "LICENSE").read_bytes()

@@ -1,0 +1,218 @@
+"""A user's mistakes, as the command line meets them: each is one line on stderr that names the bad value,
+exit status 2, no traceback, and nothing built or written first.
+
+Every case runs the CLI in its own interpreter. Starting one costs seconds (torch and transformers are
+imported), so the module starts them all at once and each test reads its own result.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from moonvit_fixtures import kimi_vl_config_json, random_model, tiny_config, write_checkpoint
+from fused_moonvit.moonvit import cli
+
+# The CLI's own main, with building a model turned into a failure that says so: every mistake here must
+# be caught before that point.
+TRIPWIRE = """
+import sys
+from fused_moonvit.moonvit import cli, loading
+
+def tripped(*args, **kwargs):
+    sys.stderr.write("tripwire: a model was built\\n")
+    raise SystemExit(99)
+
+loading.build_model = tripped
+raise SystemExit(cli.main(sys.argv[1:]))
+"""
+
+
+def _tiny_checkpoint(path: Path, mutate=None, config_json=None) -> Path:
+    cfg = tiny_config()
+    tensors = dict(random_model(cfg, seed=31).state_dict())
+    if mutate:
+        mutate(tensors)
+    write_checkpoint(path, tensors, kimi_vl_config_json(cfg) if config_json is None else config_json, shards=2)
+    return path
+
+
+def _wrong_keys(tensors):
+    del tensors["vision_tower.encoder.blocks.0.wo.bias"]
+    tensors["vision_tower.encoder.blocks.1.mlp.fc0.weight"] = torch.randn(7, 32)
+    for i in range(5):
+        tensors[f"vision_tower.encoder.blocks.{7 + i}.wo.bias"] = torch.randn(3)
+
+
+def _config_without_weights(path: Path) -> Path:
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(kimi_vl_config_json(tiny_config())))
+    return path
+
+
+def _unreadable_weights(path: Path) -> Path:
+    _config_without_weights(path)
+    (path / "model.safetensors").write_bytes(b"not a safetensors file")
+    return path
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def _file(path: Path) -> Path:
+    path.write_text("")
+    return path
+
+
+# name -> (arguments, extra environment, what the one line must say); {d} is the case's own directory,
+# {m} the path a setup function made, {out} its output path (which must never appear).
+CASES = {
+    "model_dir_empty": (
+        lambda d: _mkdir(d / "model"), ["encode", "--demo", "--model", "{m}", "--out", "{out}"], {},
+        ["no config.json in model directory '{m}'", "model.safetensors"]),
+    "model_dir_missing": (
+        lambda d: d / "nope", ["encode", "--demo", "--model", "{m}", "--out", "{out}"], {},
+        ["--model {m} does not exist", "config.json"]),
+    "config_without_weights": (
+        lambda d: _config_without_weights(d / "model"), ["encode", "--demo", "--model", "{m}", "--out", "{out}"], {},
+        ["no model.safetensors or model.safetensors.index.json in '{m}'"]),
+    "empty_config": (
+        lambda d: _tiny_checkpoint(d / "model", config_json={}), ["encode", "--demo", "--model", "{m}", "--out", "{out}"],
+        {}, ["{m}/config.json describes neither Kimi-VL", "vision_config"]),
+    "checkpoint_wrong_keys": (
+        lambda d: _tiny_checkpoint(d / "model", mutate=_wrong_keys),
+        ["encode", "--demo", "--model", "{m}", "--out", "{out}"], {},
+        ["checkpoint '{m}' does not match the model", "1 missing (vision_tower.encoder.blocks.0.wo.bias)",
+         "1 misshaped (vision_tower.encoder.blocks.1.mlp.fc0.weight: checkpoint (7, 32), model (48, 32))",
+         "5 unexpected (vision_tower.encoder.blocks.10.wo.bias", "and 2 more", "--debug lists them all"]),
+    "checkpoint_unreadable": (
+        lambda d: _unreadable_weights(d / "model"), ["encode", "--demo", "--model", "{m}", "--out", "{out}"], {},
+        ["{m}/model.safetensors is not a readable safetensors file"]),
+    "out_in_missing_directory": (
+        lambda d: d / "no" / "such" / "emb.safetensors", ["encode", "--demo", "--out", "{m}"], {},
+        ["--out {m}", "{d}/no/such does not exist"]),
+    "out_is_directory": (
+        lambda d: _mkdir(d / "emb"), ["encode", "--demo", "--out", "{m}"], {},
+        ["--out {m} is a directory", "{m}/embeddings.safetensors"]),
+    # With no visible device, torch reports no CUDA whatever the machine has.
+    "device_cuda_without_cuda": (
+        lambda d: d, ["encode", "--demo", "--device", "cuda", "--out", "{out}"], {"CUDA_VISIBLE_DEVICES": ""},
+        ["argument --device: 'cuda': no CUDA device is available here", "--device cpu"]),
+    "device_not_a_device": (
+        lambda d: d, ["encode", "--demo", "--device", "gpu0", "--out", "{out}"], {},
+        ["argument --device: 'gpu0' is not a device", "cpu, cuda or cuda:N"]),
+    "directory_as_image": (
+        lambda d: _mkdir(d / "photos"), ["encode", "{m}", "--out", "{out}"], {},
+        ["{m} is a directory, not an image file"]),
+    "missing_image": (
+        lambda d: d / "nope.png", ["encode", "{m}", "--out", "{out}"], {}, ["no such image file: {m}"]),
+    "in_token_limit_not_a_number": (
+        lambda d: d, ["encode", "--demo", "--in-token-limit", "abc", "--out", "{out}"], {},
+        ["argument --in-token-limit: expected a whole number >= 1, got 'abc'"]),
+    "nothing_to_encode": (
+        lambda d: d, ["encode", "--out", "{out}"], {}, ["give at least one IMAGE, or --demo"]),
+    "bench_unknown": (
+        lambda d: d, ["bench", "nope"], {}, ["fused-moonvit bench: error", "invalid choice: 'nope'"]),
+    "bench_kernels_unknown_kernel": (
+        lambda d: d, ["bench", "kernels", "--smoke", "--kernels", "pos_embed,nope", "--out", "{d}"], {},
+        ["fused-moonvit bench kernels: error: unknown kernel(s) ['nope']"]),
+    "bench_encoder_iters": (
+        lambda d: d, ["bench", "encoder", "--smoke", "--iters", "0", "--out", "{d}"], {},
+        ["fused-moonvit bench encoder: error: argument --iters: must be >= 1, got 0"]),
+    "bench_profile_iters": (
+        lambda d: d, ["bench", "profile", "--iters", "x", "--out", "{d}"], {},
+        ["fused-moonvit bench profile: error: argument --iters: expected a whole number >= 1, got 'x'"]),
+    **{f"bench_{which}_out_is_a_file": (
+        lambda d: _file(d / "taken"), ["bench", which, "--out", "{m}"], {},
+        [f"fused-moonvit bench {which}: error: argument --out: {{m}} exists and is not a directory"])
+       for which in ("encoder", "kernels", "profile")},
+}
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _run(args, env):
+    return subprocess.run([sys.executable, "-c", TRIPWIRE, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """name -> (process, every path under its directory before it ran, the fill-ins of its placeholders)."""
+    prepared = {}
+    for name, (setup, args, env, _) in CASES.items():
+        case_dir = tmp_path_factory.mktemp(name)
+        fill = {"d": str(case_dir), "m": str(setup(case_dir)), "out": str(case_dir / "out.safetensors")}
+        prepared[name] = ([a.format(**fill) for a in args], env, fill, _tree(case_dir))
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        futures = {name: pool.submit(_run, args, env) for name, (args, env, _, _) in prepared.items()}
+        return {name: (futures[name].result(), before, fill) for name, (_, _, fill, before) in prepared.items()}
+
+
+def assert_one_line_error(proc, needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "tripwire" not in proc.stderr and "ready on" not in proc.stderr, "a model was built first"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert ": error: " in lines[0], lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_one_line_error_before_any_work(results, name):
+    proc, before, fill = results[name]
+    line = assert_one_line_error(proc, [n.format(**fill) for n in CASES[name][3]])
+    assert "_int" not in line and "_device" not in line, "the message names no internal function"
+    # Nothing was written: no output file, no partial file, not even inside a directory given as --out.
+    assert _tree(Path(fill["d"])) == before
+
+
+def test_wrong_keys_line_names_three_per_kind(results):
+    proc, _, _ = results["checkpoint_wrong_keys"]
+    # the missing key, then three of the five unexpected ones
+    assert proc.stderr.count("wo.bias") == 4
+
+
+@pytest.mark.parametrize("how", ["env", "flag"])
+def test_debug_shows_the_traceback(tmp_path, how):
+    args = ["encode", "--demo", "--model", str(tmp_path / "nope")]
+    proc = _run([*args, "--debug"], {}) if how == "flag" else _run(args, {"FUSED_MOONVIT_DEBUG": "1"})
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and f"UsageError: --model {tmp_path / 'nope'} does not exist" in proc.stderr
+
+
+def test_version_from_the_package_metadata():
+    from importlib.metadata import version
+
+    script = Path(sys.executable).with_name("fused-moonvit")
+    proc = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"fused-moonvit {version('fused-moonvit')}"
+
+
+def test_cuda_float32_is_refused_before_any_work(monkeypatch, capsys):
+    """The CUDA path's own checks, run where a CUDA device is reported."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cli.main(["encode", "--demo", "--device", "cuda", "--dtype", "float32"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "fused-moonvit encode: error: --dtype float32: the fused encoder runs in bfloat16 or float16 on CUDA "
+        "(FlashAttention); use --dtype bfloat16, or --device cpu for float32"]
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["encode", "--demo", "--device", "cuda:1"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "fused-moonvit encode: error: argument --device: 'cuda:1': this machine has 1 CUDA device(s), cuda:0 to "
+        "cuda:0"]

@@ -1,0 +1,113 @@
+"""The documents a user reads: their tables render, their links resolve, and every pointer into the design
+notes names a section that exists."""
+
+import re
+from pathlib import Path
+
+import pytest
+from markdown_it import MarkdownIt
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ["README.md", "docs/design.md", "benchmarks/results/README.md"]
+# What a user can read: the documents, and the code whose docstrings and help texts they see.
+USER_VISIBLE = [*DOCS, "pyproject.toml", *(str(p.relative_to(ROOT)) for folder in
+                                          ("moonvit", "kernels", "integration", "benchmarks")
+                                          for p in sorted((ROOT / folder).glob("*.py")))]
+
+
+def _cells(line: str) -> list[str]:
+    """A table row's cells as GitHub splits them: on every pipe not escaped by a backslash."""
+    inner = line.strip()
+    inner = inner[1:] if inner.startswith("|") else inner
+    inner = inner[:-1] if inner.endswith("|") and not inner.endswith("\\|") else inner
+    return re.split(r"(?<!\\)\|", inner)
+
+
+def _tables(path: str):
+    """(first line number, source lines, header cells rendered, body rows rendered) per table."""
+    text = (ROOT / path).read_text()
+    lines = text.splitlines()
+    tokens = MarkdownIt("commonmark").enable("table").parse(text)
+    tables = []
+    for i, token in enumerate(tokens):
+        if token.type != "table_open":
+            continue
+        end = next(j for j in range(i, len(tokens)) if tokens[j].type == "table_close")
+        inner = tokens[i:end]
+        header_cells = sum(t.type == "th_open" for t in inner)
+        body_rows = sum(t.type == "tr_open" for t in inner) - 1
+        start, stop = token.map
+        tables.append((start + 1, lines[start:stop], header_cells, body_rows))
+    return tables
+
+
+@pytest.mark.parametrize("path", DOCS)
+def test_tables_render_with_one_width(path):
+    tables = _tables(path)
+    assert tables, f"{path} has no table"
+    for first_line, rows, header_cells, body_rows in tables:
+        header, delimiter, *body = rows
+        width = len(_cells(header))
+        assert header_cells == width, (path, first_line, "the header did not render as one")
+        assert len(_cells(delimiter)) == width, (path, first_line)
+        assert body_rows == len(body), (path, first_line, "a source row is not a table row")
+        for offset, row in enumerate(body, start=2):
+            where = f"{path}:{first_line + offset}"
+            assert len(_cells(row)) == width, (where, f"{len(_cells(row))} cells under a {width}-cell header")
+            assert not re.fullmatch(r"[\s|:-]+", row), (where, "a second delimiter row: two headers")
+
+
+def test_the_benchmark_table_has_one_header():
+    """The README's encoder table once had two header rows of different widths."""
+    table = next(rows for _, rows, _, _ in _tables("README.md") if rows[0].startswith("| set | patches |"))
+    assert sum(row.startswith("| set |") for row in table) == 1
+    assert len(_cells(table[0])) == 7 and "target (fused)" in table[0]
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("path", DOCS)
+def test_links_resolve(path):
+    text = (ROOT / path).read_text()
+    anchors = {_slug(h) for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    assert links or path != "docs/design.md"
+    for link in links:
+        if link.startswith(("http://", "https://")):
+            continue
+        if link.startswith("#"):
+            assert link[1:] in anchors, (path, link)
+        else:
+            assert ((ROOT / path).parent / link.split("#")[0]).exists(), (path, link)
+
+
+def _design_sections() -> set[str]:
+    headings = re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", (ROOT / "docs/design.md").read_text(), flags=re.M)
+    return set(headings)
+
+
+def test_design_notes_have_numbered_sections():
+    sections = _design_sections()
+    assert {"1", "2", "3", "4", "2.1", "2.2", "2.3", "2.4", "3.2", "3.5", "4.2"} <= sections, sorted(sections)
+
+
+def test_pointers_into_the_design_notes_name_real_sections():
+    sections = _design_sections()
+    pointers = 0
+    for path in USER_VISIBLE:
+        text = " ".join((ROOT / path).read_text().split())
+        for match in re.finditer(r"design\.md\)?,? sections? ([\d.]+)(?: and ([\d.]+))?", text):
+            for number in filter(None, match.groups()):
+                pointers += 1
+                assert number.rstrip(".") in sections, (path, match.group(0))
+    assert pointers >= 10
+
+
+@pytest.mark.parametrize("path", USER_VISIBLE)
+def test_no_pointer_outside_the_repository(path):
+    text = (ROOT / path).read_text()
+    for outside in ("DESIGN.md", "../shared", "/work/"):
+        assert outside not in text, (path, outside)
