@@ -1,11 +1,12 @@
-"""`fused-moonvit bench encoder`: the whole encoder call, fused graph against the two baselines.
+"""`fused-moonvit bench encoder`: the whole encoder call, fused graph against its baselines.
 
-For each image set of docs/design.md section 4.2, in one run on the same random weights and inputs, three
-rows (section 4.1): "reference eager" (`MoonVitReference.forward`), "host-metadata graph" (vLLM 0.33's
-Kimi-VL graph path, `HostMetadataGraph`, with a budget of the set's patches rounded up to 64) and
-"fused graph" (`MoonVitGraphRunner.encode`, whose budgets are exactly those rounded counts). Each
-row times the whole call, host work included: CUDA events around the call on an idle GPU, median of
-`--iters` calls after `--warmup`. Writes DIR/encoder.json and DIR/encoder.png.
+For each image set and padded case of docs/design.md section 4.2, in one run on the same random weights
+and inputs, four rows (section 4.1): "reference eager" (`MoonVitReference.forward`), "host-metadata graph"
+(vLLM's Kimi-VL graph path, `HostMetadataGraph`), "fused graph, FA2 attn" (this encoder with PyTorch's
+FlashAttention-2 in place of the Triton attention) and "fused graph" (`MoonVitGraphRunner.encode`). Every
+graph row replays one graph of the set's budget: its patch count rounded up to 64, or the padded case's
+budget. Each row times the whole call, host work included: CUDA events around the call on an idle GPU,
+median of `--iters` calls after `--warmup`. Writes DIR/encoder.json and DIR/encoder.png.
 
 `--smoke` runs on the CPU with a tiny config and tiny sets, one call per path and wall-clock times,
 so that CI can run the script end to end; its figures mean nothing.
@@ -99,13 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="directory for encoder.json and encoder.png (default: %(default)s)")
     parser.add_argument("--dtype", choices=sorted(DTYPES),
                         help="weights and activations (default: bfloat16; float32 with --smoke)")
+    add_run_arguments(parser, smoke="CPU, tiny config and sets, one call per path: checks the script, "
+                                    "measures nothing")
+    return parser
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, smoke: str) -> None:
+    """The arguments every whole-encoder benchmark takes: model depth, timing, seed, and --smoke."""
     parser.add_argument("--layers", type=positive_int, metavar="N", help="override num_hidden_layers, for quick runs")
     parser.add_argument("--iters", type=positive_int, default=20, help="timed calls per row (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
-    parser.add_argument("--smoke", action="store_true",
-                        help="CPU, tiny config and sets, one call per path: checks the script, measures nothing")
-    return parser
+    parser.add_argument("--smoke", action="store_true", help=smoke)
 
 
 def _image_sets(args, parser) -> dict[str, tuple[list[tuple[int, int]], int]]:

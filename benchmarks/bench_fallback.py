@@ -35,7 +35,8 @@ import time
 
 import torch
 
-from fused_moonvit.benchmarks.bench_encoder import measure
+from fused_moonvit.benchmarks.bench_encoder import add_run_arguments, measure
+from fused_moonvit.moonvit.cli import OneLineParser, output_dir
 from fused_moonvit.moonvit.config import MoonVitConfig
 
 SMOKE_CONFIG = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=48,
@@ -184,9 +185,10 @@ def pixel_copy_rows(encoder, args, timing: dict) -> list[dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fused_moonvit.benchmarks.bench_fallback",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="results", metavar="DIR", help="directory for fallback.json")
+    parser = OneLineParser(prog="python -m fused_moonvit.benchmarks.bench_fallback",
+                           description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=output_dir, default="benchmarks/results", metavar="DIR",
+                        help="directory for fallback.json (default: %(default)s)")
     parser.add_argument("--largest", type=int, default=5120, metavar="TOKENS",
                         help="largest captured budget in output tokens (default: vLLM 0.34's cap, %(default)s)")
     parser.add_argument("--over", type=int, default=64, metavar="TOKENS",
@@ -200,12 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fills", type=int, nargs="+", default=[10, 50, 90], metavar="PERCENT",
                         help="share of the pixel buffer a batch fills (default: %(default)s)")
     parser.add_argument("--copy-reps", type=int, default=50, help="copies per timed call (default %(default)s)")
-    parser.add_argument("--layers", type=int, metavar="N", help="override num_hidden_layers, for quick runs")
-    parser.add_argument("--iters", type=int, default=20, help="timed calls per row (default %(default)s)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
-    parser.add_argument("--smoke", action="store_true",
-                        help="CPU, tiny config and budgets, one call per row: checks the script, measures nothing")
+    add_run_arguments(parser, smoke="CPU, tiny config and budgets, one call per row: checks the script, "
+                                    "measures nothing")
     return parser
 
 
@@ -215,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.largest, args.over, args.next_budget, args.small_budgets = 64, 16, 96, [16, 32]
         args.copy_budgets, args.copy_reps = [64], 1
-    for name in ("largest", "over", "next_budget", "slots", "copy_reps", "iters"):
+    for name in ("largest", "over", "next_budget", "slots", "copy_reps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.over % 4:

@@ -4,6 +4,8 @@ Host, per call:   plan = build_plan(grid_hws, B, S); upload_plan(plan, device_pl
 Device, in graph: expand_plan(device_plan, token_meta)
                   interp_pos_embed(x, pos_table, token_meta, bias)
                   apply_rope_2d(qkv, token_meta, cos_sin, num_heads, head_dim)   (each layer)
+                  varlen_attention_fwd(qkv, cu_seqlens, num_heads, head_dim)     (each layer)
+                  add_layer_norm(x, y, weight, ln_bias, eps, bias)              (twice a layer)
                   merge_patches(x, token_meta, ln_weight, ln_bias)
 Each kernel has a plain-PyTorch `*_reference` twin with the same arguments.
 
@@ -16,6 +18,8 @@ alone does not decide it.
 import importlib
 
 _EXPORTS = {
+    "attention": ["AttentionConfig", "varlen_attention_fwd", "varlen_attention_reference"],
+    "layernorm": ["add_layer_norm", "add_layer_norm_reference"],
     "limits": ["MAX_GRID_SIDE", "check_budget"],
     "patch_merge": ["merge_patches", "merge_patches_reference"],
     "plan": ["META_COL", "META_HEIGHT", "META_IMAGE", "META_MERGE_SRC", "META_MERGE_WIDTH", "META_ROW",

@@ -30,6 +30,19 @@ class LayerNormConfig:
 
 
 @triton.jit
+def normalize_rows(x, w_ptr, b_ptr, c, c_live, eps, C: tl.constexpr):
+    """LayerNorm of each row of the fp32 (rows, BLOCK_C) block x, whose columns past C (c_live False) are
+    zeros: mean and biased variance in fp32, eps inside the square root, then the (C,) weight and bias."""
+    mean = tl.sum(x, axis=1) / C
+    xc = tl.where(c_live[None, :], x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / C
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(w_ptr + c, mask=c_live, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + c, mask=c_live, other=0.0).to(tl.float32)
+    return xc * rstd[:, None] * w[None, :] + b[None, :]
+
+
+@triton.jit
 def _add_layer_norm_kernel(
     x_ptr, y_ptr, bias_ptr, w_ptr, b_ptr, out_ptr, num_rows, eps,
     C: tl.constexpr, HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -48,13 +61,7 @@ def _add_layer_norm_kernel(
         stored = round_to(x, x_ptr.dtype.element_ty)
         tl.store(x_ptr + offs, stored, mask=live)
         x = stored.to(tl.float32)
-    mean = tl.sum(x, axis=1) / C
-    xc = tl.where(c_live[None, :], x - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / C
-    rstd = 1.0 / tl.sqrt(var + eps)
-    w = tl.load(w_ptr + c, mask=c_live, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + c, mask=c_live, other=0.0).to(tl.float32)
-    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    y = normalize_rows(x, w_ptr, b_ptr, c, c_live, eps, C)
     tl.store(out_ptr + offs, round_to(y, out_ptr.dtype.element_ty), mask=live)
 
 

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, check_launchable, check_tensor, next_pow2
 from ._rounding import round_to
+from .layernorm import normalize_rows
 from .plan import META_MERGE_SRC, META_MERGE_WIDTH, META_ROWS
 
 
@@ -45,13 +46,7 @@ def _merge_patches_kernel(
     gather = live & valid[:, None]
     y = tl.load(x_ptr + sub.to(tl.int64)[:, None] * C + c[None, :], mask=gather, other=0.0).to(tl.float32)
     if HAS_NORM:
-        mean = tl.sum(y, axis=1) / C
-        yc = tl.where(c_live[None, :], y - mean[:, None], 0.0)
-        var = tl.sum(yc * yc, axis=1) / C
-        rstd = 1.0 / tl.sqrt(var + eps)
-        w = tl.load(w_ptr + c, mask=c_live, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + c, mask=c_live, other=0.0).to(tl.float32)
-        y = yc * rstd[:, None] * w[None, :] + b[None, :]
+        y = normalize_rows(y, w_ptr, b_ptr, c, c_live, eps, C)
     y = tl.where(valid[:, None], y, 0.0)
     tl.store(out_ptr + r.to(tl.int64)[:, None] * C + c[None, :], round_to(y, out_ptr.dtype.element_ty), mask=live)
 

@@ -41,7 +41,7 @@ def check(out, qkv, cu, heads, head_dim):
     exact = varlen_attention_reference(qkv.float(), cu, heads, head_dim)
     if valid == 0:
         return
-    assert relerr(out[:valid], exact[:valid]) <= (1e-6 if qkv.dtype == torch.float32 else 1e-2)
+    assert relerr(out[:valid], exact[:valid]) <= (1e-5 if qkv.dtype == torch.float32 else 1e-2)
     # Every element: an output row averages its head's v rows, so its error scales with the largest |v|
     # there: P rounded to bf16 before the second product (as FlashAttention does) gives 2^-9 of it; in fp32,
     # exp2 and fp32 sums over thousands of keys stay under 2^-14 of it. Plus the output's own rounding. A wrong
