@@ -66,6 +66,24 @@ def test_head_dim_72():
     assert rel_err(fused(pix, torch.tensor(grids)), ref(pix, torch.tensor(grids))) <= 1e-5
 
 
+def test_eager_forward_passes_the_longest_image_as_max_seqlen(monkeypatch):
+    """The eager forward knows its images: attention gets the longest sequence, not the patch total."""
+    import fused_moonvit.moonvit.fused as fused_module
+
+    seen = []
+    real = fused_module.packed_attention
+
+    def spy(qkv, cu_seqlens, num_heads, head_dim, max_seqlen, choice):
+        seen.append(max_seqlen)
+        return real(qkv, cu_seqlens, num_heads, head_dim, max_seqlen, choice)
+
+    monkeypatch.setattr(fused_module, "packed_attention", spy)
+    ref, fused = fused_pair(seed=13)
+    grids = [(4, 6), (10, 2), (2, 2)]
+    fused(random_pixels(grids, seed=14), torch.tensor(grids))
+    assert seen == [24] * ref.config.num_hidden_layers
+
+
 def test_tower_only():
     ref, fused = fused_pair(seed=5, text_hidden_size=None)
     grids = [(4, 4), (2, 6)]
