@@ -28,11 +28,12 @@ from collections.abc import Callable
 import torch
 
 from fused_moonvit.benchmarks.flops import encoder_flops, encoder_flops_breakdown
+from fused_moonvit.benchmarks.image_sets import budgeted_sets
+from fused_moonvit.benchmarks.image_sets import patches as image_patches
 from fused_moonvit.moonvit.cli import DTYPES, OneLineParser, output_dir, positive_int
 from fused_moonvit.moonvit.config import MoonVitConfig
 
 GEMM_CEILING_TFLOPS = 794.0  # bf16, 8192^3, measured on this project's H200 (docs/design.md section 4.3)
-BUDGET_ROUNDING = 64
 
 ROWS = {
     "reference_eager": "reference eager",
@@ -53,8 +54,6 @@ SMOKE_SETS = {
 }
 SMOKE_PADDED = {"3mix-in-512": (SMOKE_SETS["3mix"], 512)}
 
-def round_budget(patches: int) -> int:
-    return -(-patches // BUDGET_ROUNDING) * BUDGET_ROUNDING
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -122,8 +121,7 @@ def _image_sets(args, parser) -> dict[str, tuple[list[tuple[int, int]], int]]:
         from fused_moonvit.benchmarks.image_sets import IMAGE_SETS, PADDED_SETS
 
         exact, padded = IMAGE_SETS, PADDED_SETS
-    available = {n: (list(g), round_budget(sum(h * w for h, w in g))) for n, g in exact.items()}
-    available.update({n: (list(g), b) for n, (g, b) in padded.items()})
+    available = budgeted_sets(exact, padded)
     if not args.sets:
         return available
     names = [s.strip() for s in args.sets.split(",") if s.strip()]
@@ -255,20 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     max_images = max(len(g) for g, _ in sets.values())
     setup_s = time.perf_counter() - t0
 
-    def fused_runner(budget: int, attention: str | None) -> MoonVitGraphRunner:
-        # One graph of exactly this budget; the attention backend is baked in at capture.
-        fused.attention_backend = attention
-        runner = MoonVitGraphRunner(fused, budgets=[budget], max_images=max_images)
-        if cuda:
-            runner.capture(progress=False)
-        fused.attention_backend = None
-        return runner
-
     results = []
     timing = dict(cuda=cuda, iters=args.iters, warmup=args.warmup)
     with tqdm(total=len(sets) * len(ROWS), desc="encoder benchmark", unit="row", file=sys.stderr) as bar:
         for index, (name, (grids, budget)) in enumerate(sets.items()):
-            patches = sum(h * w for h, w in grids)
+            patches = image_patches(grids)
             gen = torch.Generator().manual_seed(args.seed + 1 + index)
             pixels = (torch.rand(patches, 3, config.patch_size, config.patch_size, generator=gen) * 2 - 1)
             pixels = pixels.to(device=device, dtype=dtype)
@@ -291,12 +280,20 @@ def main(argv: list[str] | None = None) -> int:
 
             for key, attention in (("fused_graph_fa2", "fa2"), ("fused_graph", None)):
                 bar.set_postfix_str(f"{name}: {ROWS[key]}")
-                runner = fused_runner(budget, attention)
-                outputs[key] = torch.cat(runner.encode(pixels, grid))
-                rows[key] = measure(lambda: runner.encode(pixels, grid), **timing)
-                rows[key]["budget"] = budget
-                rows[key]["graph_memory_bytes"] = runner.graph_memory().get(budget)
-                del runner
+                # One graph of exactly this budget. The backend holds for the whole row: a graph bakes it
+                # in at capture, and on the CPU every call runs the forward again.
+                fused.attention_backend = attention
+                try:
+                    runner = MoonVitGraphRunner(fused, budgets=[budget], max_images=max_images)
+                    if cuda:
+                        runner.capture(progress=False)
+                    outputs[key] = torch.cat(runner.encode(pixels, grid))
+                    rows[key] = measure(lambda: runner.encode(pixels, grid), **timing)
+                    rows[key]["budget"] = budget
+                    rows[key]["graph_memory_bytes"] = runner.graph_memory().get(budget)
+                    del runner
+                finally:
+                    fused.attention_backend = None
                 bar.update()
 
             for row in rows.values():
@@ -330,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name,
         "versions": _versions(),
         "date": date,
-        "command": shlex.join(sys.argv),
+        "command": shlex.join(["fused-moonvit", "bench", "encoder", *argv]),
         "bench_args": argv,
         "smoke": args.smoke,
         "dtype": str(dtype).removeprefix("torch."),

@@ -1,4 +1,5 @@
-"""Each fused kernel against the PyTorch way vLLM 0.33 does the same step, in the same run.
+"""Each fused kernel against its baseline (vLLM's PyTorch way, FlashAttention-2, PyTorch, cuBLAS), in the
+same run.
 
     fused-moonvit bench kernels                      (writes benchmarks/results/kernels.json and kernels.png)
     fused-moonvit bench kernels --smoke --out /tmp/kernels_smoke
@@ -8,7 +9,17 @@ Rows, for every image set of docs/design.md section 4.2 (bf16, hidden 1152, 16 h
   rope       ours: apply_rope_2d (one layer)       vLLM: apply_rope on q and k with the per-call freqs_cis
   merge      ours: merge_patches                   vLLM: per-image view/permute (patch_merger), cat, pre_norm
   plan       ours: build_plan on the host (median wall time) and expand_plan on the device
-plus RoPE on single images of 256 and 4096 tokens and the merge on one of 16384 tokens.
+  attention  ours: varlen_attention_fwd, tiles as chosen for the budget
+                                                   FlashAttention-2 varlen (torch), the plan's cu_seqlens,
+                                                   max_seqlen = B
+  add_norm   ours: add_layer_norm (residual + wo's bias, then the norm)
+                                                   PyTorch: x + y, F.layer_norm
+  qkv, wo, fc0_gelu, fc1: the layer's GEMMs as the fused forward calls them (fc0 with bias and tanh GELU in
+             cuBLASLt's epilogue, wo without its bias) against the unfused F.linear (+ F.gelu)
+  patch_gemm_aligned: the patch GEMM on rows padded to 592 against the contiguous K = 588
+plus RoPE on single images of 256 and 4096 tokens and the merge on one of 16384 tokens. Attention, add +
+norm and the GEMMs read what the previous kernel just wrote, so their "_warm_us" is the realistic figure
+(attention also gets the cold one).
 
 Every step is captured in a CUDA graph first, so the times are device time without launch cost (the
 launchers' Python checks and Triton's argument handling add tens of µs per eager call; inside the
@@ -271,18 +282,17 @@ def bench_attention(name, grids, cfg, device, timer, copy_tbps, rand, device_pla
 
 
 def bench_add_norm(name, tokens, cfg, timer, copy_tbps, rand):
-    """Residual add + LayerNorm in one kernel against PyTorch's add then F.layer_norm (both after a
-    projection; ours gets the projection without its bias and adds it)."""
+    """Residual add + LayerNorm in one kernel against PyTorch's residual add then F.layer_norm. The
+    baseline's projection output already holds its bias (the GEMM's epilogue added it); ours gets the
+    projection without its bias and adds it."""
     from fused_moonvit.kernels.layernorm import add_layer_norm
 
     c = cfg["hidden"]
     x, y, bias, weight, ln_bias = rand(tokens, c), rand(tokens, c), rand(c), rand(c), rand(c)
     out = torch.empty_like(x)
+    y_biased = y + bias
     ours = lambda: add_layer_norm(x, y, weight, ln_bias, 1e-5, bias=bias, out=out)  # noqa: E731
-
-    def base():
-        r = x + (y + bias)
-        return F.layer_norm(r, (c,), weight, ln_bias, 1e-5)
+    base = lambda: F.layer_norm(x + y_biased, (c,), weight, ln_bias, 1e-5)  # noqa: E731
 
     x0 = x.clone()
     got = ours()
@@ -304,7 +314,10 @@ def bench_gemms(name, tokens, cfg, timer, copy_tbps, rand):
         w, b = rand(n, inp.shape[1]) / inp.shape[1] ** 0.5, rand(n)
         flops = 2 * tokens * inp.shape[1] * n
         if gemm == "fc0_gelu":
-            ours = lambda: torch._addmm_activation(b, inp, w.t(), use_gelu=True) if timer.cuda else                 F.gelu(F.linear(inp, w, b), approximate="tanh")  # noqa: E731
+            if timer.cuda:
+                ours = lambda: torch._addmm_activation(b, inp, w.t(), use_gelu=True)  # noqa: E731
+            else:  # the CPU's use_gelu is the erf GELU: the smoke run checks the script, not the epilogue
+                ours = lambda: F.gelu(F.linear(inp, w, b), approximate="tanh")  # noqa: E731
             base = lambda: F.gelu(F.linear(inp, w, b), approximate="tanh")  # noqa: E731
             exact = F.gelu(F.linear(inp.double(), w.double(), b.double()), approximate="tanh")
             err = relerr(ours(), exact)
@@ -437,7 +450,7 @@ def main(argv=None) -> int:
         else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter",
         torch=torch.__version__, triton=triton.__version__,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command=" ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        command=shlex.join(["fused-moonvit", "bench", "kernels", *(sys.argv[1:] if argv is None else argv)]),
         smoke=args.smoke, dtype=str(cfg["dtype"]), hidden=cfg["hidden"], heads=cfg["heads"], head_dim=cfg["head_dim"],
         copy_ceiling_tbps=args.copy_tbps, copy_measured_tbps=copy_measured,
         timing="CUDA-graph replays: _us do_bench median, L2 zeroed before each call; _warm_us ten calls back to back"

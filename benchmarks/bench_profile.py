@@ -2,7 +2,8 @@
 
 For each image set: the whole `MoonVitGraphRunner.encode` call and a bare graph replay, timed with CUDA
 events (median), then the device time of every kernel of the same forward from `torch.profiler`, summed
-by category (GEMMs, attention, the three fused kernels, LayerNorm, GELU, other elementwise). The
+by category (GEMMs, attention, the add + LayerNorm kernel, the position-embedding, RoPE, merge and plan
+kernels, PyTorch's LayerNorm and GELU where they remain, other elementwise), with the launch count. The
 profiler traces the eager forward, whose kernels are the graph's; replay minus the kernels' sum is
 time the GPU spends between kernels inside the graph. Writes DIR/profile.json and prints a table.
 """
@@ -19,8 +20,8 @@ from collections import defaultdict
 
 import torch
 
-from fused_moonvit.benchmarks.bench_encoder import _versions, round_budget
-from fused_moonvit.benchmarks.image_sets import IMAGE_SETS, PADDED_EXACT, PADDED_SETS
+from fused_moonvit.benchmarks.bench_encoder import _versions
+from fused_moonvit.benchmarks.image_sets import IMAGE_SETS, PADDED_EXACT, PADDED_SETS, budgeted_sets
 from fused_moonvit.moonvit.cli import OneLineParser, output_dir, positive_int
 
 # First match wins; kernel names are lower-cased.
@@ -89,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("profiling needs a CUDA device")
-    available = {n: (g, round_budget(sum(h * w for h, w in g))) for n, g in IMAGE_SETS.items()}
-    available.update(PADDED_SETS)
+    available = budgeted_sets(IMAGE_SETS, PADDED_SETS)
     names = args.sets.split(",")
     unknown = [n for n in names if n not in available]
     if unknown:
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "profile", "device": torch.cuda.get_device_name(), "versions": _versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(sys.argv), "config": "MoonVitConfig() (Kimi-VL-A3B), random bf16 weights",
+        "command": shlex.join(["fused-moonvit", "bench", "profile", *(sys.argv[1:] if argv is None else argv)]), "config": "MoonVitConfig() (Kimi-VL-A3B), random bf16 weights",
         "sets": results,
     }
     os.makedirs(args.out, exist_ok=True)

@@ -22,5 +22,19 @@ PADDED_SETS: dict[str, tuple[list[tuple[int, int]], int]] = {
 PADDED_EXACT = {"1x896-in-8192": "1x896", "1x448-in-2048": "1x448", "mix8-in-11264": "mix8", "mix8-in-16384": "mix8"}
 
 
+BUDGET_ROUNDING = 64  # an exact set's graph budget: its patch count rounded up to this
+
+
 def patches(grids: list[tuple[int, int]]) -> int:
     return sum(h * w for h, w in grids)
+
+
+def round_budget(n: int) -> int:
+    return -(-n // BUDGET_ROUNDING) * BUDGET_ROUNDING
+
+
+def budgeted_sets(exact: dict, padded: dict) -> dict[str, tuple[list[tuple[int, int]], int]]:
+    """name -> (grids, budget): the exact sets at their patch count rounded up, then the padded cases."""
+    sets = {n: (list(g), round_budget(patches(g))) for n, g in exact.items()}
+    sets.update({n: (list(g), b) for n, (g, b) in padded.items()})
+    return sets

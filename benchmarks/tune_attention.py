@@ -7,13 +7,12 @@ docs/design.md section 4.2), every candidate configuration and FlashAttention-2 
 it: the plan's cu_seqlens with its padding sequence, max_seqlen = B) run on the same random bf16 qkv,
 16 heads of 72, inside a CUDA graph of 5 back-to-back calls (the inputs stay where the QKV GEMM left
 them, as in the encoder), median of do_bench. Each configuration's output is checked against an fp32
-reference. Writes DIR/attention_tuning.json: per case the times, the fastest configuration, and the
-per-budget table `moonvit/attention.py` is written from. CUDA only.
+reference. Writes DIR/attention_tuning.json: per case every configuration's time and error and the
+fastest one, from which the per-budget table in `moonvit/attention.py` is written by hand. CUDA only.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -21,20 +20,24 @@ import sys
 
 import torch
 
+from fused_moonvit.benchmarks.image_sets import IMAGE_SETS, patches
+from fused_moonvit.moonvit.cli import OneLineParser, output_dir
+
+MIX8 = IMAGE_SETS["mix8"]
 CASES = {
     # name: (budget in patches, grids)
-    "1x256": (256, [(16, 16)]),
-    "1x256-in-1024": (1024, [(16, 16)]),
-    "1x1024": (1024, [(32, 32)]),
-    "1x1024-in-2048": (2048, [(32, 32)]),
-    "4x1024": (4096, [(32, 32)] * 4),
-    "1x4096-in-4096": (4096, [(64, 64)]),
-    "2x4096": (8192, [(64, 64)] * 2),
-    "1x4096-in-8192": (8192, [(64, 64)]),
-    "mix8": (10368, [(16, 16), (32, 32), (24, 40), (40, 24), (32, 48), (16, 32), (64, 64), (28, 36)]),
-    "mix8-in-11264": (11264, [(16, 16), (32, 32), (24, 40), (40, 24), (32, 48), (16, 32), (64, 64), (28, 36)]),
-    "mix8-in-16384": (16384, [(16, 16), (32, 32), (24, 40), (40, 24), (32, 48), (16, 32), (64, 64), (28, 36)]),
-    "16x1024": (16384, [(32, 32)] * 16),
+    "1x256": (256, IMAGE_SETS["1x224"]),
+    "1x256-in-1024": (1024, IMAGE_SETS["1x224"]),
+    "1x1024": (1024, IMAGE_SETS["1x448"]),
+    "1x1024-in-2048": (2048, IMAGE_SETS["1x448"]),
+    "4x1024": (4096, IMAGE_SETS["4x448"]),
+    "1x4096-in-4096": (4096, IMAGE_SETS["1x896"]),
+    "2x4096": (8192, IMAGE_SETS["2x896"]),
+    "1x4096-in-8192": (8192, IMAGE_SETS["1x896"]),
+    "mix8": (10368, MIX8),
+    "mix8-in-11264": (11264, MIX8),
+    "mix8-in-16384": (16384, MIX8),
+    "16x1024": (16384, IMAGE_SETS["16x448"]),
 }
 
 # (block_m, block_n, num_warps, num_stages)
@@ -57,9 +60,10 @@ def graph_time_us(fn) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fused_moonvit.benchmarks.tune_attention",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="benchmarks/results", help="output directory (default: %(default)s)")
+    parser = OneLineParser(prog="python -m fused_moonvit.benchmarks.tune_attention",
+                           description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=output_dir, default="benchmarks/results",
+                        help="output directory (default: %(default)s)")
     parser.add_argument("--cases", help=f"comma-separated subset of {', '.join(CASES)}")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -84,7 +88,7 @@ def main(argv=None) -> int:
         # The images alone, without slots or padding: FlashAttention-2 at its best, and the reference.
         tight_cu = cu.new_tensor([0] + [sum(h * w for h, w in grids[: i + 1]) for i in range(len(grids))])
         qkv = torch.randn(budget, 3 * heads * hd, generator=gen).to("cuda", torch.bfloat16)
-        valid = sum(h * w for h, w in grids)
+        valid = patches(grids)
         exact = varlen_attention_reference(qkv[:valid].float(), tight_cu, heads, hd, pad_last=False)
         flops = sum(4 * (h * w) ** 2 * heads * hd for h, w in grids)
         q, k, v = qkv.view(budget, 3, heads, hd).unbind(1)
@@ -110,6 +114,10 @@ def main(argv=None) -> int:
             row["configs"][key] = {"us": us, "tflops": flops / us / 1e6, "rel_err": err, "padding_zero": pad_ok,
                                    "speedup_vs_fa2": fa2 / us}
         ok = {k: c for k, c in row["configs"].items() if "us" in c and c["rel_err"] < 1e-2 and c["padding_zero"]}
+        if not ok:
+            print(f"error: {name}: no configuration compiled and matched the reference: {row['configs']}",
+                  file=sys.stderr)
+            return 1
         best = min(ok, key=lambda k: ok[k]["us"])
         row["best"] = best
         row["best_us"] = ok[best]["us"]
@@ -125,7 +133,8 @@ def main(argv=None) -> int:
     path = os.path.join(args.out, "attention_tuning.json")
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join([sys.executable, "-m", "fused_moonvit.benchmarks.tune_attention", *(argv or sys.argv[1:])]),
+              "command": " ".join(["python", "-m", "fused_moonvit.benchmarks.tune_attention",
+                                   *(sys.argv[1:] if argv is None else argv)]),
               "heads": heads, "head_dim": hd, "slots": SLOTS, "calls_per_graph": CALLS, "cases": results}
     with open(path, "w") as f:
         json.dump(report, f, indent=1)

@@ -13,8 +13,9 @@ How the work is laid out, and why:
 - Programs map to real (sequence, query block) tiles. A program finds its tile from cu_seqlens alone
   (a prefix sum of the sequences' block counts, S + 1 values), so no per-budget table or host sync is
   needed and the grid depends on the budget only. The grid is cdiv(B, BLOCK_M) + a few programs per
-  head, and a program loops over tiles with that stride, so the partial last block of each sequence
-  never needs a CTA that would exit at once on a plan with few sequences.
+  head, whatever the slot count S, and a program loops over tiles with that stride: the partial last
+  blocks of many sequences are taken by the same programs instead of S more per head. (The FA2 launch
+  this replaces had cdiv(B, 128) x (S + 1) programs per head.)
 - The padding sequence is not attended: its rows are written as zeros, which keeps them finite and
   costs one store.
 - Softmax runs online in fp32 with exp2 (scale folded with log2 e); P is rounded to the input dtype for
@@ -35,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_launchable, check_tensor, next_pow2
+from .limits import check_int
 from ._rounding import _INTERPRETED, round_to
 
 LOG2E = 1.4426950408889634
@@ -50,6 +52,15 @@ class AttentionConfig:
     num_stages: int = 2
     # Programs beyond cdiv(B, BLOCK_M) per head: they take the partial last blocks of the sequences.
     extra_programs: int = 4
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            value = check_int(f"AttentionConfig.{name}", getattr(self, name), 16)
+            if value & (value - 1):
+                raise ValueError(f"AttentionConfig.{name} must be a power of two >= 16 (tl.dot), got {value}")
+        check_int("AttentionConfig.num_warps", self.num_warps, 1)
+        check_int("AttentionConfig.num_stages", self.num_stages, 1)
+        check_int("AttentionConfig.extra_programs", self.extra_programs, 0)
 
 
 @triton.jit
@@ -199,10 +210,10 @@ def _varlen_attention_kernel(
 
 
 def _check(qkv, cu_seqlens, num_heads, head_dim, out):
-    if num_heads <= 0 or head_dim <= 0 or head_dim % 8:
+    num_heads, head_dim = check_int("num_heads", num_heads, 1), check_int("head_dim", head_dim, 1)
+    if head_dim % 8:
         # 8 elements are 16 bytes: every head then starts on a 16-byte boundary for wide loads.
-        raise ValueError(f"num_heads must be positive and head_dim a positive multiple of 8, got "
-                         f"num_heads={num_heads}, head_dim={head_dim}")
+        raise ValueError(f"head_dim must be a multiple of 8, got {head_dim}")
     check_tensor("qkv", qkv, dtypes=(torch.float32, torch.bfloat16, torch.float16),
                  shape=(None, 3 * num_heads * head_dim))
     check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32,), shape=(None,), device=qkv.device)

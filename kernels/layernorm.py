@@ -21,12 +21,19 @@ import triton.language as tl
 
 from ._checks import FLOAT_DTYPES, check_launchable, check_tensor, next_pow2
 from ._rounding import round_to
+from .limits import check_int
 
 
 @dataclass(frozen=True)
 class LayerNormConfig:
     rows_per_program: int = 1
     num_warps: int = 4
+
+    def __post_init__(self):
+        rows = check_int("LayerNormConfig.rows_per_program", self.rows_per_program, 1)
+        if rows & (rows - 1):
+            raise ValueError(f"LayerNormConfig.rows_per_program must be a power of two, got {rows}")
+        check_int("LayerNormConfig.num_warps", self.num_warps, 1)
 
 
 @triton.jit

@@ -8,8 +8,8 @@ Two backends compute the same thing:
 - "fa2": PyTorch's FlashAttention-2 varlen kernel (`torch.nn.attention.varlen.varlen_attn`) on CUDA, with
   `max_seqlen` from the caller (the budget, inside a graph); one SDPA call per sequence on a CPU.
 
-`choose_attention(budget, device)` picks one per budget from the table below, measured on an H200;
-`FUSED_MOONVIT_ATTENTION=triton|fa2` (or the `backend` argument) forces either.
+`choose_attention(budget, device)` picks the Triton kernel, with tile sizes per budget from the table below
+(measured on an H200), unless `FUSED_MOONVIT_ATTENTION=triton|fa2` or the `backend` argument forces one.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ class AttentionChoice:
 
 # (largest budget in patches, block_m, block_n, num_warps, num_stages), first row that holds the budget
 # wins; measured on the H200 by `python -m fused_moonvit.benchmarks.tune_attention`
-# (benchmarks/results/attention_tuning.json). Budgets above the last row use the last row.
+# (benchmarks/results/attention_tuning.json for the small budgets, attention_tuning_extra.log for 3 stages
+# at 128 x 64 on the large ones). Budgets above the last row use the last row.
 _TRITON_TILES: list[tuple[int, int, int, int, int]] = [
     (2048, 64, 64, 4, 3),
     (16384, 128, 64, 4, 3),
@@ -88,7 +89,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return sdpa_per_sequence(q, k, v, cu_seqlens.tolist())
 
 
-def _forced_backend(backend: str | None) -> str | None:
+def forced_attention_backend(backend: str | None) -> str | None:
+    """The backend `backend` or $FUSED_MOONVIT_ATTENTION forces, None if neither does; a clear error for any
+    other value."""
     forced = backend if backend is not None else (os.environ.get(ATTENTION_ENV) or None)
     if forced is not None and forced not in BACKENDS:
         source = "backend" if backend is not None else ATTENTION_ENV
@@ -101,7 +104,7 @@ def choose_attention(budget: int, device: torch.device | str, backend: str | Non
     `backend` or $FUSED_MOONVIT_ATTENTION, else the measured choice. Decided on the host, before capture."""
     from fused_moonvit.kernels.attention import AttentionConfig
 
-    forced = _forced_backend(backend)
+    forced = forced_attention_backend(backend)
     if forced == "fa2":
         return AttentionChoice("fa2")
     if torch.device(device).type != "cuda":

@@ -177,7 +177,8 @@ def _load_encoder(args: argparse.Namespace, cls, device: torch.device, dtype: to
     if device.type == "cuda":
         from .fused import MoonVitGraphRunner
 
-        return MoonVitGraphRunner(model).encode, "fused CUDA-graph encoder"
+        # One command, then exit: each budget is captured when an image first needs it, on purpose.
+        return MoonVitGraphRunner(model, warn_on_lazy_capture=False).encode, "fused CUDA-graph encoder"
     return (lambda pixels, grids: [model(pixels, grids)]), "eager reference"
 
 

@@ -4,8 +4,9 @@ which captures it as one CUDA graph per token budget.
 The forward works on a budget of B patch rows. A small int32 plan (one row per image slot plus cu_seqlens,
 built on the host in O(images)) is uploaded once; everything after that is device work of fixed shape:
 the plan is expanded into per-token metadata, and the Triton kernels read it to add the interpolated
-position embedding, rotate q and k, and gather the 2x2 merge. Rows past the last image form one trailing
-padding sequence whose outputs are finite and discarded.
+position embedding, rotate q and k, attend within each image, and gather the 2x2 merge; residual adds and
+LayerNorms run as one kernel. Rows past the last image form one trailing padding sequence whose outputs
+are finite and discarded.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from fused_moonvit.kernels.plan import (build_plan, expand_plan, new_device_plan
 from fused_moonvit.kernels.pos_embed import interp_pos_embed
 from fused_moonvit.kernels.rope2d import apply_rope_2d, rope_cos_sin_table
 
-from .attention import check_attention_dtype, choose_attention, packed_attention
+from .attention import check_attention_dtype, choose_attention, forced_attention_backend, packed_attention
 from .config import MoonVitConfig
 from .inputs import check_inputs, patch_offsets
 from .modules import MoonVitModules, rope_frequencies
@@ -37,9 +38,10 @@ class FusedMoonVit(MoonVitModules):
     def __init__(self, config: MoonVitConfig | None = None, attention_backend: str | None = None):
         super().__init__(config)
         self._rope_tables: dict[torch.device, torch.Tensor] = {}
-        # None: the measured choice per budget (or $FUSED_MOONVIT_ATTENTION); "triton" or "fa2" forces one.
+        # None: the Triton kernel with tiles measured per budget, unless $FUSED_MOONVIT_ATTENTION says
+        # otherwise; "triton" or "fa2" forces one. Checked here, not first at a forward inside a capture.
+        forced_attention_backend(attention_backend)
         self.attention_backend = attention_backend
-        self.gelu_epilogue = True
 
     @classmethod
     def from_pretrained(cls, model_dir, *, dtype: torch.dtype = torch.bfloat16, device="cuda", **kwargs):
@@ -126,7 +128,7 @@ class FusedMoonVit(MoonVitModules):
     def _fc0_gelu(self, h: torch.Tensor, fc0: torch.nn.Linear) -> torch.Tensor:
         """gelu_tanh(fc0(h)). On CUDA, bias and GELU run in cuBLASLt's epilogue (its GELU is the tanh
         approximation; the GPU tests hold it to that), so the activation is rounded once and not re-read."""
-        if h.is_cuda and self.gelu_epilogue:
+        if h.is_cuda:
             return torch._addmm_activation(fc0.bias, h, fc0.weight.t(), use_gelu=True)
         return F.gelu(F.linear(h, fc0.weight, fc0.bias), approximate="tanh")
 
@@ -185,8 +187,10 @@ class MoonVitGraphRunner:
     the device in the middle of a call (a warning says so).
     """
 
-    def __init__(self, model: FusedMoonVit, budgets: Sequence[int] | None = None, max_images: int = 64):
+    def __init__(self, model: FusedMoonVit, budgets: Sequence[int] | None = None, max_images: int = 64,
+                 warn_on_lazy_capture: bool = True):
         self.model = model.eval()
+        forced_attention_backend(model.attention_backend)  # a bad $FUSED_MOONVIT_ATTENTION fails here
         budgets = default_budgets() if budgets is None else list(budgets)
         if not budgets:
             raise ValueError("budgets must name at least one patch budget")
@@ -205,7 +209,8 @@ class MoonVitGraphRunner:
         self._pool = None
         self._lock = threading.Lock()
         self._buffers_released: torch.cuda.Event | None = None
-        self._warned_lazy_capture = False
+        # A server should capture up front; a one-shot command (the CLI) captures on first use on purpose.
+        self._warned_lazy_capture = not warn_on_lazy_capture
 
     @property
     def uses_graphs(self) -> bool:

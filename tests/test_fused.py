@@ -84,6 +84,57 @@ def test_eager_forward_passes_the_longest_image_as_max_seqlen(monkeypatch):
     assert seen == [24] * ref.config.num_hidden_layers
 
 
+def test_flash_attention_backend_on_the_cpu(monkeypatch):
+    """"fa2" forced by the argument or the environment runs the other backend (per-sequence SDPA on a CPU)
+    and gives the same result; an unknown name fails at construction, before any forward or capture."""
+    from fused_moonvit.moonvit.attention import ATTENTION_ENV, choose_attention
+
+    ref, fused = fused_pair(seed=15)
+    grids = [(4, 6), (10, 2)]
+    pix = random_pixels(grids, seed=16)
+    want = ref(pix, torch.tensor(grids))
+    for backend, env in (("fa2", None), (None, "fa2")):
+        if env:
+            monkeypatch.setenv(ATTENTION_ENV, env)
+        model = FusedMoonVit(ref.config, attention_backend=backend)
+        model.load_state_dict(ref.state_dict())
+        assert choose_attention(64, "cpu", model.attention_backend).backend == "fa2"
+        assert rel_err(model.eval()(pix, torch.tensor(grids)), want) <= 1e-5
+    monkeypatch.setenv(ATTENTION_ENV, "fa3")
+    with pytest.raises(ValueError, match="FUSED_MOONVIT_ATTENTION must be one of triton, fa2, got 'fa3'"):
+        FusedMoonVit(ref.config)
+    with pytest.raises(ValueError, match="FUSED_MOONVIT_ATTENTION must be one of triton, fa2, got 'fa3'"):
+        MoonVitGraphRunner(fused, budgets=[64])
+    monkeypatch.delenv(ATTENTION_ENV)
+    with pytest.raises(ValueError, match="backend must be one of triton, fa2, got 'flash'"):
+        FusedMoonVit(ref.config, attention_backend="flash")
+
+
+def test_attention_tiles_per_budget():
+    """The measured table: small tiles up to 2048 patches (they fill the GPU with small images), larger ones
+    above; the Triton kernel unless forced."""
+    from fused_moonvit.moonvit.attention import choose_attention
+
+    small, large = choose_attention(2048, "cuda"), choose_attention(2052, "cuda")
+    assert small.backend == large.backend == "triton"
+    assert (small.config.block_m, small.config.block_n) == (64, 64)
+    assert (large.config.block_m, large.config.block_n) == (128, 64)
+    assert choose_attention(10**6, "cuda").config == large.config
+    assert choose_attention(2048, "cuda", "fa2").config is None
+
+
+def test_importing_the_reference_leaves_triton_alone():
+    """The reference path (and the limits it checks) must not import Triton: a CPU user may set
+    TRITON_INTERPRET only later, and Triton decides when a kernel module is first imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fused_moonvit.moonvit as m, fused_moonvit.kernels as k; m.MoonVitReference; "
+            "k.MAX_GRID_SIDE; print('triton' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
 def test_tower_only():
     ref, fused = fused_pair(seed=5, text_hidden_size=None)
     grids = [(4, 4), (2, 6)]

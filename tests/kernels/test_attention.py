@@ -111,12 +111,43 @@ def test_nan_in_a_sequence_stays_in_it(device):
     assert torch.isfinite(out[:6]).all() and out[16:].eq(0).all()
 
 
+def test_inf_in_a_sequence_stays_in_it(device):
+    """An infinite query or key makes its sequence's rows non-finite where exact attention does, and leaves
+    the other sequences alone."""
+    heads, head_dim = 1, 72
+    qkv, cu = packed([6, 10, 4], heads, head_dim, torch.float32, device, generator("inf"))
+    qkv[2, 5] = float("inf")  # a query of the first sequence
+    qkv[9, heads * head_dim + 1] = -float("inf")  # a key of the second
+    out = run(qkv, cu, heads, head_dim)
+    exact = varlen_attention_reference(qkv, cu, heads, head_dim)
+    assert torch.equal(torch.isfinite(out), torch.isfinite(exact))
+    assert not torch.isfinite(out[2]).all() and not torch.isfinite(out[6:16]).all()
+    assert torch.isfinite(out[16:]).all()
+
+
+def test_without_a_padding_sequence(device):
+    """pad_last=False: the last sequence is an image like the others, attended, not zeroed."""
+    heads, head_dim = 2, 72
+    qkv, cu = packed([7, 12], heads, head_dim, torch.float32, device, generator("no padding"))
+    qkv = torch.randn_like(qkv)  # no NaN rows: every row is real here
+    out = varlen_attention_fwd(qkv, cu, heads, head_dim, pad_last=False)
+    exact = varlen_attention_reference(qkv, cu, heads, head_dim, pad_last=False)
+    assert out[7:].abs().amax() > 0
+    assert_elementwise_close(out, exact)
+
+
 def test_launcher_rejects_bad_arguments(device):
     qkv, cu = packed([4, 4], 2, 8, torch.float32, device, generator("bad"))
     with pytest.raises(ValueError, match=r"qkv must have shape \(\*, 48\), got \(8, 40\)"):
         varlen_attention_fwd(qkv[:, :40].contiguous(), cu, 2, 8)
-    with pytest.raises(ValueError, match="head_dim a positive multiple of 8, got num_heads=2, head_dim=12"):
+    with pytest.raises(ValueError, match="head_dim must be a multiple of 8, got 12"):
         varlen_attention_fwd(qkv, cu, 2, 12)
+    with pytest.raises(TypeError, match="head_dim must be an int, got float 8.0"):
+        varlen_attention_fwd(qkv, cu, 2, 8.0)
+    with pytest.raises(ValueError, match="AttentionConfig.block_m must be a power of two >= 16 .tl.dot., got 48"):
+        AttentionConfig(block_m=48)
+    with pytest.raises(ValueError, match="AttentionConfig.block_n must be >= 16, got 8"):
+        AttentionConfig(block_n=8)
     with pytest.raises(TypeError, match="cu_seqlens must have dtype"):
         varlen_attention_fwd(qkv, cu.long(), 2, 8)
     with pytest.raises(ValueError, match="cu_seqlens must have at least 2 entries"):
