@@ -6,8 +6,8 @@ can replay any batch that fits. `upload_plan` copies it into a preallocated devi
 non-blocking H2D copy.
 
 Device side, inside the graph: `expand_plan` (one small Triton kernel, no host sync, no data-dependent
-shape) expands the table into per-token metadata that the three fused kernels read directly, so none of
-them searches `cu_seqlens` itself.
+shape) expands the table into per-token metadata that the position-embedding, RoPE and merge kernels
+read directly, so none of them searches `cu_seqlens` itself.
 
 Plan layout (flat int32, `plan_numel(S) = 5 * S + 2` entries):
 
