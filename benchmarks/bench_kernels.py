@@ -245,7 +245,7 @@ def bench_set(name, grids, cfg, device, timer, copy_tbps, gen, kernels):
         rows.append(row("merge", name, tokens, timer, ours, base, 2 * tokens * c * es, err, copy_tbps))
 
     if "attention" in kernels:
-        rows.append(bench_attention(name, grids, cfg, device, timer, copy_tbps, rand, device_plan))
+        rows.append(bench_attention(name, grids, tokens, cfg, device, timer, copy_tbps, rand, device_plan))
     if "add_norm" in kernels:
         rows.append(bench_add_norm(name, tokens, cfg, timer, copy_tbps, rand))
     if "gemm" in kernels:
@@ -253,15 +253,15 @@ def bench_set(name, grids, cfg, device, timer, copy_tbps, gen, kernels):
     return rows
 
 
-def bench_attention(name, grids, cfg, device, timer, copy_tbps, rand, device_plan):
+def bench_attention(name, grids, tokens, cfg, device, timer, copy_tbps, rand, device_plan):
     """Ours (the tiles `choose_attention` picks for this budget) against FlashAttention-2 varlen as the
     encoder called it before (the plan's cu_seqlens, padding sequence included, max_seqlen = B)."""
+    from fused_moonvit.benchmarks.flops import attention_flops
     from fused_moonvit.kernels import plan_cu_seqlens
     from fused_moonvit.kernels.attention import varlen_attention_fwd, varlen_attention_reference
     from fused_moonvit.moonvit.attention import choose_attention, varlen_attention
 
     heads, hd = cfg["heads"], cfg["head_dim"]
-    tokens = sum(h * w for h, w in grids)
     qkv = rand(tokens, 3 * heads * hd)
     cu = plan_cu_seqlens(device_plan)
     choice = choose_attention(tokens, device, "triton")
@@ -271,7 +271,7 @@ def bench_attention(name, grids, cfg, device, timer, copy_tbps, rand, device_pla
     base = (lambda: varlen_attention(q, k, v, cu, tokens)) if timer.cuda else None  # noqa: E731
     exact = varlen_attention_reference(qkv.float(), cu, heads, hd)
     err = relerr(ours(), exact)
-    flops = sum(4 * (h * w) ** 2 * heads * hd for h, w in grids)
+    flops = attention_flops(grids, heads * hd)
     r = row("attention", name, tokens, timer, ours, base, 4 * tokens * heads * hd * qkv.element_size(), err,
             copy_tbps, baseline_name="FlashAttention-2 varlen (torch)", flops=flops)
     r["rel_err_vs_fp32"] = err
@@ -319,12 +319,13 @@ def bench_gemms(name, tokens, cfg, timer, copy_tbps, rand):
             else:  # the CPU's use_gelu is the erf GELU: the smoke run checks the script, not the epilogue
                 ours = lambda: F.gelu(F.linear(inp, w, b), approximate="tanh")  # noqa: E731
             base = lambda: F.gelu(F.linear(inp, w, b), approximate="tanh")  # noqa: E731
-            exact = F.gelu(F.linear(inp.double(), w.double(), b.double()), approximate="tanh")
+            pre = F.linear(inp.double(), w.double(), b.double())
+            exact = F.gelu(pre, approximate="tanh")
             err = relerr(ours(), exact)
             r = row(gemm, name, tokens, timer, ours, base, (inp.numel() + w.numel() + tokens * n) * inp.element_size(),
                     err, copy_tbps, baseline_name="F.linear + F.gelu(tanh)", flops=flops, warm_only=True)
             r["baseline_rel_err_vs_fp64"] = relerr(base(), exact)
-            r["rel_err_vs_erf_gelu"] = relerr(ours(), F.gelu(F.linear(inp.double(), w.double(), b.double())))
+            r["rel_err_vs_erf_gelu"] = relerr(ours(), F.gelu(pre))
         else:
             # wo runs without its bias (the add + norm kernel adds it); qkv and fc1 as PyTorch runs them.
             ours = (lambda: F.linear(inp, w)) if gemm == "wo" else (lambda: F.linear(inp, w, b))  # noqa: E731

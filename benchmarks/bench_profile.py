@@ -22,6 +22,7 @@ import torch
 
 from fused_moonvit.benchmarks.bench_encoder import _versions
 from fused_moonvit.benchmarks.image_sets import IMAGE_SETS, PADDED_EXACT, PADDED_SETS, budgeted_sets
+from fused_moonvit.benchmarks.image_sets import patches as image_patches
 from fused_moonvit.moonvit.cli import OneLineParser, output_dir, positive_int
 
 # First match wins; kernel names are lower-cased.
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         grids, budget = available[name]
         runner = MoonVitGraphRunner(model, budgets=[budget], max_images=16)
         runner.capture(progress=False)
-        patches = sum(h * w for h, w in grids)
+        patches = image_patches(grids)
         gen = torch.Generator().manual_seed(index)
         pixels = (torch.rand(patches, 3, 14, 14, generator=gen) * 2 - 1).to("cuda", torch.bfloat16)
         grid = torch.tensor(grids)

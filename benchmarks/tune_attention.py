@@ -20,7 +20,9 @@ import sys
 
 import torch
 
+from fused_moonvit.benchmarks.flops import attention_flops
 from fused_moonvit.benchmarks.image_sets import IMAGE_SETS, patches
+from fused_moonvit.moonvit.inputs import patch_offsets
 from fused_moonvit.moonvit.cli import OneLineParser, output_dir
 
 MIX8 = IMAGE_SETS["mix8"]
@@ -86,11 +88,11 @@ def main(argv=None) -> int:
         budget, grids = CASES[name]
         cu = plan_cu_seqlens(upload_plan(build_plan(grids, budget, SLOTS), new_device_plan(SLOTS, "cuda")))
         # The images alone, without slots or padding: FlashAttention-2 at its best, and the reference.
-        tight_cu = cu.new_tensor([0] + [sum(h * w for h, w in grids[: i + 1]) for i in range(len(grids))])
+        tight_cu = cu.new_tensor(patch_offsets(grids))
         qkv = torch.randn(budget, 3 * heads * hd, generator=gen).to("cuda", torch.bfloat16)
         valid = patches(grids)
         exact = varlen_attention_reference(qkv[:valid].float(), tight_cu, heads, hd, pad_last=False)
-        flops = sum(4 * (h * w) ** 2 * heads * hd for h, w in grids)
+        flops = attention_flops(grids, heads * hd)
         q, k, v = qkv.view(budget, 3, heads, hd).unbind(1)
         fa2 = graph_time_us(lambda: varlen_attn(q, k, v, cu, cu, budget, budget))
         longest = max(h * w for h, w in grids)
