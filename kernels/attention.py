@@ -37,7 +37,7 @@ import triton.language as tl
 
 from ._checks import check_launchable, check_tensor, next_pow2
 from .limits import check_int
-from ._rounding import _INTERPRETED, round_to
+from ._rounding import dot, round_to
 
 LOG2E = 1.4426950408889634
 
@@ -61,18 +61,6 @@ class AttentionConfig:
         check_int("AttentionConfig.num_warps", self.num_warps, 1)
         check_int("AttentionConfig.num_stages", self.num_stages, 1)
         check_int("AttentionConfig.extra_programs", self.extra_programs, 0)
-
-
-@triton.jit
-def _dot(a, b, acc):
-    # The interpreter cannot multiply bf16 (numpy has no such type); there, and only there, products run
-    # in fp32. On the GPU the operands stay in the input dtype for the matrix units, and fp32 inputs are
-    # multiplied in fp32 (not tf32, Triton's default for them).
-    if _INTERPRETED:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    if a.dtype == tl.float32:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -124,9 +112,9 @@ def _attend_block(q_main, q_tail, m_i, l_i, acc_main, acc_tail, k_base, v_base, 
     col_live = cols < end
     offs = cols.to(tl.int64)[:, None] * QKV_STRIDE
     k_main, k_tail = _load_head(k_base + offs, col_live, d_main, d_tail, D, MAIN_MASKED, HAS_TAIL, KEYS_MASKED)
-    qk = _dot(q_main, tl.trans(k_main), tl.zeros((BLOCK_M, BLOCK_N), tl.float32))
+    qk = dot(q_main, tl.trans(k_main), tl.zeros((BLOCK_M, BLOCK_N), tl.float32))
     if HAS_TAIL:
-        qk = _dot(q_tail, tl.trans(k_tail), qk)
+        qk = dot(q_tail, tl.trans(k_tail), qk)
     if KEYS_MASKED:
         qk = tl.where(col_live[None, :], qk, -float("inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -135,9 +123,9 @@ def _attend_block(q_main, q_tail, m_i, l_i, acc_main, acc_tail, k_base, v_base, 
     l_i = l_i * alpha + tl.sum(p, 1)
     v_main, v_tail = _load_head(v_base + offs, col_live, d_main, d_tail, D, MAIN_MASKED, HAS_TAIL, KEYS_MASKED)
     p = round_to(p, v_main.dtype)
-    acc_main = _dot(p, v_main, acc_main * alpha[:, None])
+    acc_main = dot(p, v_main, acc_main * alpha[:, None])
     if HAS_TAIL:
-        acc_tail = _dot(p, v_tail, acc_tail * alpha[:, None])
+        acc_tail = dot(p, v_tail, acc_tail * alpha[:, None])
     return m_new, l_i, acc_main, acc_tail
 
 

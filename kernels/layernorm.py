@@ -7,6 +7,9 @@ x + y + bias in fp32 and rounds once (the residual stream, written back in place
 stored value: `F.layer_norm` semantics (biased variance, eps inside the square root), statistics in
 fp32, affine in fp32, one rounding of the output. Without y it is a plain LayerNorm.
 
+y can also be the fp32 split-K partial products of the projection (`fused_moonvit.kernels.gemm`), which
+are summed here in fp32: the projection is then never rounded before the add.
+
 Each program normalises whole rows held in registers, so the statistics need no second pass over
 memory.
 """
@@ -52,7 +55,8 @@ def normalize_rows(x, w_ptr, b_ptr, c, c_live, eps, C: tl.constexpr):
 @triton.jit
 def _add_layer_norm_kernel(
     x_ptr, y_ptr, bias_ptr, w_ptr, b_ptr, out_ptr, num_rows, eps,
-    C: tl.constexpr, HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    C: tl.constexpr, HAS_Y: tl.constexpr, Y_PARTS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.arange(0, BLOCK_C)
@@ -61,7 +65,8 @@ def _add_layer_norm_kernel(
     offs = r.to(tl.int64)[:, None] * C + c[None, :]
     x = tl.load(x_ptr + offs, mask=live, other=0.0).to(tl.float32)
     if HAS_Y:
-        x += tl.load(y_ptr + offs, mask=live, other=0.0).to(tl.float32)
+        for part in tl.static_range(Y_PARTS):
+            x += tl.load(y_ptr + part * num_rows * C + offs, mask=live, other=0.0).to(tl.float32)
         if HAS_BIAS:
             x += tl.load(bias_ptr + c, mask=c_live, other=0.0).to(tl.float32)[None, :]
         # The residual stream is what is stored; the norm reads back exactly that.
@@ -76,7 +81,9 @@ def _check(x, y, bias, weight, ln_bias, out):
     check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(None, None))
     rows, channels = x.shape
     dev = x.device
-    if y is not None:
+    if y is not None and y.dim() == 3:
+        check_tensor("y", y, dtypes=(torch.float32,), shape=(None, rows, channels), device=dev)
+    elif y is not None:
         check_tensor("y", y, dtypes=(x.dtype,), shape=(rows, channels), device=dev)
     elif bias is not None:
         raise ValueError("bias is added with y; give y too, or fold the bias into x")
@@ -103,7 +110,8 @@ def add_layer_norm(
     """x += y + bias (in place, rounded once), then returns LayerNorm(x) (a new tensor, or `out`).
 
     x: (N, C) residual stream, fp32/bf16/fp16, contiguous; updated in place when y is given.
-    y: (N, C) of x's dtype (a projection's output without its bias), or None for a plain LayerNorm of x.
+    y: (N, C) of x's dtype (a projection's output without its bias), or the fp32 (S, N, C) split-K partial
+       products of `fused_moonvit.kernels.gemm.linear`, summed here, or None for a plain LayerNorm of x.
     weight, ln_bias: (C,) the norm's affine parameters. eps: the norm's epsilon.
     bias: optional (C,) added with y (the projection's bias).
     """
@@ -117,7 +125,8 @@ def add_layer_norm(
     block_r = max(1, 16384 // block_c) if interpreted else cfg.rows_per_program
     _add_layer_norm_kernel[(triton.cdiv(rows, block_r),)](
         x, x if y is None else y, x if bias is None else bias, weight, ln_bias, out, rows, eps,
-        C=channels, HAS_Y=y is not None, HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+        C=channels, HAS_Y=y is not None, Y_PARTS=y.shape[0] if y is not None and y.dim() == 3 else 1,
+        HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK_C=block_c,
         num_warps=cfg.num_warps,
     )
     return out
@@ -136,7 +145,7 @@ def add_layer_norm_reference(
     _check(x, y, bias, weight, ln_bias, None)
     r = x.double()
     if y is not None:
-        r = r + y.double() + (0.0 if bias is None else bias.double())
+        r = r + (y.double().sum(0) if y.dim() == 3 else y.double()) + (0.0 if bias is None else bias.double())
     residual = r.to(x.dtype)
     out = torch.nn.functional.layer_norm(residual.double(), (x.shape[1],), weight.double(), ln_bias.double(), eps)
     return residual, out.to(x.dtype)
