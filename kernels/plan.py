@@ -1,35 +1,46 @@
-"""The per-call plan: which rows of a budget of B patch tokens belong to which image.
+"""The per-call plan: which rows of a budget of B patch tokens belong to which item.
 
-Host side, once per call and O(images): `build_plan` turns the images' patch grids into one small int32
-table whose size depends only on the number of sequence slots S, so a CUDA graph captured for (B, S)
-can replay any batch that fits. `upload_plan` copies it into a preallocated device buffer with one
-non-blocking H2D copy.
+An item is an image, (t = 1, h, w) patches, or a video chunk of t frames of h x w patches (MoonViT3d),
+its patches frame-major, each frame row-major. Its tokens attend to each other (all t * h * w of them),
+and its t frames are averaged, per position, before the 2x2 merge, so it yields h/2 * w/2 merged tokens.
+
+Host side, once per call and O(items): `build_plan` turns the items' grids into one small int32 table
+whose size depends only on the number of sequence slots S, so a CUDA graph captured for (B, S) can replay
+any batch that fits. `upload_plan` copies it into a preallocated device buffer with one non-blocking H2D
+copy.
 
 Device side, inside the graph: `expand_plan` (one small Triton kernel, no host sync, no data-dependent
 shape) expands the table into per-token metadata that the position-embedding, RoPE and merge kernels
 read directly, so none of them searches `cu_seqlens` itself.
 
-Plan layout (flat int32, `plan_numel(S) = 5 * S + 2` entries):
+Plan layout (flat int32, `plan_numel(S) = 6 * S + 3` entries):
 
-    [0, S + 2)          cu_seqlens: 0, then the running patch count after each slot, then B.
-                        Unused slots repeat the total (zero-length sequences); the last sequence,
-                        [total, B), is the padding sequence. Every row 0..B-1 belongs to exactly one
-                        sequence, so varlen attention over S + 1 sequences never reads undefined rows.
-    [S + 2, 5 * S + 2)  images, (S, 4) row-major: patch offset, h, w, output offset.
-                        Unused slots hold (total, 0, 0, total / 4). The output offset (first merged
-                        token of the image) is always patch offset / 4, since h and w are even.
+    [0, S + 2)           cu_seqlens: 0, then the running patch count after each slot, then B.
+                         Unused slots repeat the total (zero-length sequences); the last sequence,
+                         [total, B), is the padding sequence. Every row 0..B-1 belongs to exactly one
+                         sequence, so varlen attention over S + 1 sequences never reads undefined rows.
+    [S + 2, 2 * S + 3)   cu_outputs: 0, then the running merged-token count (h/2 * w/2 per item) after
+                         each slot; unused slots repeat the total.
+    [2 * S + 3, 6 * S + 3)
+                         items, (S, 4) row-major: patch offset, t, h, w. Unused slots hold (total, 0, 0, 0).
 
 Token metadata layout (`token_meta`, int32 (META_ROWS, B), one row per field):
 
-    META_IMAGE        image slot of token t, or -1 for a padding token
-    META_ROW          patch row of token t inside its image (0 for padding)
-    META_COL          patch column of token t inside its image (0 for padding)
-    META_HEIGHT       h of the token's image (0 for padding)
-    META_WIDTH        w of the token's image (0 for padding)
-    META_MERGE_SRC    for o < B / 4: row of the (0, 0) sub-token of merged output token o, or -1 if o is
-                      padding; -1 for o >= B / 4
-    META_MERGE_WIDTH  for o < B / 4: w of the image of merged token o (the row stride between its
-                      (0, x) and (1, x) sub-tokens), or 0; 0 for o >= B / 4
+    META_IMAGE         item slot of token x, or -1 for a padding token
+    META_ROW           patch row of token x inside its frame (0 for padding)
+    META_COL           patch column of token x inside its frame (0 for padding)
+    META_HEIGHT        h of the token's item (0 for padding)
+    META_WIDTH         w of the token's item (0 for padding)
+    META_FRAME         frame of token x inside its item, 0..t-1 (0 for padding)
+    META_MERGE_SRC     for o < B / 4: row of the (0, 0) sub-token, in frame 0, of merged output token o,
+                       or -1 if o is padding; -1 for o >= B / 4
+    META_MERGE_WIDTH   for o < B / 4: w of the item of merged token o (the row stride between its (0, x)
+                       and (1, x) sub-tokens), or 0; 0 for o >= B / 4
+    META_MERGE_FRAMES  for o < B / 4: t of the item of merged token o (the frames averaged), or 0
+    META_MERGE_STRIDE  for o < B / 4: h * w of that item (the row stride between frames), or 0
+
+Merged tokens are laid out item after item, each row-major over its (h/2, w/2) grid, so at most
+B / 4 of them exist.
 """
 
 from __future__ import annotations
@@ -50,9 +61,12 @@ META_ROW = 1
 META_COL = 2
 META_HEIGHT = 3
 META_WIDTH = 4
-META_MERGE_SRC = 5
-META_MERGE_WIDTH = 6
-META_ROWS = 7
+META_FRAME = 5
+META_MERGE_SRC = 6
+META_MERGE_WIDTH = 7
+META_MERGE_FRAMES = 8
+META_MERGE_STRIDE = 9
+META_ROWS = 10
 
 # Triton kernels may read module globals only when they are constexpr objects.
 _IMAGE_FIELDS = tl.constexpr(IMAGE_FIELDS)
@@ -61,21 +75,24 @@ _ROW = tl.constexpr(META_ROW)
 _COL = tl.constexpr(META_COL)
 _HEIGHT = tl.constexpr(META_HEIGHT)
 _WIDTH = tl.constexpr(META_WIDTH)
+_FRAME = tl.constexpr(META_FRAME)
 _MERGE_SRC = tl.constexpr(META_MERGE_SRC)
 _MERGE_WIDTH = tl.constexpr(META_MERGE_WIDTH)
+_MERGE_FRAMES = tl.constexpr(META_MERGE_FRAMES)
+_MERGE_STRIDE = tl.constexpr(META_MERGE_STRIDE)
 
 
 def plan_numel(max_images: int) -> int:
     """Number of int32 entries in the plan for `max_images` sequence slots."""
-    return (max_images + 2) + IMAGE_FIELDS * max_images
+    return (max_images + 2) + (max_images + 1) + IMAGE_FIELDS * max_images
 
 
 def plan_max_images(plan: torch.Tensor) -> int:
     """The slot count S a plan (host or device) was built for, from its size alone."""
     n = plan.numel()
-    if n < plan_numel(1) or (n - 2) % (IMAGE_FIELDS + 1):
-        raise ValueError(f"plan must have 5 * S + 2 entries for some S >= 1, got {n}")
-    return (n - 2) // (IMAGE_FIELDS + 1)
+    if n < plan_numel(1) or (n - 3) % (IMAGE_FIELDS + 2):
+        raise ValueError(f"plan must have 6 * S + 3 entries for some S >= 1, got {n}")
+    return (n - 3) // (IMAGE_FIELDS + 2)
 
 
 def plan_cu_seqlens(plan: torch.Tensor) -> torch.Tensor:
@@ -83,23 +100,32 @@ def plan_cu_seqlens(plan: torch.Tensor) -> torch.Tensor:
     return plan[: plan_max_images(plan) + 2]
 
 
-def plan_images(plan: torch.Tensor) -> torch.Tensor:
-    """The (S, 4) view of a plan's image rows: patch offset, h, w, output offset."""
+def plan_cu_outputs(plan: torch.Tensor) -> torch.Tensor:
+    """The (S + 1,) int32 running merged-token counts of a plan."""
     s = plan_max_images(plan)
-    return plan[s + 2 :].view(s, IMAGE_FIELDS)
+    return plan[s + 2 : 2 * s + 3]
 
 
-def _grid_list(grid_hws: torch.Tensor | Sequence[Sequence[int]]) -> list[list[int]]:
-    if not isinstance(grid_hws, torch.Tensor):
-        grid_hws = torch.as_tensor(grid_hws) if len(grid_hws) else torch.zeros(0, 2, dtype=torch.int64)
-    if grid_hws.is_floating_point() or grid_hws.is_complex() or grid_hws.dtype == torch.bool:
-        raise TypeError(f"grid_hws must have an integer dtype, got {grid_hws.dtype}")
-    if grid_hws.device.type != "cpu":
+def plan_images(plan: torch.Tensor) -> torch.Tensor:
+    """The (S, 4) view of a plan's item rows: patch offset, t, h, w."""
+    s = plan_max_images(plan)
+    return plan[2 * s + 3 :].view(s, IMAGE_FIELDS)
+
+
+def grid_thw_list(grid: torch.Tensor | Sequence[Sequence[int]]) -> list[list[int]]:
+    """Items' grids as [t, h, w] lists: (n, 3) (t, h, w) rows as they are, (n, 2) (h, w) rows as images
+    (t = 1). Integers on the host; other shapes and dtypes fail naming the value."""
+    if not isinstance(grid, torch.Tensor):
+        grid = torch.as_tensor(grid) if len(grid) else torch.zeros(0, 3, dtype=torch.int64)
+    if grid.is_floating_point() or grid.is_complex() or grid.dtype == torch.bool:
+        raise TypeError(f"the grid must have an integer dtype, got {grid.dtype}")
+    if grid.device.type != "cpu":
         # Reading it would sync with the device; the caller has the grids on the host anyway.
-        raise ValueError(f"grid_hws must be a CPU tensor, got device {grid_hws.device}")
-    if grid_hws.dim() != 2 or grid_hws.shape[1] != 2:
-        raise ValueError(f"grid_hws must have shape (n, 2), got {tuple(grid_hws.shape)}")
-    return grid_hws.tolist()
+        raise ValueError(f"the grid must be a CPU tensor, got device {grid.device}")
+    if grid.dim() != 2 or grid.shape[1] not in (2, 3):
+        raise ValueError(f"the grid must have shape (n, 2) of (h, w) or (n, 3) of (t, h, w), got {tuple(grid.shape)}")
+    rows = grid.tolist()
+    return [[1, *r] for r in rows] if grid.shape[1] == 2 else rows
 
 
 def build_plan(
@@ -107,7 +133,8 @@ def build_plan(
 ) -> torch.Tensor:
     """Validate the images of one call and lay out their plan (see the module docstring).
 
-    grid_hws: CPU integer tensor (n, 2) of (h, w) in patches (a list of pairs also works).
+    grid_hws: CPU integer tensor (n, 2) of image (h, w), or (n, 3) of item (t, h, w), in patches (lists
+        work too).
     budget: B, the patch rows of the graph; a multiple of 4 so that B / 4 merged rows exist.
     max_images: S, the graph's sequence slots.
 
@@ -117,27 +144,31 @@ def build_plan(
     """
     budget = check_budget(budget)
     max_images = check_int("max_images", max_images, 1)
-    grids = _grid_list(grid_hws)
+    grids = grid_thw_list(grid_hws)
     if len(grids) > max_images:
-        raise ValueError(f"got {len(grids)} images but max_images is {max_images}")
+        raise ValueError(f"got {len(grids)} items but max_images is {max_images}")
 
-    cu = [0]
+    cu, cu_out = [0], [0]
     images = []
-    for i, (h, w) in enumerate(grids):
+    for i, (t, h, w) in enumerate(grids):
+        if t < 1:
+            raise ValueError(f"item {i}: t must be at least 1 frame, got {t}")
         for side, v in (("h", h), ("w", w)):
             if not 1 <= v <= MAX_GRID_SIDE:
-                raise ValueError(f"image {i}: {side} must be in 1..{MAX_GRID_SIDE} patches, got {v}")
+                raise ValueError(f"item {i}: {side} must be in 1..{MAX_GRID_SIDE} patches, got {v}")
             if v % 2:
-                raise ValueError(f"image {i}: {side} must be even for the 2x2 merge, got {v}")
-        images += [cu[-1], h, w, cu[-1] // 4]
-        cu.append(cu[-1] + h * w)
+                raise ValueError(f"item {i}: {side} must be even for the 2x2 merge, got {v}")
+        images += [cu[-1], t, h, w]
+        cu.append(cu[-1] + t * h * w)
+        cu_out.append(cu_out[-1] + h * w // 4)
     total = cu[-1]
     if total > budget:
-        raise ValueError(f"images hold {total} patches in total, more than the budget {budget}")
+        raise ValueError(f"items hold {total} patches in total, more than the budget {budget}")
     unused = max_images - len(grids)
     cu += [total] * unused + [budget]
-    images += [total, 0, 0, total // 4] * unused
-    return torch.tensor(cu + images, dtype=torch.int32, pin_memory=torch.cuda.is_available())
+    cu_out += [cu_out[-1]] * unused
+    images += [total, 0, 0, 0] * unused
+    return torch.tensor(cu + cu_out + images, dtype=torch.int32, pin_memory=torch.cuda.is_available())
 
 
 def new_device_plan(max_images: int, device: torch.device | str) -> torch.Tensor:
@@ -185,8 +216,8 @@ def new_token_meta(budget: int, device: torch.device | str) -> torch.Tensor:
 
 @triton.jit
 def _find_sequence(cu_ptr, key, num_slots, SEARCH_STEPS: tl.constexpr):
-    # Largest i in [0, num_slots] with cu[i] <= key: branch-free binary search over the S + 2
-    # cu_seqlens entries (cu[0] = 0 <= key always). A zero-length slot i has cu[i] = cu[i + 1], so the
+    # Largest i in [0, num_slots] with cu[i] <= key: branch-free binary search over the first S + 1
+    # entries of cu_seqlens or cu_outputs (cu[0] = 0 <= key always). A zero-length slot i has cu[i] = cu[i + 1], so the
     # largest such i is never one: empty slots are skipped without a special case.
     pos = tl.zeros_like(key)
     for k in tl.static_range(SEARCH_STEPS):
@@ -199,36 +230,44 @@ def _find_sequence(cu_ptr, key, num_slots, SEARCH_STEPS: tl.constexpr):
 
 @triton.jit
 def _expand_plan_kernel(plan_ptr, meta_ptr, budget, num_slots, SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr):
-    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    live = t < budget
-    images_ptr = plan_ptr + num_slots + 2
+    x = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = x < budget
+    cu_out_ptr = plan_ptr + num_slots + 2
+    items_ptr = plan_ptr + 2 * num_slots + 3
 
-    seq = _find_sequence(plan_ptr, t, num_slots, SEARCH_STEPS)
+    seq = _find_sequence(plan_ptr, x, num_slots, SEARCH_STEPS)
     valid = live & (seq < num_slots)
     start = tl.load(plan_ptr + seq, mask=valid, other=0)
-    h = tl.load(images_ptr + _IMAGE_FIELDS * seq + 1, mask=valid, other=0)
-    w = tl.load(images_ptr + _IMAGE_FIELDS * seq + 2, mask=valid, other=0)
-    local = t - start
+    h = tl.load(items_ptr + _IMAGE_FIELDS * seq + 2, mask=valid, other=0)
+    w = tl.load(items_ptr + _IMAGE_FIELDS * seq + 3, mask=valid, other=0)
+    local = x - start
     w_div = tl.maximum(w, 1)
-    tl.store(meta_ptr + _IMAGE * budget + t, tl.where(valid, seq, -1), mask=live)
-    tl.store(meta_ptr + _ROW * budget + t, tl.where(valid, local // w_div, 0), mask=live)
-    tl.store(meta_ptr + _COL * budget + t, tl.where(valid, local % w_div, 0), mask=live)
-    tl.store(meta_ptr + _HEIGHT * budget + t, h, mask=live)
-    tl.store(meta_ptr + _WIDTH * budget + t, w, mask=live)
+    hw = tl.maximum(h * w, 1)
+    in_frame = local % hw
+    tl.store(meta_ptr + _IMAGE * budget + x, tl.where(valid, seq, -1), mask=live)
+    tl.store(meta_ptr + _ROW * budget + x, tl.where(valid, in_frame // w_div, 0), mask=live)
+    tl.store(meta_ptr + _COL * budget + x, tl.where(valid, in_frame % w_div, 0), mask=live)
+    tl.store(meta_ptr + _HEIGHT * budget + x, h, mask=live)
+    tl.store(meta_ptr + _WIDTH * budget + x, w, mask=live)
+    tl.store(meta_ptr + _FRAME * budget + x, tl.where(valid, local // hw, 0), mask=live)
 
-    # The same t read as a merged output token o. Output offsets are patch offsets / 4, so the image
-    # of o is the sequence holding patch row 4 * o.
-    o_live = live & (t < budget // 4)
-    mseq = _find_sequence(plan_ptr, tl.where(o_live, 4 * t, 0), num_slots, SEARCH_STEPS)
+    # The same x read as a merged output token o, whose item is found in cu_outputs (S + 1 entries; a
+    # match at S means o is past every item's outputs).
+    o_live = live & (x < budget // 4)
+    mseq = _find_sequence(cu_out_ptr, tl.where(o_live, x, 0), num_slots, SEARCH_STEPS)
     mvalid = o_live & (mseq < num_slots)
     mstart = tl.load(plan_ptr + mseq, mask=mvalid, other=0)
-    mw = tl.load(images_ptr + _IMAGE_FIELDS * mseq + 2, mask=mvalid, other=0)
-    mout = tl.load(images_ptr + _IMAGE_FIELDS * mseq + 3, mask=mvalid, other=0)
+    mt = tl.load(items_ptr + _IMAGE_FIELDS * mseq + 1, mask=mvalid, other=0)
+    mh = tl.load(items_ptr + _IMAGE_FIELDS * mseq + 2, mask=mvalid, other=0)
+    mw = tl.load(items_ptr + _IMAGE_FIELDS * mseq + 3, mask=mvalid, other=0)
+    mout = tl.load(cu_out_ptr + mseq, mask=mvalid, other=0)
     half_w = tl.maximum(mw // 2, 1)
-    lo = t - mout
+    lo = x - mout
     src = mstart + 2 * (lo // half_w) * mw + 2 * (lo % half_w)
-    tl.store(meta_ptr + _MERGE_SRC * budget + t, tl.where(mvalid, src, -1), mask=live)
-    tl.store(meta_ptr + _MERGE_WIDTH * budget + t, tl.where(mvalid, mw, 0), mask=live)
+    tl.store(meta_ptr + _MERGE_SRC * budget + x, tl.where(mvalid, src, -1), mask=live)
+    tl.store(meta_ptr + _MERGE_WIDTH * budget + x, tl.where(mvalid, mw, 0), mask=live)
+    tl.store(meta_ptr + _MERGE_FRAMES * budget + x, tl.where(mvalid, mt, 0), mask=live)
+    tl.store(meta_ptr + _MERGE_STRIDE * budget + x, tl.where(mvalid, mh * mw, 0), mask=live)
 
 
 def expand_plan(device_plan: torch.Tensor, token_meta: torch.Tensor) -> torch.Tensor:
@@ -257,33 +296,39 @@ def expand_plan(device_plan: torch.Tensor, token_meta: torch.Tensor) -> torch.Te
 def expand_plan_reference(plan: torch.Tensor, budget: int) -> torch.Tensor:
     """Plain-PyTorch `expand_plan`: the same int32 (META_ROWS, B) table, without Triton."""
     cu = plan_cu_seqlens(plan).long()
-    images = plan_images(plan).long()
-    num_slots = images.shape[0]
+    cu_out = plan_cu_outputs(plan).long()
+    items = plan_images(plan).long()
+    num_slots = items.shape[0]
     out = torch.empty(META_ROWS, budget, dtype=torch.int32, device=plan.device)
 
-    t = torch.arange(budget, device=plan.device)
-    seq = (torch.searchsorted(cu, t, right=True) - 1).clamp(max=num_slots)
+    x = torch.arange(budget, device=plan.device)
+    seq = (torch.searchsorted(cu, x, right=True) - 1).clamp(max=num_slots)
     valid = seq < num_slots
     safe = seq.clamp(max=num_slots - 1)
-    h = torch.where(valid, images[safe, 1], 0)
-    w = torch.where(valid, images[safe, 2], 0)
-    local = t - cu[seq]
+    h = torch.where(valid, items[safe, 2], 0)
+    w = torch.where(valid, items[safe, 3], 0)
+    local = x - cu[seq]
+    hw = (h * w).clamp(min=1)
+    in_frame = local % hw
     out[META_IMAGE] = torch.where(valid, seq, -1)
-    out[META_ROW] = torch.where(valid, local // w.clamp(min=1), 0)
-    out[META_COL] = torch.where(valid, local % w.clamp(min=1), 0)
+    out[META_ROW] = torch.where(valid, in_frame // w.clamp(min=1), 0)
+    out[META_COL] = torch.where(valid, in_frame % w.clamp(min=1), 0)
     out[META_HEIGHT] = h
     out[META_WIDTH] = w
+    out[META_FRAME] = torch.where(valid, local // hw, 0)
 
-    o = t[t < budget // 4]
-    mseq = (torch.searchsorted(cu, 4 * o, right=True) - 1).clamp(max=num_slots)
+    o = x[x < budget // 4]
+    mseq = (torch.searchsorted(cu_out, o, right=True) - 1).clamp(max=num_slots)
     mvalid = mseq < num_slots
     msafe = mseq.clamp(max=num_slots - 1)
-    mw = torch.where(mvalid, images[msafe, 2], 0)
+    mt, mh, mw = (torch.where(mvalid, items[msafe, i], 0) for i in (1, 2, 3))
     half_w = (mw // 2).clamp(min=1)
-    lo = o - images[msafe, 3]
-    src = images[msafe, 0] + 2 * (lo // half_w) * mw + 2 * (lo % half_w)
+    lo = o - cu_out[msafe]
+    src = items[msafe, 0] + 2 * (lo // half_w) * mw + 2 * (lo % half_w)
     out[META_MERGE_SRC] = -1
-    out[META_MERGE_WIDTH] = 0
+    out[META_MERGE_WIDTH:] = 0
     out[META_MERGE_SRC, : o.numel()] = torch.where(mvalid, src, -1)
     out[META_MERGE_WIDTH, : o.numel()] = mw
+    out[META_MERGE_FRAMES, : o.numel()] = mt
+    out[META_MERGE_STRIDE, : o.numel()] = mh * mw
     return out

@@ -1,4 +1,5 @@
-"""MoonVit configuration, with Kimi-VL-A3B's values as defaults (docs/design.md section 1.1)."""
+"""MoonVit configuration, with Kimi-VL-A3B's values as defaults (docs/design.md section 1.1), covering
+MoonViT3d too: the tower of Kimi-K2.5 / K2.6 and, with other options, Kimi-K3 (section 8)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,35 @@ except ImportError:  # pragma: no cover - transformers 4.x
     from transformers import PretrainedConfig as _HFConfig
 
 
+TOWERS = ("moonvit", "moonvit3d")
+INTERPOLATIONS = ("bicubic", "bilinear")
+NORM_TYPES = ("layernorm", "rmsnorm")
+PROJECTOR_TYPES = ("patchmerger", "patchmergerv2")
+BLOCK_ACTIVATIONS = ("gelu_pytorch_tanh",)
+
+
 class MoonVitConfig(_HFConfig):
-    """The vision tower and projector of Kimi-VL.
+    """The vision tower and projector of Kimi-VL (`tower="moonvit"`) or of Kimi-K2.5 / K2.6 / K3
+    (`tower="moonvit3d"`, MoonViT3d).
 
     Field names follow the Hugging Face `vision_config` of Kimi-VL, plus `text_hidden_size`, the
     projector's output width. `text_hidden_size=None` describes a standalone MoonViT (tower only),
     whose output stops at the merged `4 * hidden_size` features.
+
+    MoonViT3d takes items of t frames (t = 1 for images, up to `pos_emb_time` for video chunks) and
+    names its projector `mm_projector` where Kimi-VL has `multi_modal_projector`. Kimi-K2.5 / K2.6 keep
+    Kimi-VL's layer options; Kimi-K3 sets `qkv_hidden_size`, RMSNorm (`norm_type="rmsnorm"`, whose eps
+    is the activation dtype's machine epsilon unless `rms_norm_eps` is given, as `torch.nn.RMSNorm`'s
+    default), no biases, bilinear interpolation of the table and the `patchmergerv2` projector (GELU
+    MLP without pre-norm, then RMSNorm with `projector_ln_eps`).
     """
 
     model_type = "fused_moonvit"
     _FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "patch_size",
                "init_pos_emb_height", "init_pos_emb_width", "merge_kernel_size", "text_hidden_size",
-               "layer_norm_eps", "rope_theta")
+               "layer_norm_eps", "rope_theta", "tower", "pos_emb_time", "pos_emb_interpolation", "norm_type",
+               "rms_norm_eps", "attn_bias", "linear_bias", "patch_embed_proj_bias", "qkv_hidden_size",
+               "projector_type", "projector_ln_eps", "hidden_act")
 
     def __init__(
         self,
@@ -38,6 +56,18 @@ class MoonVitConfig(_HFConfig):
         text_hidden_size: int | None = 2048,
         layer_norm_eps: float = 1e-5,
         rope_theta: float = 10000.0,
+        tower: str = "moonvit",
+        pos_emb_time: int = 1,
+        pos_emb_interpolation: str = "bicubic",
+        norm_type: str = "layernorm",
+        rms_norm_eps: float | None = None,
+        attn_bias: bool = True,
+        linear_bias: bool = True,
+        patch_embed_proj_bias: bool = True,
+        qkv_hidden_size: int | None = None,
+        projector_type: str = "patchmerger",
+        projector_ln_eps: float = 1e-5,
+        hidden_act: str = "gelu_pytorch_tanh",
         **kwargs: Any,
     ):
         self.num_hidden_layers = int(num_hidden_layers)
@@ -51,6 +81,18 @@ class MoonVitConfig(_HFConfig):
         self.text_hidden_size = None if text_hidden_size is None else int(text_hidden_size)
         self.layer_norm_eps = float(layer_norm_eps)
         self.rope_theta = float(rope_theta)
+        self.tower = str(tower)
+        self.pos_emb_time = int(pos_emb_time)
+        self.pos_emb_interpolation = str(pos_emb_interpolation)
+        self.norm_type = str(norm_type)
+        self.rms_norm_eps = None if rms_norm_eps is None else float(rms_norm_eps)
+        self.attn_bias = bool(attn_bias)
+        self.linear_bias = bool(linear_bias)
+        self.patch_embed_proj_bias = bool(patch_embed_proj_bias)
+        self.qkv_hidden_size = int(qkv_hidden_size) if qkv_hidden_size is not None else None
+        self.projector_type = str(projector_type)
+        self.projector_ln_eps = float(projector_ln_eps)
+        self.hidden_act = str(hidden_act)
         super().__init__(**kwargs)
         self._validate()
 
@@ -59,10 +101,24 @@ class MoonVitConfig(_HFConfig):
                      "patch_size", "init_pos_emb_height", "init_pos_emb_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MoonVitConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.hidden_size % self.num_attention_heads:
+        for name, allowed in (("tower", TOWERS), ("pos_emb_interpolation", INTERPOLATIONS),
+                              ("norm_type", NORM_TYPES), ("projector_type", PROJECTOR_TYPES),
+                              ("hidden_act", BLOCK_ACTIVATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"MoonVitConfig.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.pos_emb_time < 1:
+            raise ValueError(f"MoonVitConfig.pos_emb_time must be >= 1, got {self.pos_emb_time}")
+        if self.tower == "moonvit" and self.pos_emb_time != 1:
+            raise ValueError(f"Kimi-VL's MoonVit (tower='moonvit') takes images only, so pos_emb_time must be 1, "
+                             f"got {self.pos_emb_time}; use tower='moonvit3d' for video chunks")
+        if self.pos_emb_time > 1 and self.hidden_size % 2:
+            raise ValueError(f"the sin-cos time embedding needs an even hidden_size, got {self.hidden_size}")
+        if self.qkv_hidden_size is not None and self.qkv_hidden_size < 1:
+            raise ValueError(f"MoonVitConfig.qkv_hidden_size must be >= 1 or None, got {self.qkv_hidden_size}")
+        if self.attention_width % self.num_attention_heads:
             raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                f"{self.num_attention_heads}")
+                f"the attention width {self.attention_width} (qkv_hidden_size, else hidden_size) is not "
+                f"divisible by num_attention_heads {self.num_attention_heads}")
         if self.head_dim % 4:
             # The 2D RoPE splits each head into pairs for width and pairs for height.
             raise ValueError(f"head_dim {self.head_dim} must be a multiple of 4 for the 2D RoPE")
@@ -72,8 +128,23 @@ class MoonVitConfig(_HFConfig):
             raise ValueError(f"only a 2x2 merge is supported, got merge_kernel_size={self.merge_kernel_size}")
 
     @property
+    def attention_width(self) -> int:
+        """Width of q, k and v each: `qkv_hidden_size` where given (Kimi-K3), else `hidden_size`."""
+        return self.qkv_hidden_size if self.qkv_hidden_size is not None else self.hidden_size
+
+    @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.attention_width // self.num_attention_heads
+
+    @property
+    def projector_name(self) -> str:
+        """The projector's attribute, and the checkpoint's prefix for it."""
+        return "mm_projector" if self.tower == "moonvit3d" else "multi_modal_projector"
+
+    @property
+    def max_frames(self) -> int:
+        """Frames an item may have: `pos_emb_time` (1 for Kimi-VL's images-only tower)."""
+        return self.pos_emb_time
 
     @property
     def merged_hidden_size(self) -> int:
@@ -88,7 +159,9 @@ class MoonVitConfig(_HFConfig):
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "MoonVitConfig":
         """Reads a local model directory's `config.json`.
 
-        A Kimi-VL config contributes its `vision_config` and `text_config.hidden_size`; a standalone
+        A Kimi-VL config contributes its `vision_config` and `text_config.hidden_size`, and so does a
+        Kimi-K2.5 / K2.6 / K3 one (`model_type` "kimi_k25" or "kimi_k3"), its vision fields read as
+        Hugging Face and vLLM name them (`moonvit3d_fields`); a standalone
         MoonViT config (no `vision_config`) gives a tower without projector unless it names a
         `text_hidden_size` (as one saved by `save_pretrained` does). Hub names are not fetched.
         """
@@ -109,7 +182,12 @@ class MoonVitConfig(_HFConfig):
             vision = dict(raw["vision_config"])
             text = raw.get("text_config") or {}
             if "hidden_size" not in text:
-                raise ValueError(f"{cfg_path}: a Kimi-VL config needs text_config.hidden_size")
+                raise ValueError(f"{cfg_path}: a Kimi-VL or Kimi-K2.5 config needs text_config.hidden_size")
+            if raw.get("model_type") in MOONVIT3D_MODEL_TYPES or _is_moonvit3d(vision):
+                try:
+                    vision = moonvit3d_fields(vision)
+                except ValueError as err:
+                    raise ValueError(f"{cfg_path}: {err}") from None
             vision["text_hidden_size"] = text["hidden_size"]
         else:
             vision = dict(raw)
@@ -120,3 +198,56 @@ class MoonVitConfig(_HFConfig):
             return cls(**fields)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{cfg_path}: {err}") from None
+
+
+MOONVIT3D_MODEL_TYPES = ("kimi_k25", "kimi_k3")
+# Vision-config fields only MoonViT3d has; a vision_config with any of them is read as MoonViT3d.
+_MOONVIT3D_MARKERS = ("pos_emb_time", "init_pos_emb_time", "vt_hidden_size", "mm_projector_type", "merge_type")
+# Options MoonViT3d's code defines with one supported value (vLLM 0.34 and transformers 5.22 raise on others).
+_ONLY = {"pos_emb_type": "divided_fixed", "merge_type": "sd2_tpool", "video_attn_type": "spatial_temporal",
+         "mlp_type": "mlp2"}
+
+
+def _is_moonvit3d(vision: dict) -> bool:
+    return vision.get("tower") == "moonvit3d" or any(k in vision for k in _MOONVIT3D_MARKERS)
+
+
+def _first(vision: dict, names: tuple[str, ...], default: Any) -> Any:
+    return next((vision[n] for n in names if vision.get(n) is not None), default)
+
+
+def moonvit3d_fields(vision: dict) -> dict:
+    """MoonVitConfig fields from a MoonViT3d `vision_config` as Kimi-K2.5 / K2.6 (`pos_emb_*`, or the
+    legacy `init_pos_emb_*`) and Kimi-K3 (`vt_*`, `init_pos_emb_*`) checkpoints write it. Options missing
+    take the value vLLM's MoonViT3d assumes; an option whose value vLLM does not support fails here."""
+    for name, only in _ONLY.items():
+        if vision.get(name, only) != only:
+            raise ValueError(f"vision_config.{name} must be {only!r} (the only value MoonViT3d supports), "
+                             f"got {vision[name]!r}")
+    if "merge_kernel_size" in vision:
+        merge = list(vision["merge_kernel_size"])
+    else:
+        merge = [2, 2]
+    fields = {
+        "tower": "moonvit3d",
+        "patch_size": vision.get("patch_size", 14),
+        "init_pos_emb_height": _first(vision, ("init_pos_emb_height", "pos_emb_height"), 64),
+        "init_pos_emb_width": _first(vision, ("init_pos_emb_width", "pos_emb_width"), 64),
+        "pos_emb_time": _first(vision, ("init_pos_emb_time", "pos_emb_time"), 4),
+        "num_attention_heads": _first(vision, ("vt_num_attention_heads", "num_attention_heads"), 16),
+        "num_hidden_layers": _first(vision, ("vt_num_hidden_layers", "num_hidden_layers"), 27),
+        "hidden_size": _first(vision, ("vt_hidden_size", "hidden_size"), 1152),
+        "intermediate_size": _first(vision, ("vt_intermediate_size", "intermediate_size"), 4304),
+        "merge_kernel_size": merge,
+        "hidden_act": _first(vision, ("activation_func", "hidden_act"), "gelu_pytorch_tanh"),
+        "qkv_hidden_size": vision.get("qkv_hidden_size"),
+        "norm_type": vision.get("norm_type", "layernorm"),
+        "attn_bias": vision.get("attn_bias", True),
+        "linear_bias": vision.get("linear_bias", True),
+        "patch_embed_proj_bias": vision.get("patch_embed_proj_bias", True),
+        "pos_emb_interpolation": vision.get("pos_emb_interpolation_mode", "bicubic"),
+        "projector_type": vision.get("mm_projector_type", "patchmerger"),
+        "projector_ln_eps": vision.get("projector_ln_eps", 1e-5),
+    }
+    # The RoPE base stays 10000: vLLM's MoonViT3d hard-codes it.
+    return fields

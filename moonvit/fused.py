@@ -61,13 +61,14 @@ class FusedMoonVit(MoonVitModules):
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor, grid_hws) -> torch.Tensor:
         """Eager fused forward of exactly these images: (sum h/2*w/2, output_size)."""
-        grid = check_inputs(pixel_values, grid_hws, self.config.patch_size)
+        grid = check_inputs(pixel_values, grid_hws, self.config.patch_size, self.config.max_frames)
         check_attention_dtype(self.device, self.dtype)
         plan = build_plan(grid, pixel_values.shape[0], grid.shape[0])
         device_plan = upload_plan(plan, new_device_plan(grid.shape[0], self.device), budget=pixel_values.shape[0])
-        longest = int((grid[:, 0] * grid[:, 1]).max())
+        longest = int(grid.prod(dim=1).max())
+        outputs = int((grid[:, 1] * grid[:, 2]).sum()) // 4
         return self.forward_static(pixel_values.to(device=self.device, dtype=self.dtype), device_plan,
-                                   max_seqlen=longest)
+                                   max_seqlen=longest)[:outputs]
 
     @torch.no_grad()
     def forward_static(self, pixel_values: torch.Tensor, device_plan: torch.Tensor,
@@ -266,22 +267,22 @@ class MoonVitGraphRunner:
                 chunks.append((start, end, next(b for b in self.budgets if b >= patches)))
             start, patches = end, 0
 
-        for i, (h, w) in enumerate(grid):
-            if h * w > largest:
+        for i, (t, h, w) in enumerate(grid):
+            if t * h * w > largest:
                 close(i)
                 chunks.append((i, i + 1, None))
                 start = i + 1
                 continue
-            if i - start == self.max_images or patches + h * w > largest:
+            if i - start == self.max_images or patches + t * h * w > largest:
                 close(i)
-            patches += h * w
+            patches += t * h * w
         close(len(grid))
         return chunks
 
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor, grid_hws) -> list[torch.Tensor]:
         """Per-image outputs, (h/2*w/2, output_size) each, for any number of images of any size."""
-        grid = check_inputs(pixel_values, grid_hws, self.model.config.patch_size).tolist()
+        grid = check_inputs(pixel_values, grid_hws, self.model.config.patch_size, self.model.config.max_frames).tolist()
         offsets = patch_offsets(grid)
         results: list[torch.Tensor] = []
         with self._lock:
@@ -292,7 +293,7 @@ class MoonVitGraphRunner:
                     out = self.model(pixels, chunk_grid)
                 else:
                     out = self._run(budget, pixels, chunk_grid)
-                results += list(out.split([h * w // 4 for h, w in chunk_grid]))
+                results += list(out.split([h * w // 4 for _, h, w in chunk_grid]))
         return results
 
     def _run(self, budget: int, pixels: torch.Tensor, grid: list[list[int]]) -> torch.Tensor:
@@ -308,7 +309,7 @@ class MoonVitGraphRunner:
         upload_plan(plan, self.device_plan, budget=budget)
         # Not non-blocking from host memory: a caller could refill a pinned buffer before the copy ran.
         self.pixels[:pixels.shape[0]].copy_(pixels, non_blocking=pixels.device.type != "cpu")
-        n_out = pixels.shape[0] // 4
+        n_out = sum(h * w for _, h, w in grid) // 4
         if not self.uses_graphs:
             return self.model.forward_static(self.pixels[:budget], self.device_plan, self.token_meta[budget])[:n_out]
         self.graphs[budget].replay()

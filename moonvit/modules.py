@@ -1,4 +1,5 @@
-"""The MoonVit encoder's parameters as modules, under the Kimi-VL checkpoint's names.
+"""The MoonVit encoder's parameters as modules, under the checkpoint's names (Kimi-VL's, or Kimi-K2.5's
+for MoonViT3d, whose projector is `mm_projector` with `proj.0` and `proj.2` for its linears).
 
 Every model class here (the eager `MoonVitReference`, the fused `FusedMoonVit`) is built on
 `MoonVitModules`, so any one's state dict loads into any other; each class supplies its own forward.
@@ -30,18 +31,50 @@ class PositionTable(nn.Module):
         nn.init.normal_(self.weight)
 
 
+def time_embedding(frames: int, dim: int) -> torch.Tensor:
+    """MoonViT3d's fixed (frames, dim) fp32 time embedding: for frame f, sin(f * w_i) for i < dim/2, then
+    cos(f * w_i), with w_i = 10000^(-i / (dim/2)); each step rounded to fp32 as vLLM's numpy code does."""
+    omega = torch.arange(dim // 2, dtype=torch.float32) / torch.tensor(dim / 2.0, dtype=torch.float32)
+    omega = 1.0 / torch.pow(torch.tensor(10000.0, dtype=torch.float32), omega)
+    angles = torch.arange(frames, dtype=torch.float32)[:, None] * omega[None, :]
+    return torch.cat((angles.sin(), angles.cos()), dim=1)
+
+
+def make_norm(config: MoonVitConfig, dim: int) -> nn.Module:
+    """The blocks' norm: LayerNorm(eps=layer_norm_eps), or RMSNorm (eps=rms_norm_eps; None is the
+    input dtype's machine epsilon, torch.nn.RMSNorm's default, which vLLM's MoonViT3d uses)."""
+    if config.norm_type == "rmsnorm":
+        return nn.RMSNorm(dim, eps=config.rms_norm_eps)
+    return nn.LayerNorm(dim, eps=config.layer_norm_eps)
+
+
+def norm_eps(norm: nn.Module, dtype: torch.dtype) -> float:
+    """The epsilon `norm` applies to inputs of `dtype`."""
+    eps = norm.eps
+    return torch.finfo(dtype).eps if eps is None else float(eps)
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, config: MoonVitConfig):
         super().__init__()
-        self.proj = nn.Conv2d(3, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size)
+        self.proj = nn.Conv2d(3, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size,
+                              bias=config.patch_embed_proj_bias)
         self.pos_emb = PositionTable(config.init_pos_emb_height, config.init_pos_emb_width, config.hidden_size)
+        # Not a buffer: `.to(bfloat16)` would round it; users take it through `time_table(device)`.
+        self._time = time_embedding(config.pos_emb_time, config.hidden_size) if config.pos_emb_time > 1 else None
+
+    def time_table(self, device: torch.device) -> torch.Tensor | None:
+        """The fp32 (pos_emb_time, hidden) time embedding on `device`, or None for an images-only tower."""
+        if self._time is not None and self._time.device != torch.device(device):
+            self._time = self._time.to(device)
+        return self._time
 
 
 class MLP(nn.Module):
     def __init__(self, config: MoonVitConfig):
         super().__init__()
-        self.fc0 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc1 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc0 = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.linear_bias)
+        self.fc1 = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.linear_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc1(F.gelu(self.fc0(x), approximate="tanh"))
@@ -50,13 +83,13 @@ class MLP(nn.Module):
 class EncoderBlock(nn.Module):
     def __init__(self, config: MoonVitConfig):
         super().__init__()
-        c = config.hidden_size
+        c, a = config.hidden_size, config.attention_width
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.norm0 = nn.LayerNorm(c, eps=config.layer_norm_eps)
-        self.norm1 = nn.LayerNorm(c, eps=config.layer_norm_eps)
-        self.wqkv = nn.Linear(c, 3 * c)
-        self.wo = nn.Linear(c, c)
+        self.norm0 = make_norm(config, c)
+        self.norm1 = make_norm(config, c)
+        self.wqkv = nn.Linear(c, 3 * a, bias=config.attn_bias)
+        self.wo = nn.Linear(a, c, bias=config.attn_bias)
         self.mlp = MLP(config)
 
 
@@ -64,7 +97,7 @@ class Encoder(nn.Module):
     def __init__(self, config: MoonVitConfig):
         super().__init__()
         self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.num_hidden_layers))
-        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.final_layernorm = make_norm(config, config.hidden_size)
 
 
 class VisionTower(nn.Module):
@@ -75,6 +108,8 @@ class VisionTower(nn.Module):
 
 
 class Projector(nn.Module):
+    """Kimi-VL's projector: pre-norm LayerNorm of each sub-token, then Linear, GELU (erf), Linear."""
+
     def __init__(self, config: MoonVitConfig):
         super().__init__()
         merged = config.merged_hidden_size
@@ -82,22 +117,70 @@ class Projector(nn.Module):
         self.linear_1 = nn.Linear(merged, merged)
         self.linear_2 = nn.Linear(merged, config.text_hidden_size)
 
+    @property
+    def first(self) -> nn.Linear:
+        return self.linear_1
+
+    @property
+    def second(self) -> nn.Linear:
+        return self.linear_2
+
     def forward(self, merged: torch.Tensor) -> torch.Tensor:
         """(M, 4, C) sub-tokens -> (M, text_hidden_size)."""
         x = self.pre_norm(merged).flatten(1)
         return self.linear_2(F.gelu(self.linear_1(x)))
 
 
+class Projector3d(nn.Module):
+    """MoonViT3d's projector, under the Kimi-K2.5 checkpoint's names (`proj.0`, `proj.2`).
+
+    "patchmerger" (K2.5 / K2.6): as Kimi-VL's, pre-norm LayerNorm(eps 1e-5) of each sub-token, then
+    Linear, GELU (erf), Linear, with biases. "patchmergerv2" (K3): no pre-norm, the linears without
+    biases, then RMSNorm(text width, eps=projector_ln_eps)."""
+
+    def __init__(self, config: MoonVitConfig):
+        super().__init__()
+        merged = config.merged_hidden_size
+        v2 = config.projector_type == "patchmergerv2"
+        self.pre_norm = None if v2 else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.proj = nn.Sequential(nn.Linear(merged, merged, bias=not v2), nn.GELU(),
+                                  nn.Linear(merged, config.text_hidden_size, bias=not v2))
+        self.post_norm = nn.RMSNorm(config.text_hidden_size, eps=config.projector_ln_eps) if v2 else None
+
+    @property
+    def first(self) -> nn.Linear:
+        return self.proj[0]
+
+    @property
+    def second(self) -> nn.Linear:
+        return self.proj[2]
+
+    def forward(self, merged: torch.Tensor) -> torch.Tensor:
+        """(M, 4, C) sub-tokens -> (M, text_hidden_size)."""
+        x = merged if self.pre_norm is None else self.pre_norm(merged)
+        x = self.proj(x.flatten(1))
+        return x if self.post_norm is None else self.post_norm(x)
+
+
 class MoonVitModules(nn.Module):
-    """The encoder's parameters, under the Kimi-VL checkpoint's names (`vision_tower.…`,
-    `multi_modal_projector.…`); every model class here shares them, so any one's state dict loads into
-    any other. With `config.text_hidden_size=None` there is no projector."""
+    """The encoder's parameters, under the checkpoint's names (`vision_tower.…`, and
+    `multi_modal_projector.…` for Kimi-VL or `mm_projector.…` for MoonViT3d); every model class here
+    shares them, so any one's state dict loads into any other. With `config.text_hidden_size=None` there
+    is no projector."""
 
     def __init__(self, config: MoonVitConfig | None = None):
         super().__init__()
         self.config = config if config is not None else MoonVitConfig()
         self.vision_tower = VisionTower(self.config)
-        self.multi_modal_projector = Projector(self.config) if self.config.text_hidden_size is not None else None
+        projector = None
+        if self.config.text_hidden_size is not None:
+            projector = Projector3d(self.config) if self.config.tower == "moonvit3d" else Projector(self.config)
+        setattr(self, self.config.projector_name, projector)
+
+    @property
+    def projector(self) -> nn.Module | None:
+        """The projector (`multi_modal_projector` or `mm_projector`), None for a tower alone."""
+        return getattr(self, self.config.projector_name)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -30,15 +30,15 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.stack((re * c - im * s, re * s + im * c), dim=-1).flatten(-2).to(x.dtype)
 
 
-def interpolate_pos_table(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(h * w, C) position embedding of an h x w grid, bicubic from the (H0, W0, C) table.
+def interpolate_pos_table(table: torch.Tensor, h: int, w: int, mode: str = "bicubic") -> torch.Tensor:
+    """(h * w, C) position embedding of an h x w grid, bicubic (or bilinear) from the (H0, W0, C) table.
 
     Computed in fp32 and rounded once to the table's dtype, which is what PyTorch's bicubic kernel
     does for bf16 on CUDA (fp32 accumulation), and is device-independent.
     """
     if (h, w) == tuple(table.shape[:2]):
         return table.flatten(0, 1)
-    grid = F.interpolate(table.float().permute(2, 0, 1)[None], size=(h, w), mode="bicubic", align_corners=False)
+    grid = F.interpolate(table.float().permute(2, 0, 1)[None], size=(h, w), mode=mode, align_corners=False)
     return grid[0].permute(1, 2, 0).flatten(0, 1).to(table.dtype)
 
 
@@ -48,9 +48,12 @@ def grid_positions(h: int, w: int, device=None) -> tuple[torch.Tensor, torch.Ten
     return idx // w, idx % w
 
 
-def merge_2x2(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(h * w, C) -> (h/2 * w/2, 4, C): merged tokens row-major, sub-tokens (0,0),(0,1),(1,0),(1,1)."""
+def merge_2x2(x: torch.Tensor, h: int, w: int, t: int = 1) -> torch.Tensor:
+    """(t * h * w, C) -> (h/2 * w/2, 4, C): the mean over the t frames (one rounding; the identity for
+    t = 1), then merged tokens row-major, sub-tokens (0,0),(0,1),(1,0),(1,1)."""
     c = x.shape[-1]
+    x = x.view(t, h * w, c)
+    x = x[0] if t == 1 else x.mean(dim=0)
     return x.view(h // 2, 2, w // 2, 2, c).permute(0, 2, 1, 3, 4).reshape(-1, 4, c)
 
 
@@ -64,31 +67,46 @@ def block_forward(block: EncoderBlock, x: torch.Tensor, cos: torch.Tensor, sin: 
 
 
 class MoonVitReference(MoonVitModules):
-    """Eager MoonVit: `forward(pixel_values (N,3,p,p), grid_hws (n,2)) -> (sum h/2*w/2, output_size)`.
+    """Eager MoonVit and MoonViT3d: `forward(pixel_values (N,3,p,p), grid (n,2) of (h,w) or (n,3) of
+    (t,h,w)) -> (sum h/2*w/2, output_size)`.
 
-    Without a projector the output is the merged `(M, 4 * hidden_size)` features, sub-tokens in
-    (0,0),(0,1),(1,0),(1,1) order.
+    An item of t frames (MoonViT3d's video chunks) adds the time embedding of its frame to each token,
+    attends across all its t*h*w tokens and averages its frames before the merge. Without a projector
+    the output is the merged `(M, 4 * hidden_size)` features, sub-tokens in (0,0),(0,1),(1,0),(1,1)
+    order.
     """
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor, grid_hws) -> torch.Tensor:
-        grid = check_inputs(pixel_values, grid_hws, self.config.patch_size).tolist()
+        cfg = self.config
+        grid = check_inputs(pixel_values, grid_hws, cfg.patch_size, cfg.max_frames).tolist()
         tower = self.vision_tower
         x = tower.patch_embed.proj(pixel_values.to(self.dtype)).flatten(1)
 
         table = tower.patch_embed.pos_emb.weight
-        positions = [grid_positions(h, w, x.device) for h, w in grid]
-        x = x + torch.cat([interpolate_pos_table(table, h, w) for h, w in grid])
+        time = tower.patch_embed.time_table(x.device)
+        embeds = []
+        for t, h, w in grid:
+            pe = interpolate_pos_table(table, h, w, cfg.pos_emb_interpolation)
+            # A chunk's embedding is the 2D one plus its frame's fp32 time embedding, added in fp32.
+            embeds.append(pe if t == 1 else (pe.float()[None] + time[:t, None]).flatten(0, 1))
+        pe = torch.cat(embeds)
+        x = x + pe if pe.dtype == x.dtype else (x.float() + pe.float()).to(x.dtype)
+
+        positions = [grid_positions(h, w, x.device) for _, h, w in grid]
+        rows = torch.cat([r.repeat(t) for (t, _, _), (r, _) in zip(grid, positions)])
+        cols = torch.cat([c.repeat(t) for (t, _, _), (_, c) in zip(grid, positions)])
         # Not a buffer: `model.to(bfloat16)` would round the frequencies.
-        freqs = rope_frequencies(self.config.head_dim, self.config.rope_theta).to(x.device)
-        angles = rope_angles(torch.cat([r for r, _ in positions]), torch.cat([c for _, c in positions]), freqs)
+        freqs = rope_frequencies(cfg.head_dim, cfg.rope_theta).to(x.device)
+        angles = rope_angles(rows, cols, freqs)
         cos, sin = angles.cos(), angles.sin()
         bounds = patch_offsets(grid)
         for block in tower.encoder.blocks:
             x = block_forward(block, x, cos, sin, bounds)
         x = tower.encoder.final_layernorm(x)
 
-        merged = torch.cat([merge_2x2(x[start:end], h, w) for start, end, (h, w) in zip(bounds, bounds[1:], grid)])
-        if self.multi_modal_projector is None:
+        merged = torch.cat([merge_2x2(x[start:end], h, w, t)
+                            for start, end, (t, h, w) in zip(bounds, bounds[1:], grid)])
+        if self.projector is None:
             return merged.flatten(1)
-        return self.multi_modal_projector(merged)
+        return self.projector(merged)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
@@ -43,7 +44,7 @@ def random_model(config: MoonVitConfig, seed: int, dtype=torch.float32) -> MoonV
 
 def random_pixels(grid_hws, patch_size: int = 14, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    n = sum(h * w for h, w in grid_hws)
+    n = sum(math.prod(g) for g in grid_hws)
     return torch.randn(n, 3, patch_size, patch_size, generator=g)
 
 

@@ -107,3 +107,83 @@ class VllmMoonVit(torch.nn.Module):
         with set_current_vllm_config(VllmConfig()):
             features = self.vision_tower(pixel_values.to(dtype), grid_hws)
             return self.multi_modal_projector(torch.cat(features))
+
+
+def vllm_moonvit3d_vision_config(config: MoonVitConfig):
+    """vLLM's vision config for a MoonViT3d `MoonVitConfig`: transformers' `Kimi_K25VisionConfig` with the
+    options vLLM reads by getattr (K2.5 leaves them at their defaults), or vLLM's `KimiK3VisionConfig`
+    when the projector is K3's."""
+    options = dict(qkv_hidden_size=config.qkv_hidden_size, norm_type=config.norm_type, attn_bias=config.attn_bias,
+                   linear_bias=config.linear_bias, patch_embed_proj_bias=config.patch_embed_proj_bias,
+                   pos_emb_interpolation_mode=config.pos_emb_interpolation, mm_projector_type=config.projector_type,
+                   projector_ln_eps=config.projector_ln_eps)
+    if config.projector_type == "patchmergerv2":
+        from vllm.transformers_utils.configs.kimi_k3 import KimiK3VisionConfig
+
+        return KimiK3VisionConfig(
+            patch_size=config.patch_size, init_pos_emb_height=config.init_pos_emb_height,
+            init_pos_emb_width=config.init_pos_emb_width, init_pos_emb_time=config.pos_emb_time,
+            vt_num_attention_heads=config.num_attention_heads, vt_num_hidden_layers=config.num_hidden_layers,
+            vt_hidden_size=config.hidden_size, vt_intermediate_size=config.intermediate_size,
+            text_hidden_size=config.text_hidden_size, activation_func=config.hidden_act, **options)
+    from transformers import Kimi_K25VisionConfig
+
+    vision = Kimi_K25VisionConfig(
+        patch_size=config.patch_size, pos_emb_height=config.init_pos_emb_height,
+        pos_emb_width=config.init_pos_emb_width, pos_emb_time=config.pos_emb_time,
+        num_attention_heads=config.num_attention_heads, num_hidden_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size, intermediate_size=config.intermediate_size, hidden_act=config.hidden_act,
+        merge_kernel_size=list(config.merge_kernel_size))
+    for k, v in options.items():
+        setattr(vision, k, v)
+    return vision
+
+
+# Our MoonViT3d projector keeps the checkpoint's names; vLLM's loader renames them so.
+VLLM_K25_RENAMES = {"mm_projector.proj.0.": "mm_projector.linear_1.", "mm_projector.proj.2.": "mm_projector.linear_2."}
+
+
+def to_vllm_k25_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state_dict.items():
+        for old, new in VLLM_K25_RENAMES.items():
+            if k.startswith(old):
+                k = new + k[len(old):]
+        out[k] = v
+    return out
+
+
+class VllmMoonViT3d(VllmMoonVit):
+    """vLLM's `MoonViT3dPretrainedModel` + `KimiK25MultiModalProjector` (K2.5 / K2.6, or K3's options), run
+    as `KimiK25ForConditionalGeneration` runs them eagerly (`vision_tower_forward` without data
+    parallelism): the tower's per-item (n, 4, C) outputs, concatenated, through the projector."""
+
+    def __init__(self, config: MoonVitConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype):
+        torch.nn.Module.__init__(self)
+        from vllm.config import VllmConfig, set_current_vllm_config
+        from vllm.model_executor.models.kimi_k25_vit import KimiK25MultiModalProjector, MoonViT3dPretrainedModel
+
+        init_vllm_cpu()
+        vision = vllm_moonvit3d_vision_config(config)
+        old_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with set_current_vllm_config(VllmConfig()):
+                self.vision_tower = MoonViT3dPretrainedModel(vision, prefix="vision_tower")
+                self.mm_projector = KimiK25MultiModalProjector(vision, config.text_hidden_size,
+                                                               prefix="mm_projector")
+        finally:
+            torch.set_default_dtype(old_dtype)
+        self.to(dtype)
+        self._load(to_vllm_k25_names(state_dict))
+
+    @torch.inference_mode()
+    def forward(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor) -> torch.Tensor:
+        from vllm.config import VllmConfig, set_current_vllm_config
+        from vllm.model_executor.models.kimi_k25_vit import vision_tower_forward
+
+        dtype = next(self.parameters()).dtype
+        with set_current_vllm_config(VllmConfig()):
+            out = vision_tower_forward(self.vision_tower, pixel_values.to(dtype), grid_thws, self.mm_projector,
+                                       use_data_parallel=False)
+        return torch.cat(out)

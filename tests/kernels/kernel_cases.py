@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -14,18 +15,22 @@ from fused_moonvit.kernels import build_plan, expand_plan, new_device_plan, new_
 
 @dataclass(frozen=True)
 class Case:
-    grids: tuple[tuple[int, int], ...]
+    grids: tuple[tuple[int, ...], ...]  # (h, w) of images, or (t, h, w) of items
     budget: int
     max_images: int
 
     @property
+    def items(self) -> tuple[tuple[int, int, int], ...]:
+        return tuple(g if len(g) == 3 else (1, *g) for g in self.grids)
+
+    @property
     def total(self) -> int:
-        return sum(h * w for h, w in self.grids)
+        return sum(t * h * w for t, h, w in self.items)
 
 
 def make_case(grids, extra=0, slots=None) -> Case:
-    grids = tuple(grids)
-    return Case(grids, sum(h * w for h, w in grids) + extra, slots or max(1, len(grids)))
+    grids = tuple(tuple(g) for g in grids)
+    return Case(grids, sum(math.prod(g) for g in grids) + extra, slots or max(1, len(grids)))
 
 
 CASES = {
@@ -39,6 +44,8 @@ CASES = {
     "padding": make_case([(4, 6), (2, 2), (6, 2)], extra=24, slots=5),
     "max_slots": make_case([(2, 2), (4, 2), (2, 4), (6, 6), (2, 8), (8, 2), (2, 2), (10, 4)], extra=4),
     "all_padding": Case((), 16, 2),
+    # Video chunks (t, h, w) between images: frames share rows and columns, and merge as one.
+    "video_mix": make_case([(1, 4, 6), (3, 2, 4), (1, 2, 2), (4, 6, 2), (2, 8, 10)], extra=12, slots=6),
 }
 
 # Real sizes (1152 channels, 16 x 72 heads) run only on a GPU: interpreted, they would take minutes. The
