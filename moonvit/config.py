@@ -209,7 +209,10 @@ _ONLY = {"pos_emb_type": "divided_fixed", "merge_type": "sd2_tpool", "video_attn
 
 
 def _is_moonvit3d(vision: dict) -> bool:
-    return vision.get("tower") == "moonvit3d" or any(k in vision for k in _MOONVIT3D_MARKERS)
+    # A vision_config saved from MoonVitConfig names its tower, and Kimi-VL's holds pos_emb_time=1 too.
+    if "tower" in vision:
+        return vision["tower"] == "moonvit3d"
+    return any(k in vision for k in _MOONVIT3D_MARKERS)
 
 
 def _first(vision: dict, names: tuple[str, ...], default: Any) -> Any:
