@@ -1,9 +1,12 @@
 """Loading MoonVit weights from a local Hugging Face model directory.
 
-A Kimi-VL checkpoint is mostly language model (over 30 GB), so only the encoder's tensors are read,
-memory-mapped through safetensors. Both `model.safetensors` and sharded checkpoints
-(`model.safetensors.index.json`) are accepted, and so is a standalone MoonViT directory whose keys
-lack the `vision_tower.` prefix.
+A Kimi-VL checkpoint is mostly language model (over 30 GB; Kimi-K2.5's is over 500 GB), so only the
+encoder's tensors are read, memory-mapped through safetensors, and only the shards that hold them are
+opened. Both `model.safetensors` and sharded checkpoints (`model.safetensors.index.json`) are accepted,
+and so is a standalone MoonViT directory whose keys lack the `vision_tower.` prefix.
+
+The encoder's tensors are `vision_tower.*` plus the projector, whose prefix is the config's
+`projector_name`: `multi_modal_projector.*` in Kimi-VL, `mm_projector.*` in Kimi-K2.5 / K2.6 / K3.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-ENCODER_PREFIXES = ("vision_tower.", "multi_modal_projector.")
+TOWER_PREFIX = "vision_tower."
+# Every projector prefix a checkpoint of the family may hold (MoonVitConfig.projector_name values).
+PROJECTOR_PREFIXES = ("multi_modal_projector.", "mm_projector.")
+ENCODER_PREFIXES = (TOWER_PREFIX, *PROJECTOR_PREFIXES)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -78,35 +84,58 @@ def _open_safetensors(path: str):
 
 
 def _encoder_name(name: str, tower_only: bool) -> str | None:
-    """The state-dict key a checkpoint tensor fills, or None for tensors the encoder ignores."""
-    if name.startswith(ENCODER_PREFIXES):
+    """The state-dict key a checkpoint tensor fills, or None for tensors the encoder ignores: the
+    language model's, and, for a model without projector, any projector's."""
+    if name.startswith(TOWER_PREFIX):
         return name
+    if name.startswith(PROJECTOR_PREFIXES):
+        # A tower-only model takes a full Kimi-VL or Kimi-K2.5 checkpoint too, and leaves its projector.
+        return None if tower_only else name
     if tower_only and name.startswith(("patch_embed.", "encoder.")):
-        return "vision_tower." + name
+        return TOWER_PREFIX + name
     return None
 
 
-def match_checkpoint(model_dir: str | os.PathLike, expected: Mapping[str, Sequence[int]]
-                     ) -> dict[str, list[tuple[str, str]]]:
+def _projector_prefix(expected: Mapping[str, Sequence[int]], projector_name: str | None) -> str | None:
+    """The model's projector prefix (`projector_name` + "."), None for a model without projector."""
+    if projector_name is not None:
+        prefix = f"{projector_name}."
+        if prefix not in PROJECTOR_PREFIXES:
+            raise ValueError(f"projector_name must be one of {', '.join(p[:-1] for p in PROJECTOR_PREFIXES)}, "
+                             f"got {projector_name!r}")
+        return prefix if any(k.startswith(prefix) for k in expected) else None
+    return next((p for p in PROJECTOR_PREFIXES if any(k.startswith(p) for k in expected)), None)
+
+
+def match_checkpoint(model_dir: str | os.PathLike, expected: Mapping[str, Sequence[int]],
+                     projector_name: str | None = None) -> dict[str, list[tuple[str, str]]]:
     """Checks the checkpoint in `model_dir` against `expected` (state-dict key -> shape), reading only
     the files' headers, and maps each file to the (key, checkpoint name) pairs it fills.
+
+    `projector_name` is the model config's (`multi_modal_projector` or `mm_projector`; left out, it is
+    the one `expected` holds). A model whose `expected` has no projector is a tower alone: it ignores
+    every projector tensor of the checkpoint. Tensors outside `vision_tower.*` and the projectors (the
+    language model's) are ignored unread.
 
     Raises `CheckpointError` listing every missing, unexpected, misshaped, duplicated and absent key.
     """
     model_dir = os.fspath(model_dir)
     expected = {k: tuple(shape) for k, shape in expected.items()}
-    tower_only = not any(k.startswith("multi_modal_projector.") for k in expected)
+    projector = _projector_prefix(expected, projector_name)
+    tower_only = projector is None
     files = _checkpoint_files(model_dir)
 
     sources: dict[str, tuple[str, str]] = {}
     unexpected: list[str] = []
     duplicated: list[str] = []
+    other_projector: set[str] = set()
     for path, names in files.items():
         for name in names:
             key = _encoder_name(name, tower_only)
-            # A tower-only model takes a full Kimi-VL checkpoint too, and leaves its projector.
-            if key is None or (tower_only and key.startswith("multi_modal_projector.")):
+            if key is None:
                 continue
+            if not key.startswith(TOWER_PREFIX) and not key.startswith(projector):
+                other_projector.add(key.split(".", 1)[0])
             if key not in expected:
                 unexpected.append(name)
             elif key in sources:
@@ -137,20 +166,28 @@ def match_checkpoint(model_dir: str | os.PathLike, expected: Mapping[str, Sequen
         summary = f"checkpoint {model_dir!r} does not match the model"
         if not sources:
             summary += (" (none of its tensors is the encoder's: a Kimi-VL or MoonViT checkpoint names them "
-                        "vision_tower.* and multi_modal_projector.*)")
+                        "vision_tower.* and multi_modal_projector.*, a Kimi-K2.5 / K2.6 / K3 one vision_tower.* "
+                        "and mm_projector.*)")
+        elif other_projector:
+            found = ", ".join(f"{p}.*" for p in sorted(other_projector))
+            summary += (f" (its projector is {found}, but config.json describes a model whose projector is "
+                        f"{projector}*: is config.json from another model?)")
         raise CheckpointError(summary, problems)
     return dict(by_file)
 
 
 def load_encoder_state(model: nn.Module, model_dir: str | os.PathLike) -> None:
-    """Copies the encoder's tensors from `model_dir` into `model` (keys as in the Kimi-VL checkpoint).
+    """Copies the encoder's tensors from `model_dir` into `model` (keys as in the Kimi-VL or Kimi-K2.5
+    checkpoint; the projector's prefix is `model.config.projector_name`).
 
     Reads only the encoder's tensors, memory-mapped, converting each to the parameter's dtype and
     device. Raises `CheckpointError` listing every missing, unexpected and misshaped key before any
     parameter is written.
     """
     expected = model.state_dict()
-    by_file = match_checkpoint(model_dir, {k: v.shape for k, v in expected.items()})
+    config = getattr(model, "config", None)
+    by_file = match_checkpoint(model_dir, {k: v.shape for k, v in expected.items()},
+                               getattr(config, "projector_name", None))
     with torch.no_grad():
         for path, pairs in by_file.items():
             with safe_open(path, framework="pt") as f:

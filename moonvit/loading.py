@@ -26,7 +26,7 @@ def check_model_dir(model_dir: str | os.PathLike, config: MoonVitConfig | None =
     config = MoonVitConfig.from_pretrained(model_dir) if config is None else config
     with torch.device("meta"):
         expected = cls(config).state_dict()
-    match_checkpoint(model_dir, {k: v.shape for k, v in expected.items()})
+    match_checkpoint(model_dir, {k: v.shape for k, v in expected.items()}, config.projector_name)
     return config
 
 

@@ -74,3 +74,76 @@ def kimi_vl_config_json(config: MoonVitConfig) -> dict:
     vision["model_type"] = "moonvit"
     return {"model_type": "kimi_vl", "architectures": ["KimiVLForConditionalGeneration"],
             "vision_config": vision, "text_config": {"hidden_size": config.text_hidden_size}}
+
+
+def tiny_k25_config(**overrides) -> MoonVitConfig:
+    """A small MoonViT3d (Kimi-K2.5's tower and projector): tiny_config's sizes, a 4-frame time table."""
+    fields = dict(tower="moonvit3d", pos_emb_time=4)
+    fields.update(overrides)
+    return tiny_config(**fields)
+
+
+def kimi_k25_config_json(config: MoonVitConfig) -> dict:
+    """A config.json in the layout of moonshotai/Kimi-K2.5's and Kimi-K2.6's on the Hub (remote-code
+    KimiK25Config: `vt_*` and `init_pos_emb_*` vision fields, a DeepSeek-V3 text_config, the language
+    model's compressed-tensors quantization), at `config`'s sizes."""
+    vision = {
+        "init_pos_emb_height": config.init_pos_emb_height, "init_pos_emb_time": config.pos_emb_time,
+        "init_pos_emb_width": config.init_pos_emb_width, "merge_kernel_size": [2, 2], "merge_type": "sd2_tpool",
+        "mm_hidden_size": config.hidden_size, "mm_projector_type": "patchmerger", "model_type": "",
+        "patch_size": config.patch_size, "pos_emb_type": "divided_fixed", "projector_hidden_act": "gelu",
+        "projector_ln_eps": 1e-05, "text_hidden_size": config.text_hidden_size,
+        "video_attn_type": "spatial_temporal", "vt_hidden_size": config.hidden_size,
+        "vt_intermediate_size": config.intermediate_size, "vt_num_attention_heads": config.num_attention_heads,
+        "vt_num_hidden_layers": config.num_hidden_layers,
+    }
+    quantization = {"config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+        "group_size": 32, "num_bits": 4, "strategy": "group", "symmetric": True, "type": "int"}}},
+        "format": "pack-quantized", "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
+                                              "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+        "quant_method": "compressed-tensors", "quantization_status": "compressed"}
+    return {
+        "architectures": ["KimiK25ForConditionalGeneration"],
+        "auto_map": {"AutoConfig": "configuration_kimi_k25.KimiK25Config",
+                     "AutoModel": "modeling_kimi_k25.KimiK25ForConditionalGeneration",
+                     "AutoModelForCausalLM": "modeling_kimi_k25.KimiK25ForConditionalGeneration"},
+        "bos_token_id": 163584, "dtype": "bfloat16", "eos_token_id": 163585, "ignore_index": -100,
+        "media_placeholder_token_id": 163605, "model_type": "kimi_k25", "pad_token_id": 163839,
+        "quantization_config": quantization,
+        "text_config": {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+                        "hidden_size": config.text_hidden_size, "num_hidden_layers": 1, "vocab_size": 64,
+                        "quantization_config": quantization},
+        "tie_word_embeddings": False, "transformers_version": "4.57.1", "use_unified_vision_chunk": True,
+        "video_placeholder": "<|kimi_k25_video_placeholder|>", "vision_config": vision,
+    }
+
+
+# preprocessor_config.json as moonshotai/Kimi-K2.5 and Kimi-K2.6 ship it, for their remote-code processor.
+KIMI_K25_PREPROCESSOR_JSON = {
+    "auto_map": {"AutoProcessor": "kimi_k25_processor.KimiK25Processor",
+                 "AutoImageProcessor": "kimi_k25_vision_processing.KimiK25VisionProcessor"},
+    "media_proc_cfg": {
+        "in_patch_limit": 16384, "patch_size": 14, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "merge_kernel_size": 2, "fixed_output_tokens": None, "patch_limit_on_one_side": 512,
+        "in_patch_limit_each_frame": 4096, "in_patch_limit_video": None, "sample_fps": 2.0,
+        "max_num_frames_each_video": None, "temporal_merge_kernel_size": 4, "timestamp_mode": "hh:mm:ss.fff",
+        "config_type": "media_proc.processors.moonvit.MoonViTMediaProcessorConfig"},
+}
+
+
+def write_k25_checkpoint(directory, config: MoonVitConfig, seed: int, shards: int = 1, preprocessor=None,
+                         language_model: bool = True) -> MoonVitReference:
+    """A tiny Kimi-K2.5 directory: config.json in the Hub's layout, random encoder tensors under the
+    checkpoint's names (vision_tower.*, mm_projector.*), a few language-model tensors, and
+    `preprocessor` (a dict) as preprocessor_config.json if given. Returns the model it holds."""
+    model = random_model(config, seed=seed)
+    tensors = dict(model.state_dict())
+    if language_model:
+        g = torch.Generator().manual_seed(seed)
+        tensors["language_model.model.embed_tokens.weight"] = torch.randn(64, config.text_hidden_size, generator=g)
+        tensors["language_model.lm_head.weight"] = torch.randn(64, config.text_hidden_size, generator=g)
+    write_checkpoint(directory, tensors, kimi_k25_config_json(config), shards=shards)
+    if preprocessor is not None:
+        with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
+            json.dump(preprocessor, f)
+    return model
