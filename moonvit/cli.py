@@ -1,7 +1,8 @@
 """`fused-moonvit`: the command line.
 
-`fused-moonvit encode IMAGE... [--model DIR] [--out FILE]` encodes images to embeddings, one tensor per
-image in a safetensors file. Without `--model` the real architecture is built with seeded random weights.
+`fused-moonvit encode IMAGE... [--video PATH]... [--model DIR] [--out FILE]` encodes images, and with a
+Kimi-K2.5 / K2.6 / K3 model videos, to embeddings: one tensor per image and per video chunk in a
+safetensors file. Without `--model` Kimi-VL's architecture is built with seeded random weights.
 
 A mistake in the arguments (a missing file, a model directory that does not fit, an output path that
 cannot be written) is reported before any model is built: one line on stderr, exit status 2. Set
@@ -17,7 +18,7 @@ import time
 
 import torch
 
-from .preprocess import IN_TOKEN_LIMIT_INSTRUCT, IN_TOKEN_LIMIT_THINKING
+from .preprocess import IN_TOKEN_LIMIT_INSTRUCT, IN_TOKEN_LIMIT_THINKING, MERGE_SIZE as MERGE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEBUG_ENV = "FUSED_MOONVIT_DEBUG"
@@ -95,9 +96,20 @@ def _device(text: str) -> torch.device:
 def _check_images(paths: list[str]) -> None:
     for path in paths:
         if os.path.isdir(path):
-            raise UsageError(f"{path} is a directory, not an image file; give the image files in it instead")
+            raise UsageError(f"{path} is a directory, not an image file; give the image files in it instead "
+                             f"(or --video {path} for a folder of a video's frames)")
         if not os.path.exists(path):
             raise UsageError(f"no such image file: {path}")
+
+
+def _check_videos(paths: list[str]) -> None:
+    from .preprocess import PYAV_MISSING, pyav_available
+
+    for path in paths:
+        if not os.path.exists(path):
+            raise UsageError(f"--video {path}: no such video file or frame folder")
+        if not os.path.isdir(path) and not pyav_available():
+            raise UsageError(f"--video {path}: {PYAV_MISSING}")
 
 
 def _check_out(path: str) -> None:
@@ -113,8 +125,9 @@ def _check_out(path: str) -> None:
         raise UsageError(f"--out {path}: not writable here (permission denied)")
 
 
-def _check_model(model_dir: str, cls) -> None:
-    """Reads config.json and the checkpoint's headers, and compares them, without building anything."""
+def _check_model(model_dir: str, cls):
+    """Reads config.json and the checkpoint's headers, and compares them, without building anything;
+    returns the config."""
     from .checkpoint import CheckpointError
     from .loading import check_model_dir
 
@@ -122,7 +135,7 @@ def _check_model(model_dir: str, cls) -> None:
         what = "is not a directory" if os.path.exists(model_dir) else "does not exist"
         raise UsageError(f"--model {model_dir} {what}; give a local model directory ({MODEL_DIR_LAYOUT})")
     try:
-        check_model_dir(model_dir, cls=cls)
+        return check_model_dir(model_dir, cls=cls)
     except CheckpointError as err:
         listed_in_full = all(len(keys) <= KEYS_PER_KIND for keys in err.problems.values())
         raise UsageError(err.one_line(KEYS_PER_KIND) + ("" if listed_in_full else "; --debug lists them all")) from err
@@ -182,14 +195,79 @@ def _load_encoder(args: argparse.Namespace, cls, device: torch.device, dtype: to
     return (lambda pixels, grids: [model(pixels, grids)]), "eager reference"
 
 
+class _Item:
+    """One encoder input: an image, or one chunk of a video."""
+
+    def __init__(self, key: str, label: str, pixels: torch.Tensor, grid: tuple[int, int, int], what: str = ""):
+        self.key, self.label, self.pixels, self.grid, self.what = key, label, pixels, grid, what
+
+
+def _image_items(sources: list, config, inputs, in_token_limit: int | None) -> list[_Item]:
+    """Every image, read and cut into patches: by hand for Kimi-VL, by transformers' processor for MoonViT3d."""
+    from .inputs import check_grid_hws
+    from .preprocess import preprocess_image
+
+    items = []
+    for i, (label, image) in enumerate(sources):
+        try:
+            if inputs is None:
+                pixels, (h, w) = preprocess_image(image, in_token_limit=in_token_limit or IN_TOKEN_LIMIT_INSTRUCT)
+                grid = (1, h, w)
+            else:
+                pixels, grid = inputs.image_inputs(image, max_patches=in_token_limit)
+                check_grid_hws([grid], max_frames=config.max_frames)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"{label}: {' '.join(str(err).split())}") from err
+        items.append(_Item(f"image_{i}", label, pixels, grid))
+    return items
+
+
+def _video_items(paths: list[str], config, inputs, notes: list[str]) -> list[_Item]:
+    """Every video's frames (a folder's, all of them; a file's, sampled as the video processor samples),
+    cut into chunks and patches by transformers' video processor."""
+    from tqdm import tqdm
+
+    from .inputs import check_grid_hws, patch_offsets
+    from .preprocess import read_frame_folder, read_video_file
+
+    items = []
+    for v, path in enumerate(paths):
+        try:
+            if os.path.isdir(path):
+                frames, names = read_frame_folder(path)
+                origin = names
+                summary = f"{len(names)} frames from the folder"
+            else:
+                with tqdm(desc=f"decoding {os.path.basename(path)}", unit="frame", file=sys.stderr,
+                          leave=False, disable=None) as bar:
+                    frames, indices, fps = read_video_file(path, inputs.sample_indices,
+                                                           progress=lambda n: bar.update(n - bar.n))
+                origin = [f"frame {i} ({i / fps:.2f} s)" for i in indices]
+                summary = (f"{len(indices)} frames sampled from a {fps:g} fps video (the processor samples "
+                           f"{inputs.video.fps:g} fps)")
+            pixels, grids = inputs.video_inputs(frames)
+            check_grid_hws(grids, max_frames=config.max_frames)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--video {path}: {' '.join(str(err).split())}") from err
+        offsets = patch_offsets(grids.tolist())
+        first = 0
+        notes.append(f"{path}: {summary}, {len(grids)} chunk(s) of up to {inputs.frames_per_chunk} frames")
+        for c, (t, h, w) in enumerate(grids.tolist()):
+            what = origin[first] if t == 1 else f"{origin[first]} to {origin[first + t - 1]}"
+            items.append(_Item(f"video_{v}_chunk_{c}", path, pixels[offsets[c]:offsets[c + 1]], (t, h, w),
+                               f"chunk {c}, {what}"))
+            first += t
+    return items
+
+
 def _encode(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .preprocess import preprocess_image, tokens_per_image
-
-    if not args.images and not args.demo:
-        raise UsageError("give at least one IMAGE, or --demo for a built-in synthetic image")
+    if not args.images and not args.demo and not args.videos:
+        raise UsageError("give at least one IMAGE, or --demo for a built-in synthetic image, or --video PATH "
+                         "with a Kimi-K2.5 --model")
     _check_images(args.images)
+    _check_videos(args.videos)
     _check_out(args.out)
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -197,22 +275,48 @@ def _encode(args: argparse.Namespace) -> int:
         raise UsageError("--dtype float32: the fused encoder runs in bfloat16 or float16 on CUDA (FlashAttention); "
                          "use --dtype bfloat16, or --device cpu for float32")
 
-    # Every image is read and checked before the model is built, so a bad one costs nothing.
-    inputs = [("demo", _demo_image())] if args.demo else []
-    inputs += [(p, p) for p in args.images]
-    prepared = []
-    for label, image in inputs:
-        try:
-            prepared.append((label, *preprocess_image(image, in_token_limit=args.in_token_limit)))
-        except (OSError, ValueError) as err:
-            raise UsageError(f"{label}: {err}") from err
-
     cls = _model_class(device)
+    if args.model is None:
+        from .config import MoonVitConfig
+
+        config = MoonVitConfig()
+    else:
+        config = _check_model(args.model, cls)
+    moonvit3d = config.tower == "moonvit3d"
+    if args.videos and not moonvit3d:
+        raise UsageError(
+            "--video needs a Kimi-K2.5 / K2.6 / K3 model (MoonViT3d): "
+            + ("without --model the random-weight model is Kimi-VL's MoonVit, which takes images only; give "
+               "--model DIR of a Kimi-K2.5 checkpoint" if args.model is None else
+               f"--model {args.model} is a Kimi-VL / MoonVit directory, whose encoder takes images only"))
+
+    # Every input is read and checked before the model is built, so a bad one costs nothing.
+    inputs = None
+    if moonvit3d:
+        from .preprocess import KimiK25Inputs, ProcessorUnavailable
+
+        try:
+            inputs = KimiK25Inputs(args.model)
+            inputs.check_model(config.patch_size, config.max_frames)
+        except ProcessorUnavailable as err:
+            raise UsageError(str(err)) from err
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--model {args.model}: {' '.join(str(err).split())}") from err
+    sources = [("demo", _demo_image())] if args.demo else []
+    sources += [(p, p) for p in args.images]
+    notes = []
+    items = _image_items(sources, config, inputs, args.in_token_limit)
+    items += _video_items(args.videos, config, inputs, notes)
+    # Said once every input has passed, so that a mistake is the command's only line.
+    if inputs is not None:
+        print(f"note: inputs prepared by transformers' Kimi_K25ImageProcessor and Kimi_K25VideoProcessor, "
+              f"settings from {inputs.source}", file=sys.stderr)
+    for note in notes:
+        print(note, file=sys.stderr)
+
     if args.model is None:
         print(f"note: no --model given: using the Kimi-VL MoonVit architecture with seeded random weights "
               f"(seed {args.seed}); the embeddings are not meaningful", file=sys.stderr)
-    else:
-        _check_model(args.model, cls)
     if device.type != "cuda":
         print(f"note: no CUDA device ({device}): the fused CUDA-graph encoder needs one, so the eager "
               f"reference model runs instead", file=sys.stderr)
@@ -222,14 +326,17 @@ def _encode(args: argparse.Namespace) -> int:
           file=sys.stderr)
 
     tensors, metadata = {}, {}
-    # One image per call keeps the progress bar honest; the graph runner packs larger calls itself.
-    for i, (label, pixels, grid) in enumerate(tqdm(prepared, desc="encoding", unit="image", file=sys.stderr)):
-        (out,) = encode(pixels.to(device), torch.tensor([grid]))
-        key = f"image_{i}"
-        tensors[key] = out.float().cpu().contiguous()
-        metadata[key] = label
-        tqdm.write(f"{label}: grid {grid[0]}x{grid[1]} patches -> {tokens_per_image([grid])[0]} tokens "
-                   f"x {out.shape[1]}", file=sys.stdout)
+    # One item per call keeps the progress bar honest; the graph runner packs larger calls itself.
+    unit = "item" if args.videos else "image"
+    for item in tqdm(items, desc="encoding", unit=unit, file=sys.stderr):
+        (out,) = encode(item.pixels.to(device), torch.tensor([item.grid]))
+        tensors[item.key] = out.float().cpu().contiguous()
+        metadata[item.key] = f"{item.label}: {item.what}" if item.what else item.label
+        t, h, w = item.grid
+        shape = f"{h}x{w}" if not item.what else f"{t}x{h}x{w}"
+        tokens = (h // MERGE) * (w // MERGE)
+        where = f"{item.label} {item.what}" if item.what else item.label
+        tqdm.write(f"{where}: grid {shape} patches -> {tokens} tokens x {out.shape[1]}", file=sys.stdout)
     _write_safetensors(tensors, metadata, args.out)
     print(f"wrote {len(tensors)} float32 embeddings to {args.out}")
     return 0
@@ -255,17 +362,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="fused-moonvit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{encode,bench}")
-    enc = sub.add_parser("encode", help="encode images to MoonVit embeddings (one tensor per image)")
+    enc = sub.add_parser("encode", help="encode images and videos to MoonVit embeddings (one tensor per image "
+                                        "or video chunk)")
     enc.add_argument("images", nargs="*", metavar="IMAGE", help="image files (anything Pillow opens)")
+    enc.add_argument("--video", dest="videos", action="append", default=[], metavar="PATH",
+                     help="a video file (decoded with PyAV) or a folder of its frames (image files, sorted by "
+                          "name); needs a Kimi-K2.5 / K2.6 / K3 --model; may be repeated")
     enc.add_argument("--demo", action="store_true", help="also encode a built-in synthetic 336x224 image")
     enc.add_argument("--model", metavar="DIR",
-                     help=f"local Kimi-VL or MoonViT model directory ({MODEL_DIR_LAYOUT}); "
-                          "without it, seeded random weights")
+                     help=f"local Kimi-VL, Kimi-K2.5 / K2.6 / K3 or MoonViT model directory ({MODEL_DIR_LAYOUT}); "
+                          "without it, Kimi-VL's architecture with seeded random weights")
     enc.add_argument("--out", default="embeddings.safetensors", metavar="FILE",
                      help="output safetensors file, float32 whatever --dtype is (default: %(default)s)")
-    enc.add_argument("--in-token-limit", type=positive_int, default=IN_TOKEN_LIMIT_INSTRUCT, metavar="N",
-                     help=f"patch limit per image before downscaling: {IN_TOKEN_LIMIT_INSTRUCT} for Kimi-VL-A3B-Instruct, "
-                          f"{IN_TOKEN_LIMIT_THINKING} for -Thinking-2506 (default %(default)s)")
+    enc.add_argument("--in-token-limit", type=positive_int, metavar="N",
+                     help=f"patch limit per image before downscaling: for Kimi-VL {IN_TOKEN_LIMIT_INSTRUCT} "
+                          f"(Kimi-VL-A3B-Instruct, the default) or {IN_TOKEN_LIMIT_THINKING} (-Thinking-2506); for "
+                          f"Kimi-K2.5 the image processor's max_patches (default: its setting, 16384)")
     enc.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     enc.add_argument("--dtype", choices=sorted(DTYPES),
                      help="the model's dtype (default: bfloat16 on cuda, float32 on cpu); the output is float32")

@@ -147,3 +147,20 @@ def write_k25_checkpoint(directory, config: MoonVitConfig, seed: int, shards: in
         with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
             json.dump(preprocessor, f)
     return model
+
+
+def write_video(path, frames: int, fps: int, w: int = 64, h: int = 48):
+    """An MPEG-4 file whose frame i is a flat grey of level 20 * i (kept apart by lossy coding)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"qscale": "1"}
+        for i in range(frames):
+            image = np.full((h, w, 3), 20 * i, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)

@@ -119,3 +119,114 @@ def test_bench_kernels_writes_into_a_directory(tmp_path, capsys):
     assert main(["bench", "kernels", "--smoke", "--sets", "one", "--out", str(tmp_path / "k")]) == 0
     assert sorted(os.listdir(tmp_path / "k")) == ["kernels.json", "kernels.png"]
     assert json.loads((tmp_path / "k" / "kernels.json").read_text())["results"]
+
+
+# --- Kimi-K2.5: images, a folder of frames and a video file through the command, against the reference ---
+
+from moonvit_fixtures import (KIMI_K25_PREPROCESSOR_JSON, tiny_k25_config, write_k25_checkpoint,  # noqa: E402
+                              write_video)
+
+
+def _k25_processors():
+    pytest.importorskip("torchvision", reason="transformers' Kimi-K2.5 processors need torchvision")
+    from transformers.models.kimi_k25.image_processing_kimi_k25 import Kimi_K25ImageProcessor
+    from transformers.models.kimi_k25.video_processing_kimi_k25 import Kimi_K25VideoProcessor
+
+    return Kimi_K25ImageProcessor(), Kimi_K25VideoProcessor()
+
+
+def _split(out, grids):
+    """The reference's (sum tokens, D) output cut per item: h/2 * w/2 tokens each, whatever t."""
+    return list(out.split([(h // 2) * (w // 2) for _, h, w in grids.tolist()]))
+
+
+def _assert_close(got, want):
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert ((got.double() - want.double()).norm() / want.double().norm()).item() <= 1e-5
+
+
+def test_encode_kimi_k25_images_and_frame_folder(tmp_path, capsys):
+    image_proc, video_proc = _k25_processors()
+    src = write_k25_checkpoint(tmp_path / "k25", tiny_k25_config(), seed=51, shards=2,
+                               preprocessor=KIMI_K25_PREPROCESSOR_JSON)
+    rng = np.random.default_rng(5)
+    images = []
+    for i, (w, h) in enumerate([(60, 30), (45, 100)]):
+        images.append(str(tmp_path / f"img{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(images[-1])
+    (tmp_path / "frames").mkdir()
+    frames = rng.integers(0, 256, (7, 40, 70, 3), dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(tmp_path / "frames" / f"frame_{i:03d}.png")
+    out = tmp_path / "emb.safetensors"
+    assert main(["encode", *images, "--video", str(tmp_path / "frames"), "--model", str(tmp_path / "k25"),
+                 "--out", str(out)]) == 0
+    printed, err = capsys.readouterr()
+    assert "preprocessor_config.json (media_proc_cfg: images and videos)" in err
+    assert f"{tmp_path / 'frames'}: 7 frames from the folder, 2 chunk(s) of up to 4 frames" in err
+    assert f"{images[0]}: grid 4x6 patches -> 6 tokens x 24" in printed
+    assert f"{images[1]}: grid 8x4 patches -> 8 tokens x 24" in printed
+    assert (f"{tmp_path / 'frames'} chunk 0, frame_000.png to frame_003.png: grid 4x4x6 patches -> 6 tokens x 24"
+            in printed)
+    assert (f"{tmp_path / 'frames'} chunk 1, frame_004.png to frame_006.png: grid 3x4x6 patches -> 6 tokens x 24"
+            in printed)
+
+    # The reference, run directly on transformers' processors' outputs for all items at once.
+    img = image_proc(images=[Image.open(p) for p in images], return_tensors="pt")
+    vid = video_proc(videos=[frames], do_sample_frames=False, return_tensors="pt")
+    assert img["image_grid_thw"].tolist() == [[1, 4, 6], [1, 8, 4]]
+    assert vid["video_grid_thw"].tolist() == [[4, 4, 6], [3, 4, 6]]
+    want = _split(src(img["pixel_values"], img["image_grid_thw"]), img["image_grid_thw"])
+    want += _split(src(vid["pixel_values_videos"], vid["video_grid_thw"]), vid["video_grid_thw"])
+    keys = ["image_0", "image_1", "video_0_chunk_0", "video_0_chunk_1"]
+    with safe_open(out, framework="pt") as f:
+        assert sorted(f.keys()) == keys
+        assert f.metadata()["image_1"] == images[1]
+        assert f.metadata()["video_0_chunk_1"] == f"{tmp_path / 'frames'}: chunk 1, frame_004.png to frame_006.png"
+        for key, w in zip(keys, want):
+            _assert_close(f.get_tensor(key), w)
+    # the chunks differ from each other and from their frames taken as images
+    assert not torch.allclose(want[2], want[3], atol=1e-3)
+
+
+def test_encode_kimi_k25_video_file(tmp_path, capsys):
+    _, video_proc = _k25_processors()
+    av = pytest.importorskip("av")
+    src = write_k25_checkpoint(tmp_path / "k25", tiny_k25_config(), seed=52)  # no processor file: defaults
+    write_video(tmp_path / "clip.mp4", frames=13, fps=5)
+    out = tmp_path / "emb.safetensors"
+    assert main(["encode", "--video", str(tmp_path / "clip.mp4"), "--model", str(tmp_path / "k25"),
+                 "--out", str(out)]) == 0
+    printed, err = capsys.readouterr()
+    assert "settings from the processor classes' defaults" in err
+    # 13 frames at 5 fps are 2.6 s: int(2.6 * 2) = 5 frames at 2 fps, evenly spaced
+    indices = [i * 13 // 5 for i in range(5)]
+    assert indices == [0, 2, 5, 7, 10]
+    assert (f"{tmp_path / 'clip.mp4'}: 5 frames sampled from a 5 fps video (the processor samples 2 fps), "
+            f"2 chunk(s) of up to 4 frames") in err
+    assert "chunk 0, frame 0 (0.00 s) to frame 7 (1.40 s): grid 4x4x6 patches -> 6 tokens x 24" in printed
+    assert "chunk 1, frame 10 (2.00 s): grid 1x4x6 patches -> 6 tokens x 24" in printed
+    with av.open(str(tmp_path / "clip.mp4")) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    frames = np.stack([decoded[i] for i in indices])
+    vid = video_proc(videos=[frames], do_sample_frames=False, return_tensors="pt")
+    want = _split(src(vid["pixel_values_videos"], vid["video_grid_thw"]), vid["video_grid_thw"])
+    with safe_open(out, framework="pt") as f:
+        assert sorted(f.keys()) == ["video_0_chunk_0", "video_0_chunk_1"]
+        for key, w in zip(["video_0_chunk_0", "video_0_chunk_1"], want):
+            _assert_close(f.get_tensor(key), w)
+
+
+def test_encode_kimi_k25_in_token_limit_and_demo(tmp_path, capsys):
+    _k25_processors()
+    write_k25_checkpoint(tmp_path / "k25", tiny_k25_config(), seed=53, preprocessor=KIMI_K25_PREPROCESSOR_JSON)
+    image = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(6).integers(0, 256, (100, 100, 3), dtype=np.uint8)).save(image)
+    args = ["encode", "--demo", str(image), "--model", str(tmp_path / "k25"), "--out", str(tmp_path / "e.safetensors")]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "demo: grid 16x24 patches -> 96 tokens x 24" in printed and f"{image}: grid 8x8 patches" in printed
+    # 49 full patches over a limit of 16: both sides scaled by sqrt(16/49), to 57 px, padded to 84
+    assert main([*args, "--in-token-limit", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{image}: grid 6x6 patches -> 9 tokens x 24" in printed

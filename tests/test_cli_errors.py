@@ -15,13 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from moonvit_fixtures import kimi_vl_config_json, random_model, tiny_config, write_checkpoint
+from moonvit_fixtures import (KIMI_K25_PREPROCESSOR_JSON, kimi_k25_config_json, kimi_vl_config_json, random_model,
+                              tiny_config, tiny_k25_config, write_checkpoint, write_k25_checkpoint)
 from fused_moonvit.moonvit import cli
 
 # The CLI's own main, with building a model turned into a failure that says so: every mistake here must
 # be caught before that point.
 TRIPWIRE = """
+import os
 import sys
+if os.environ.get("TRIPWIRE_HIDE_PYAV"):
+    sys.modules["av"] = None  # as where PyAV is not installed
 from fused_moonvit.moonvit import cli, loading
 
 def tripped(*args, **kwargs):
@@ -59,6 +63,28 @@ def _unreadable_weights(path: Path) -> Path:
     _config_without_weights(path)
     (path / "model.safetensors").write_bytes(b"not a safetensors file")
     return path
+
+
+def _k25_with_frames(case_dir: Path, frames: int = 3, preprocessor=KIMI_K25_PREPROCESSOR_JSON, mutate=None) -> Path:
+    """A tiny Kimi-K2.5 directory at {d}/k25 (returned) and a folder of `frames` frames at {d}/frames."""
+    from PIL import Image
+
+    if mutate is None:
+        write_k25_checkpoint(case_dir / "k25", tiny_k25_config(), seed=32, preprocessor=preprocessor)
+    else:
+        tensors = dict(random_model(tiny_k25_config(), seed=32).state_dict())
+        mutate(tensors)
+        write_checkpoint(case_dir / "k25", tensors, kimi_k25_config_json(tiny_k25_config()), shards=2)
+    (case_dir / "frames").mkdir()
+    for i in range(frames):
+        Image.new("RGB", (30, 20), (10 * i, 0, 0)).save(case_dir / "frames" / f"{i:02d}.png")
+    return case_dir / "k25"
+
+
+def _fixed_tokens():
+    cfg = json.loads(json.dumps(KIMI_K25_PREPROCESSOR_JSON))
+    cfg["media_proc_cfg"]["fixed_output_tokens"] = 64
+    return cfg
 
 
 def _mkdir(path: Path) -> Path:
@@ -116,6 +142,36 @@ CASES = {
     "in_token_limit_not_a_number": (
         lambda d: d, ["encode", "--demo", "--in-token-limit", "abc", "--out", "{out}"], {},
         ["argument --in-token-limit: expected a whole number >= 1, got 'abc'"]),
+    "video_with_kimi_vl_model": (
+        lambda d: (_k25_with_frames(d), _tiny_checkpoint(d / "model"))[1],
+        ["encode", "--video", "{d}/frames", "--model", "{m}", "--out", "{out}"], {},
+        ["--video needs a Kimi-K2.5 / K2.6 / K3 model (MoonViT3d)", "--model {m} is a Kimi-VL / MoonVit directory",
+         "images only"]),
+    "video_without_model": (
+        lambda d: _k25_with_frames(d), ["encode", "--video", "{d}/frames", "--out", "{out}"], {},
+        ["--video needs a Kimi-K2.5 / K2.6 / K3 model", "without --model the random-weight model is Kimi-VL's"]),
+    "video_folder_empty": (
+        lambda d: _k25_with_frames(d, frames=0), ["encode", "--video", "{d}/frames", "--model", "{m}", "--out", "{out}"],
+        {}, ["--video {d}/frames: frame folder {d}/frames holds no frame images"]),
+    "video_file_without_pyav": (
+        lambda d: (_k25_with_frames(d), _file(d / "clip.mp4"))[0],
+        ["encode", "--video", "{d}/clip.mp4", "--model", "{m}", "--out", "{out}"], {"TRIPWIRE_HIDE_PYAV": "1"},
+        ["--video {d}/clip.mp4: decoding a video file needs PyAV, which is not installed: pip install av"]),
+    "video_missing": (
+        lambda d: _k25_with_frames(d), ["encode", "--video", "{d}/nope.mp4", "--model", "{m}", "--out", "{out}"], {},
+        ["--video {d}/nope.mp4: no such video file or frame folder"]),
+    "video_frame_unreadable": (
+        lambda d: (_k25_with_frames(d), _file(d / "frames" / "03.png"))[0],
+        ["encode", "--video", "{d}/frames", "--model", "{m}", "--out", "{out}"], {},
+        ["--video {d}/frames: frame {d}/frames/03.png cannot be read"]),
+    "k25_processor_setting_unsupported": (
+        lambda d: _k25_with_frames(d, preprocessor=_fixed_tokens()),
+        ["encode", "--video", "{d}/frames", "--model", "{m}", "--out", "{out}"], {},
+        ["--model {m}: {m}/preprocessor_config.json: fixed_output_tokens=64 has no equivalent"]),
+    "k25_checkpoint_wrong_keys": (
+        lambda d: _k25_with_frames(d, mutate=lambda t: t.pop("mm_projector.proj.2.weight")),
+        ["encode", "--video", "{d}/frames", "--model", "{m}", "--out", "{out}"], {},
+        ["checkpoint '{m}' does not match the model: 1 missing (mm_projector.proj.2.weight)"]),
     "nothing_to_encode": (
         lambda d: d, ["encode", "--out", "{out}"], {}, ["give at least one IMAGE, or --demo"]),
     "bench_unknown": (

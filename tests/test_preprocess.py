@@ -99,7 +99,7 @@ def test_bad_arguments():
 import json  # noqa: E402
 import sys  # noqa: E402
 
-from moonvit_fixtures import KIMI_K25_PREPROCESSOR_JSON  # noqa: E402
+from moonvit_fixtures import KIMI_K25_PREPROCESSOR_JSON, write_video  # noqa: E402
 from fused_moonvit.moonvit.preprocess import (KimiK25Inputs, frame_files, pyav_available,  # noqa: E402
                                               read_frame_folder, read_video_file)
 
@@ -289,22 +289,6 @@ def test_frame_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no frame images"):
         frame_files(tmp_path / "empty")
-
-
-def write_video(path, frames: int, fps: int, w: int = 64, h: int = 48):
-    """An MPEG-4 file whose frame i is a flat grey of level 20 * i (kept apart by lossy coding)."""
-    import av
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"qscale": "1"}
-        for i in range(frames):
-            image = np.full((h, w, 3), 20 * i, np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 def test_read_video_file_samples_like_the_processor(tmp_path):
