@@ -1,14 +1,16 @@
-"""MoonVit for Kimi-VL: config, the eager reference, checkpoint loading and image preprocessing."""
+"""MoonVit for Kimi-VL and MoonViT3d for Kimi-K2.5 / K2.6 / K3: config, the eager reference, checkpoint
+loading, and image and video preprocessing."""
 
 from .checkpoint import CheckpointError, load_encoder_state
 from .config import MoonVitConfig
 from .loading import build_model, check_model_dir
-from .preprocess import preprocess_image, preprocess_images
+from .preprocess import KimiK25Inputs, preprocess_image, preprocess_images, read_frame_folder, read_video_file
 from .reference import MoonVitReference
 
 __all__ = [
     "CheckpointError",
     "FusedMoonVit",
+    "KimiK25Inputs",
     "MoonVitGraphRunner",
     "MoonVitConfig",
     "MoonVitReference",
@@ -17,6 +19,8 @@ __all__ = [
     "load_encoder_state",
     "preprocess_image",
     "preprocess_images",
+    "read_frame_folder",
+    "read_video_file",
 ]
 
 

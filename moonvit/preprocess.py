@@ -106,7 +106,7 @@ def _processor_classes():
         missing = getattr(err, "name", None)
         if missing and missing.split(".")[0] == "torchvision":
             raise ProcessorUnavailable("Kimi-K2.5 inputs are prepared by transformers' Kimi_K25ImageProcessor, which "
-                                       "needs torchvision: pip install torchvision") from err
+                                       "needs torchvision: pip install torchvision (or this package's k25 extra)") from err
         raise ProcessorUnavailable(f"Kimi-K2.5 inputs are prepared by transformers' Kimi_K25ImageProcessor, which "
                                    f"transformers {transformers.__version__} lacks ({err}); install a release with "
                                    f"Kimi-K2.5 support (5.22 is tested)") from err
