@@ -14,6 +14,10 @@ not copied from them:
 Both copy replay values in through the module's padding logics, as both releases do when the model's
 config names them. `capture` makes the graph: a real `torch.cuda.graph` capture on the GPU, or
 `RerunGraph` on the CPU.
+
+With `frames` (a MoonViT3d model's frame factors, `encoder_graph.frame_factors`), both capture every
+budget once per factor, as a capture axis (graphs keyed (budget, k), buffers shared within one k only),
+and a batch replays the graph of the factor `encoder_graph.frame_factor` picks for it.
 """
 
 from __future__ import annotations
@@ -64,26 +68,35 @@ class Graph:
 class ProtocolDriver:
     """One manager's use of the protocol for `encoder` (layout: "per_budget" or "shared_prefix").
 
-    `slots`: the image slots of every budget, or a {token_budget: slots} map to give budgets different
-    plan sizes (each replay is then built for its graph's slots)."""
+    `slots`: the item slots of every budget, or a {token_budget: slots} map to give budgets different
+    plan sizes (each replay is then built for its graph's slots). `frames`: the frame factors of a
+    MoonViT3d model (None: one images-only graph per budget). Graphs are keyed by token budget, or by
+    (budget, k) with frame factors."""
 
     def __init__(self, encoder, token_budgets: list[int], slots: int | dict[int, int], layout: str,
-                 capture: Callable):
+                 capture: Callable, frames: tuple[int, ...] | None = None):
         if layout not in ("per_budget", "shared_prefix"):
             raise ValueError(f"layout must be 'per_budget' or 'shared_prefix', got {layout!r}")
-        self.encoder, self.layout, self.capture_graph = encoder, layout, capture
+        self.encoder, self.layout, self.capture_graph, self.frames = encoder, layout, capture, frames
         self.token_budgets = sorted(token_budgets)
         self.slots = slots if isinstance(slots, dict) else dict.fromkeys(self.token_budgets, slots)
-        self.graphs: dict[int, Graph] = {}
-        self.replays: list[int] = []  # token budget of each replay
-        self.runs: list[tuple[list[int], int | None]] = []  # (images, budget or None) of each batch run
+        self.graphs: dict = {}
+        self.replays: list = []  # graph key of each replay
+        self.runs: list[tuple[list[int], object]] = []  # (items, graph key or None) of each batch run
+
+    def key(self, budget: int, k: int | None):
+        return budget if k is None else (budget, k)
 
     def capture(self) -> None:
+        for k in (self.frames or (None,)):
+            self._capture_group(k)
+
+    def _capture_group(self, k: int | None) -> None:
         shared: dict[str, torch.Tensor] | None = None
         shared_output: torch.Tensor | None = None
         for budget in sorted(self.token_budgets, reverse=True):
             buffers = eg.capture_buffers(self.encoder, budget, self.slots[budget], self.encoder.device,
-                                         self.encoder.dtype)
+                                         self.encoder.dtype, k)
             if self.layout == "shared_prefix":
                 if shared is None:
                     shared = buffers
@@ -102,27 +115,31 @@ class ProtocolDriver:
                 with torch.inference_mode():
                     output.copy_(eg.graph_forward(self.encoder, dict(buffers)))
 
-            self.graphs[budget] = Graph(budget, self.slots[budget], buffers, output, self.capture_graph(body))
+            self.graphs[self.key(budget, k)] = Graph(budget, self.slots[budget], buffers, output,
+                                                     self.capture_graph(body))
 
     @staticmethod
     def _prefix_view(full: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
-        if full.shape[1:] != own.shape[1:] or full.dtype != own.dtype or own.shape[0] > full.shape[0]:
+        if (full.dim() != own.dim() or full.shape[1:] != own.shape[1:] or full.dtype != own.dtype
+                or own.shape[0] > full.shape[0]):
             return own
         view = full[: own.shape[0]]
         view.copy_(own)
         return view
 
     def encode(self, pixel_values: torch.Tensor, grid: list[list[int]]) -> list[torch.Tensor]:
-        """Per-image outputs, in the input order, each a fresh tensor."""
-        tokens = [h * w // eg.PATCHES_PER_TOKEN for h, w in grid]
+        """Per-item outputs, in the input order, each a fresh tensor."""
+        tokens = item_tokens(grid)
         results: list[torch.Tensor | None] = [None] * len(grid)
         for batch, budget in self._batches(tokens):
-            self.runs.append((batch, budget))
             pixels, batch_grid = eg.select_items(pixel_values, grid, batch)
             if budget is None:
+                self.runs.append((batch, None))
                 out = self.encoder(pixels, batch_grid)
             else:
-                out = self._replay(budget, pixels, batch_grid)
+                key = self.key(budget, None if self.frames is None else eg.frame_factor(batch_grid, self.frames))
+                self.runs.append((batch, key))
+                out = self._replay(key, pixels, batch_grid)
             for i, part in zip(batch, out[: sum(tokens[i] for i in batch)].split([tokens[i] for i in batch])):
                 results[i] = part.clone()
         return results
@@ -153,48 +170,54 @@ class ProtocolDriver:
             close()
         return batches
 
-    def _replay(self, budget: int, pixels: torch.Tensor, grid: list[list[int]]) -> torch.Tensor:
-        graph = self.graphs[budget]
+    def _replay(self, key, pixels: torch.Tensor, grid: list[list[int]]) -> torch.Tensor:
+        graph = self.graphs[key]
         values = eg.replay_values(self.encoder, pixels, grid, graph.slots)
-        for key, buffer in graph.buffers.items():
-            eg.PADDING_LOGICS[key](buffer, values[key])
+        for name, buffer in graph.buffers.items():
+            eg.PADDING_LOGICS[name](buffer, values[name])
         graph.graph.replay()
-        self.replays.append(budget)
+        self.replays.append(key)
         # Padding rows too: they are one padding sequence up to the graph's budget, never undefined rows.
-        assert torch.isfinite(graph.output).all(), f"non-finite rows in the output of the {budget}-token graph"
+        assert torch.isfinite(graph.output).all(), f"non-finite rows in the output of the {key} graph"
         return graph.output
 
 
+def item_tokens(grid) -> list[int]:
+    """Output tokens of each (h, w) or (t, h, w) item: h/2 * w/2."""
+    return [row[-2] * row[-1] // eg.PATCHES_PER_TOKEN for row in grid]
+
+
 def poison(driver: ProtocolDriver, seed: int) -> None:
-    """Leaves in every captured buffer what another budget's capture or replay could: NaN pixels and a
-    random plan."""
+    """Leaves in every captured buffer what another budget's capture or replay could: NaN pixels (255
+    in a raw uint8 buffer) and a random plan."""
     g = torch.Generator().manual_seed(seed)
     for graph in driver.graphs.values():
-        graph.buffers[eg.PIXELS_KEY].fill_(float("nan"))
+        pixels = graph.buffers[eg.PIXELS_KEY]
+        pixels.fill_(255 if pixels.dtype == torch.uint8 else float("nan"))
         plan = graph.buffers[eg.PLAN_KEY]
         plan.copy_(torch.randint(-(2**20), 2**20, plan.shape, generator=g, dtype=torch.int32))
 
 
 def clean_outputs(encoder, pixel_values: torch.Tensor, grid: list[list[int]], batch: list[int],
-                  token_budget: int, slots: int) -> list[torch.Tensor]:
-    """The images `batch` through the graph body's computation at `token_budget`, without a graph: zero
-    padding rows and a plan built for the budget on the host."""
+                  token_budget: int, slots: int, frames: int | None = None) -> list[torch.Tensor]:
+    """The items `batch` through the graph body's computation at `token_budget` and frame factor
+    `frames`, without a graph: zero padding rows and a plan built for the budget on the host."""
     from fused_moonvit.kernels.plan import build_plan, new_device_plan, upload_plan
 
     pixels, batch_grid = eg.select_items(pixel_values, grid, batch)
-    rows = eg.patch_budget(token_budget)
+    rows = eg.patch_budget(token_budget, frames)
     padded = torch.zeros(rows, *pixels.shape[1:], device=pixels.device, dtype=pixels.dtype)
     padded[: pixels.shape[0]] = pixels
     plan = upload_plan(build_plan(batch_grid, rows, slots), new_device_plan(slots, pixels.device), budget=rows)
     out = encoder.forward_static(padded, plan)
-    tokens = [h * w // eg.PATCHES_PER_TOKEN for h, w in batch_grid]
+    tokens = item_tokens(batch_grid)
     return list(out[: sum(tokens)].split(tokens))
 
 
-def check_sets(driver: ProtocolDriver, image_sets: dict[str, list[tuple[int, int]]], *, tolerance: float,
+def check_sets(driver: ProtocolDriver, image_sets: dict[str, list[tuple[int, ...]]], *, tolerance: float,
                poison_before: set[str] = frozenset(), seed: int = 0) -> dict[str, dict]:
     """Encodes each set through `driver`, in order, and checks every image's output against the eager
-    `FusedMoonVit.forward` (relative error <= tolerance) and, for images that went through a graph, against
+    `FusedMoonVit.forward` (relative error <= tolerance) and, for items that went through a graph, against
     the same budget's computation on clean buffers (bitwise: stale rows must change nothing). Returns the
     replays, eager batches and errors per set."""
     from moonvit_fixtures import random_pixels, rel_err
@@ -209,7 +232,7 @@ def check_sets(driver: ProtocolDriver, image_sets: dict[str, list[tuple[int, int
             encoder.device, encoder.dtype)
         first_run, first_replay = len(driver.runs), len(driver.replays)
         got = driver.encode(pixel_values, grid)
-        tokens = [h * w // eg.PATCHES_PER_TOKEN for h, w in grid]
+        tokens = item_tokens(grid)
         want = encoder(pixel_values, grid).split(tokens)
         errors = []
         for out, ref in zip(got, want):
@@ -217,13 +240,14 @@ def check_sets(driver: ProtocolDriver, image_sets: dict[str, list[tuple[int, int
             assert torch.isfinite(out).all(), f"{name}: non-finite output"
             errors.append(rel_err(out, ref))
         assert max(errors) <= tolerance, f"{name}: graph vs eager relative errors {errors}"
-        for batch, budget in driver.runs[first_run:]:
-            if budget is None:
+        for batch, key in driver.runs[first_run:]:
+            if key is None:
                 continue
-            clean = clean_outputs(encoder, pixel_values, grid, batch, budget, driver.graphs[budget].slots)
+            budget, k = key if isinstance(key, tuple) else (key, None)
+            clean = clean_outputs(encoder, pixel_values, grid, batch, budget, driver.graphs[key].slots, k)
             for i, ref in zip(batch, clean):
-                assert torch.equal(got[i], ref), f"{name}: image {i} differs from a clean run at budget {budget}"
+                assert torch.equal(got[i], ref), f"{name}: item {i} differs from a clean run at graph {key}"
         figures[name] = {"grids": grid, "replays": driver.replays[first_replay:],
-                         "eager_batches": [len(b) for b, budget in driver.runs[first_run:] if budget is None],
+                         "eager_batches": [len(b) for b, key in driver.runs[first_run:] if key is None],
                          "max_rel_err_vs_eager": max(errors)}
     return figures

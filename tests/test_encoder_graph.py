@@ -6,7 +6,7 @@ the same with real captures)."""
 import pytest
 import torch
 
-from moonvit_fixtures import random_model, random_pixels, tiny_config
+from moonvit_fixtures import random_model, random_pixels, rel_err, tiny_config
 from protocol_drivers import ProtocolDriver, check_sets, rerun_capture
 
 from fused_moonvit.integration import encoder_graph as eg
@@ -65,7 +65,7 @@ def test_replay_values_plan_ends_at_the_images(encoder):
 
 
 @pytest.mark.parametrize("pixels,grid,slots,error,match", [
-    (torch.zeros(64, 3, 14, 14), [[2, 2], [6, 10]], 1, ValueError, "got 2 images but max_images is 1"),
+    (torch.zeros(64, 3, 14, 14), [[2, 2], [6, 10]], 1, ValueError, "got 2 items but max_images is 1"),
     (torch.zeros(60, 3, 14, 14), [[2, 2], [6, 10]], 4, ValueError, "more than the budget 60"),
     (torch.zeros(68, 3, 14, 14), [[2, 2], [6, 10]], 4, ValueError, "has 68 patches but the grid .* needs 64"),
     (torch.zeros(15, 3, 14, 14), [[3, 5]], 4, ValueError, "h must be even"),
@@ -91,7 +91,7 @@ def test_copy_plan_writes_the_whole_plan_of_matching_slots():
     plan = build_plan([[2, 2]], 4, 3)
     eg.copy_plan(buffer, plan)
     assert torch.equal(buffer, plan)
-    with pytest.raises(ValueError, match="replay plan has 4 image slots but the graph was captured with 3"):
+    with pytest.raises(ValueError, match="replay plan has 4 item slots but the graph was captured with 3"):
         eg.copy_plan(buffer, build_plan([[2, 2]], 4, 4))
 
 
@@ -136,4 +136,108 @@ def test_protocol_in_each_managers_order(encoder, layout, slots):
                           poison_before=POISON_BEFORE, seed=2)
     assert driver.graphs[32].buffers[eg.PIXELS_KEY][120:].isnan().all()  # poisoned, never cleared
     for name, (replays, eager) in EXPECTED[layout].items():
+        assert (figures[name]["replays"], figures[name]["eager_batches"]) == (replays, eager), name
+
+
+# -- MoonViT3d (Kimi-K2.5): images and video chunks, graphs per frame factor --
+
+FRAMES = (1, 2, 4)  # eg.frame_factors(4)
+VIDEO_BUDGETS = [16, 32]
+
+# In this order, through one driver, poisoning every buffer before the marked sets. Token counts are
+# h/2 * w/2 whatever t; the graph's frame factor k is the smallest of 1, 2, 4 with 4 T k rows >= patches.
+ITEM_SETS = {
+    "chunk_exact": [(4, 8, 16)],  # 32 tokens, 512 patches: the (32, 4) graph, no padding rows
+    "small_after_chunk": [(4, 2, 2), (4, 4, 6)],  # 7 tokens, 112 patches: (16, 4), a prefix of (32, 4)
+    "two_frames_after_poison": [(2, 6, 10)],  # 15 tokens, 120 patches: (16, 2), 8 NaN padding rows
+    "mix": [(1, 2, 40), (3, 4, 4), (1, 4, 4), (2, 2, 2)],  # 29 tokens, 152 patches / 116 positions: (32, 2)
+    "images_after_poison": [(1, 6, 10), (1, 2, 2)],  # 16 tokens: (16, 1)
+    "three_frames": [(3, 6, 6), (1, 2, 2)],  # 10 tokens, 112 patches / 40 positions -> 3 -> (16, 4)
+    "oversized": [(1, 16, 16), (2, 2, 2)],  # 65 tokens, the 64-token image alone above the largest budget
+}
+ITEM_POISON_BEFORE = {"two_frames_after_poison", "images_after_poison"}
+ITEM_EXPECTED = {  # (graph of each replay, items per eager batch)
+    "per_budget": {"chunk_exact": ([(32, 4)], []), "small_after_chunk": ([(16, 4)], []),
+                   "two_frames_after_poison": ([(16, 2)], []), "mix": ([(32, 2)], []),
+                   "images_after_poison": ([(16, 1)], []), "three_frames": ([(16, 4)], []),
+                   "oversized": ([(16, 2)], [1])},
+    "shared_prefix": {"chunk_exact": ([(32, 4)], []), "small_after_chunk": ([(16, 4)], []),
+                      "two_frames_after_poison": ([(16, 2)], []), "mix": ([(32, 2)], []),
+                      "images_after_poison": ([(16, 1)], []), "three_frames": ([(16, 4)], []),
+                      "oversized": ([], [2])},
+}
+
+
+@pytest.fixture(scope="module")
+def encoder3d():
+    ref = random_model(tiny_config(tower="moonvit3d", pos_emb_time=4), seed=12)
+    fused = FusedMoonVit(ref.config)
+    fused.load_state_dict(ref.state_dict())
+    return fused.eval()
+
+
+def test_frame_factors():
+    assert eg.frame_factors(1) == (1,) and eg.frame_factors(4) == FRAMES and eg.frame_factors(6) == (1, 2, 4, 6)
+    assert eg.frame_factor([[2, 2], [4, 6]], FRAMES) == 1  # (h, w) rows are images
+    assert eg.frame_factor([(1, 4, 6), (4, 6, 6)], FRAMES) == 4  # 168 patches / 60 positions
+    assert eg.frame_factor([(1, 10, 12), (2, 2, 2)], FRAMES) == 2  # 128 / 124
+    assert eg.frame_factor([(3, 4, 4)], FRAMES) == 4 and eg.frame_factor([], FRAMES) == 1
+    with pytest.raises(ValueError, match="need a frame factor of 4, above the largest captured one, 2"):
+        eg.frame_factor([(4, 2, 2)], (1, 2))
+
+
+def test_capture_buffers_per_frame_factor(encoder3d):
+    buffers = eg.capture_buffers(encoder3d, 16, 3, torch.device("cpu"), torch.uint8, frames=4)
+    pixels = buffers[eg.PIXELS_KEY]
+    # Rows first, so that smaller budgets of the same k view a prefix; read flat, 4 T k patch rows.
+    assert pixels.shape == (64, 4, 3, 14, 14) and pixels.dtype == torch.uint8 and eg.buffer_rows(pixels) == 256
+    assert torch.equal(buffers[eg.PLAN_KEY], build_plan([], 256, 3))
+    with pytest.raises(TypeError, match="raw uint8 pixels .* got torch.float32"):
+        eg.copy_pixel_rows(pixels, torch.zeros(8, 3, 14, 14))
+    eg.copy_pixel_rows(pixels, torch.full((70, 3, 14, 14), 7, dtype=torch.uint8))
+    flat = pixels.view(-1, 3, 14, 14)
+    assert (flat[:70] == 7).all() and not flat[70:].any()
+
+
+def test_graph_forward_returns_the_budgets_rows_and_normalizes(encoder3d):
+    grid = [[2, 6, 10], [1, 2, 2]]
+    raw = torch.randint(0, 256, (124, 3, 14, 14), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+    def normalize(x):
+        return (x.float() / 255 - 0.5) / 0.25
+
+    buffers = eg.capture_buffers(encoder3d, 16, 4, torch.device("cpu"), torch.uint8, frames=2)
+    values = eg.replay_values(encoder3d, raw, grid, 4)
+    for key, buffer in buffers.items():
+        eg.PADDING_LOGICS[key](buffer, values[key])
+    out = eg.graph_forward(encoder3d, buffers, normalize)
+    assert out.shape == (16, 24) and torch.isfinite(out).all()
+    want = encoder3d(normalize(raw), grid)
+    assert rel_err(out[:16], want) <= 1e-5
+
+
+def test_replay_values_refuse_too_many_frames(encoder3d):
+    with pytest.raises(ValueError, match=r"item 1 \(5x2x2\) has 5 frames, but the tower's time embedding has 4"):
+        eg.replay_values(encoder3d, torch.zeros(24, 3, 14, 14), [[1, 2, 2], [5, 2, 2]], 4)
+
+
+@pytest.mark.parametrize("layout", ["per_budget", "shared_prefix"])
+def test_protocol_with_video_chunks_in_each_managers_order(encoder3d, layout):
+    driver = ProtocolDriver(encoder3d, VIDEO_BUDGETS, SLOTS, layout, rerun_capture, frames=FRAMES)
+    driver.capture()
+    assert sorted(driver.graphs) == [(b, k) for b in VIDEO_BUDGETS for k in FRAMES]
+    if layout == "shared_prefix":
+        for k in FRAMES:  # shared within a frame factor, not across
+            for key in eg.BUFFER_KEYS:
+                assert driver.graphs[16, k].buffers[key].data_ptr() == driver.graphs[32, k].buffers[key].data_ptr()
+        assert driver.graphs[16, 1].buffers[eg.PIXELS_KEY].data_ptr() != \
+            driver.graphs[16, 2].buffers[eg.PIXELS_KEY].data_ptr()
+    figures = check_sets(driver, dict(list(ITEM_SETS.items())[:2]), tolerance=1e-5)
+    if layout == "shared_prefix":
+        # the (16, 4) graph's padding rows still hold the chunk's pixels: nothing cleared them
+        stale = driver.graphs[16, 4].buffers[eg.PIXELS_KEY].view(-1, 3, 14, 14)[112:256]
+        assert torch.equal(stale, random_pixels([[4, 8, 16]], seed=0)[112:256])
+    figures |= check_sets(driver, dict(list(ITEM_SETS.items())[2:]), tolerance=1e-5,
+                          poison_before=ITEM_POISON_BEFORE, seed=2)
+    for name, (replays, eager) in ITEM_EXPECTED[layout].items():
         assert (figures[name]["replays"], figures[name]["eager_batches"]) == (replays, eager), name

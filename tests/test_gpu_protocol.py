@@ -96,3 +96,42 @@ def test_real_captures_in_each_managers_order(encoder, layout, slots):
         print(f"{layout} {name}: replays {figure['replays']}, eager {figure['eager_batches']}, "
               f"max rel err vs eager {figure['max_rel_err_vs_eager']:.2e}")
         assert (figure["replays"], figure["eager_batches"]) == EXPECTED[layout][name], name
+
+
+# -- MoonViT3d (Kimi-K2.5 / K2.6): images and video chunks, graphs per frame factor --
+
+CONFIG_3D = dict(num_hidden_layers=2, tower="moonvit3d", pos_emb_time=4)
+VIDEO_BUDGETS = [64, 256, 1024]
+FRAMES = (1, 2, 4)
+# k: the smallest of 1, 2, 4 with 4 T k >= the batch's patches (encoder_graph.frame_factor)
+ITEM_SETS = {
+    "chunk_exact": [(4, 32, 32)],  # 256 tokens, 4096 patches: the (256, 4) graph, no padding rows
+    "image_after_chunk": [(1, 16, 16)],  # 64 tokens: (64, 1)
+    "small_chunk_after_poison": [(4, 16, 16)],  # 64 tokens: (64, 4), a prefix of (1024, 4) on 0.34
+    "mix_after_poison": [(1, 32, 32), (2, 24, 20), (2, 10, 10), (3, 2, 40)],  # 421 tokens: (1024, 2)
+    "two_frames": [(2, 30, 40)],  # 300 tokens: (1024, 2)
+}
+ITEM_POISON_BEFORE = {"small_chunk_after_poison", "mix_after_poison"}
+ITEM_EXPECTED = {"chunk_exact": [(256, 4)], "image_after_chunk": [(64, 1)], "small_chunk_after_poison": [(64, 4)],
+                 "mix_after_poison": [(1024, 2)], "two_frames": [(1024, 2)]}
+
+
+@pytest.fixture(scope="module")
+def encoder3d():
+    reference = random_model(MoonVitConfig(**CONFIG_3D), seed=1)
+    fused = FusedMoonVit(reference.config)
+    fused.load_state_dict(reference.state_dict())
+    return fused.to("cuda", torch.bfloat16).eval()
+
+
+@pytest.mark.parametrize("layout", ["per_budget", "shared_prefix"])
+def test_real_captures_with_video_chunks(encoder3d, layout):
+    capture = cuda_graph_capture(torch.cuda.graph_pool_handle())
+    driver = ProtocolDriver(encoder3d, VIDEO_BUDGETS, SLOTS, layout, capture, frames=FRAMES)
+    driver.capture()
+    figures = check_sets(driver, ITEM_SETS, tolerance=TOLERANCE, poison_before=ITEM_POISON_BEFORE)
+    FIGURES[f"moonvit3d_{layout}"] = figures
+    for name, figure in figures.items():
+        print(f"moonvit3d {layout} {name}: replays {figure['replays']}, "
+              f"max rel err vs eager {figure['max_rel_err_vs_eager']:.2e}")
+        assert (figure["replays"], figure["eager_batches"]) == (ITEM_EXPECTED[name], []), name

@@ -9,7 +9,6 @@ manager ran under capture.
 """
 
 
-import contextlib
 import threading
 from importlib.metadata import version
 
@@ -18,6 +17,7 @@ import torch
 from packaging.version import Version
 
 from moonvit_fixtures import random_model, random_pixels, rel_err, tiny_config
+from vllm_manager import captured_manager
 from vllm_peer import init_vllm_cpu, write_tiny_kimi_vl_dir
 
 from fused_moonvit.integration.encoder_graph import PADDING_LOGICS, PLAN_KEY
@@ -199,23 +199,26 @@ def test_constructor_swap_is_local_to_the_model(model_dir, monkeypatch):
 def test_tower_constructors_refuse_what_they_cannot_build():
     """A quantization config for the tower (vLLM 0.33 and 0.34 pass none), or a prefix other than the
     attribute whose checkpoint names the encoder's parameters carry."""
-    from fused_moonvit.integration.kimi_vl import _FusedTowerConstructors
+    from fused_moonvit.integration.kimi_vl import _tower_constructors
 
-    constructors = _FusedTowerConstructors(VISION, "model")
+    constructors = _tower_constructors(VISION, "model")
+    vision_tower, projector = constructors.stand_in("vision_tower"), constructors.stand_in("multi_modal_projector")
     with pytest.raises(ValueError, match="unquantized vision weights only.*vision_tower quantized \\(object\\)"):
-        constructors.vision_tower(None, prefix="model.vision_tower", quant_config=object())
+        vision_tower(None, prefix="model.vision_tower", quant_config=object())
     with pytest.raises(RuntimeError, match="multi_modal_projector under the prefix 'model.projector', not "
                                            "'model.multi_modal_projector'"):
-        constructors.multi_modal_projector(config=None, prefix="model.projector")
+        projector(config=None, prefix="model.projector")
     assert constructors.encoder is None and constructors.built == []
-    tower = constructors.vision_tower(None, prefix="model.vision_tower", quant_config=None)
+    tower = vision_tower(None, prefix="model.vision_tower", quant_config=None)
     assert tower is constructors.encoder.vision_tower and constructors.built == ["vision_tower"]
+    with pytest.raises(KeyError, match="'mm_projector' is not one of"):
+        constructors.stand_in("mm_projector")
 
 
 def test_refuses_a_parent_that_builds_its_tower_otherwise(monkeypatch):
     from vllm.model_executor.models import kimi_vl as vllm_kimi_vl
 
-    from fused_moonvit.integration.kimi_vl import _FusedTowerConstructors, _parent_init_with
+    from fused_moonvit.integration.kimi_vl import _parent_init_with, _tower_constructors
 
     def init_without_the_names(self, vllm_config, prefix=""):
         self.vision_tower = None
@@ -223,7 +226,7 @@ def test_refuses_a_parent_that_builds_its_tower_otherwise(monkeypatch):
     monkeypatch.setattr(vllm_kimi_vl.KimiVLForConditionalGeneration, "__init__", init_without_the_names)
     with pytest.raises(RuntimeError, match="no longer builds its tower through MoonVitPretrainedModel and "
                                            "KimiVLMultiModalProjector.*FUSED_MOONVIT_DISABLE=1"):
-        _parent_init_with(_FusedTowerConstructors(VISION, ""))
+        _parent_init_with(_tower_constructors(VISION, ""))
 
 
 def test_load_weights_refuses_quantized_vision_tensors(model_dir, checkpoint):
@@ -284,6 +287,7 @@ def test_protocol_config_and_item_specs(ours):
 @pytest.mark.parametrize("token_budget,slots,dtype", [(16, 1, torch.float32), (64, 4, torch.float32),
                                                      (100, 7, torch.bfloat16)])
 def test_capture_inputs(ours, token_budget, slots, dtype):
+    from fused_moonvit.kernels.plan import plan_numel
 
     capture = ours.prepare_encoder_cudagraph_capture_inputs(token_budget, slots, slots, torch.device("cpu"), dtype)
     values = capture.values
@@ -292,7 +296,7 @@ def test_capture_inputs(ours, token_budget, slots, dtype):
     assert values["pixel_values"].shape == (4 * token_budget, 3, 14, 14)
     assert values["pixel_values"].dtype == dtype
     plan = values[PLAN_KEY]
-    assert plan.dtype == torch.int32 and plan.shape == (5 * slots + 2,)
+    assert plan.dtype == torch.int32 and plan.shape == (plan_numel(slots),)
     # All padding: every slot empty, one padding sequence over the whole budget.
     assert plan[: slots + 2].tolist() == [0] * (slots + 1) + [4 * token_budget]
     if dtype == torch.float32:  # the manager captures in the model's dtype
@@ -367,59 +371,9 @@ def test_replay_validates_the_grid_once(ours, monkeypatch):
     monkeypatch.setattr(inputs, "check_grid_hws", lambda *a, **k: pytest.fail("the grid was validated again"))
     ours.prepare_encoder_cudagraph_replay_buffers(mm_kwargs(IMAGE_SETS["several"]), 6, 6)
     assert len(plans) == 1
-    with pytest.raises(ValueError, match="image 1: h must be even"):
+    with pytest.raises(ValueError, match="item 1: h must be even"):
         ours.prepare_encoder_cudagraph_replay_buffers({"pixel_values": torch.zeros(19, 3, 14, 14),
                                                       "image_grid_hws": torch.tensor([[2, 2], [3, 5]])}, 6, 6)
-
-
-class StandInGraph:
-    """`torch.cuda.CUDAGraph`'s stand-in on the CPU. The manager's own capture runs the body once under
-    `stand_in_capture`, which records what the model's forward was given; replay reruns that forward on
-    those buffers and copies it into the manager's output buffer, which is what replaying the graph does."""
-
-    capturing: list["StandInGraph"] = []
-
-    def __init__(self):
-        self.forward = self.output_buffer = self.budget = self.replays = None
-
-    def replay(self):
-        self.replays.append(self.budget)
-        with torch.inference_mode():
-            self.output_buffer.copy_(self.forward())
-
-
-@contextlib.contextmanager
-def stand_in_capture(graph, pool=None, stream=None):
-    StandInGraph.capturing.append(graph)
-    try:
-        yield
-    finally:
-        StandInGraph.capturing.pop()
-
-
-def captured_manager(model, config, monkeypatch):
-    """vLLM's EncoderCudaGraphManager for `model` after its own `capture`, with stand-in graphs; and the
-    list every replay appends its token budget to."""
-    from vllm.v1.worker.encoder_cudagraph import EncoderCudaGraphManager
-
-    forward = model.encoder_cudagraph_forward
-
-    def recording_forward(values, path="default"):
-        if StandInGraph.capturing:
-            StandInGraph.capturing[-1].forward = lambda: forward(dict(values), path=path)
-        return forward(values, path=path)
-
-    monkeypatch.setattr(model, "encoder_cudagraph_forward", recording_forward)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", StandInGraph)
-    monkeypatch.setattr(torch.cuda, "graph", stand_in_capture)
-    manager = EncoderCudaGraphManager(vllm_config=config, device=torch.device("cpu"), dtype=torch.float32,
-                                      model=model)
-    manager.capture(graph_pool=object())
-    replays = []
-    for budget, graph in manager._get_graph_set("default").items():
-        assert graph.graph.forward is not None, budget
-        graph.graph.output_buffer, graph.graph.budget, graph.graph.replays = graph.output_buffer, budget, replays
-    return manager, replays
 
 
 def test_auto_budgets(ours, model_dir, monkeypatch):

@@ -187,3 +187,38 @@ class VllmMoonViT3d(VllmMoonVit):
             out = vision_tower_forward(self.vision_tower, pixel_values.to(dtype), grid_thws, self.mm_projector,
                                        use_data_parallel=False)
         return torch.cat(out)
+
+
+def kimi_k25_config_json(vision: MoonVitConfig, max_position_embeddings: int = 256) -> dict:
+    """A Kimi-K2.5 config.json (model_type kimi_k25) that transformers' `Kimi_K25Config` and vLLM accept:
+    `vision` (a MoonViT3d config) under the vision names vLLM's MoonViT3d reads, and a dense one-layer
+    DeepseekV3 with MLA as the text model."""
+    vision_config = dict(
+        model_type="kimi_k25_vision", patch_size=vision.patch_size, pos_emb_height=vision.init_pos_emb_height,
+        pos_emb_width=vision.init_pos_emb_width, pos_emb_time=vision.pos_emb_time,
+        num_attention_heads=vision.num_attention_heads, num_hidden_layers=vision.num_hidden_layers,
+        hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size, hidden_act=vision.hidden_act,
+        merge_kernel_size=list(vision.merge_kernel_size),
+        # MoonViT3d's options with their only supported values, as Kimi-K2.5's checkpoint names them.
+        merge_type="sd2_tpool", pos_emb_type="divided_fixed", video_attn_type="spatial_temporal",
+        mm_projector_type="patchmerger")
+    text_config = dict(model_type="deepseek_v3", hidden_size=vision.text_hidden_size, num_attention_heads=2,
+                       num_key_value_heads=2, num_hidden_layers=1, intermediate_size=16, moe_intermediate_size=8,
+                       vocab_size=64, kv_lora_rank=8, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                       v_head_dim=8, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                       topk_group=1, max_position_embeddings=max_position_embeddings)
+    return {"model_type": "kimi_k25", "architectures": ["KimiK25ForConditionalGeneration"],
+            "vision_config": vision_config, "text_config": text_config}
+
+
+def write_tiny_kimi_k25_dir(directory, vision: MoonVitConfig, max_position_embeddings: int = 256,
+                            image_mean: list[float] | None = None, image_std: list[float] | None = None):
+    """A local Kimi-K2.5 model directory (config.json, and with `image_mean`/`image_std` a
+    preprocessor_config.json whose `media_proc_cfg` holds them, as Kimi-K2.5's does: vLLM then
+    normalises raw uint8 pixels on the device, (x / 255 - mean) / std per channel)."""
+    (directory / "config.json").write_text(json.dumps(kimi_k25_config_json(vision, max_position_embeddings)))
+    if image_mean is not None:
+        (directory / "preprocessor_config.json").write_text(json.dumps(
+            {"media_proc_cfg": {"image_mean": image_mean, "image_std": image_std, "patch_size": vision.patch_size,
+                                "merge_kernel_size": list(vision.merge_kernel_size)}}))
+    return directory
