@@ -29,8 +29,8 @@ def check_tensor(
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
-        allowed = ", ".join(str(d) for d in dtypes)
-        raise TypeError(f"{name} must have dtype in ({allowed}), got {t.dtype}")
+        allowed = str(dtypes[0]) if len(dtypes) == 1 else "in (" + ", ".join(str(d) for d in dtypes) + ")"
+        raise TypeError(f"{name} must have dtype {allowed}, got {t.dtype}")
     if shape is not None:
         ok = t.dim() == len(shape) and all(s is None or s == n for s, n in zip(shape, t.shape))
         if not ok:

@@ -1,4 +1,5 @@
-"""Residual add and LayerNorm in one pass: r = x + y (+ bias), stored back into x; out = LayerNorm(r).
+"""Residual add and LayerNorm (or RMSNorm) in one pass: r = x + y (+ bias), stored back into x;
+out = LayerNorm(r).
 
 In a pre-norm block every residual add is followed by a LayerNorm of its result. Unfused, the output
 projection adds its bias and rounds, the add reads x and that result and rounds again, and the norm reads
@@ -9,6 +10,9 @@ fp32, affine in fp32, one rounding of the output. Without y it is a plain LayerN
 
 y can also be the fp32 split-K partial products of the projection (`fused_moonvit.kernels.gemm`), which
 are summed here in fp32: the projection is then never rounded before the add.
+
+RMSNorm (Kimi-K3's MoonViT3d) is `torch.nn.functional.rms_norm`: x / sqrt(mean(x^2) + eps) * weight,
+statistics in fp32, no bias.
 
 Each program normalises whole rows held in registers, so the statistics need no second pass over
 memory.
@@ -40,14 +44,18 @@ class LayerNormConfig:
 
 
 @triton.jit
-def normalize_rows(x, w_ptr, b_ptr, c, c_live, eps, C: tl.constexpr):
+def normalize_rows(x, w_ptr, b_ptr, c, c_live, eps, C: tl.constexpr, RMS: tl.constexpr):
     """LayerNorm of each row of the fp32 (rows, BLOCK_C) block x, whose columns past C (c_live False) are
-    zeros: mean and biased variance in fp32, eps inside the square root, then the (C,) weight and bias."""
+    zeros: mean and biased variance in fp32, eps inside the square root, then the (C,) weight and bias.
+    With RMS, RMSNorm: the mean square instead of the variance, no centring, no bias."""
+    w = tl.load(w_ptr + c, mask=c_live, other=0.0).to(tl.float32)
+    if RMS:
+        rrms = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / C + eps)
+        return x * rrms[:, None] * w[None, :]
     mean = tl.sum(x, axis=1) / C
     xc = tl.where(c_live[None, :], x - mean[:, None], 0.0)
     var = tl.sum(xc * xc, axis=1) / C
     rstd = 1.0 / tl.sqrt(var + eps)
-    w = tl.load(w_ptr + c, mask=c_live, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + c, mask=c_live, other=0.0).to(tl.float32)
     return xc * rstd[:, None] * w[None, :] + b[None, :]
 
@@ -55,7 +63,7 @@ def normalize_rows(x, w_ptr, b_ptr, c, c_live, eps, C: tl.constexpr):
 @triton.jit
 def _add_layer_norm_kernel(
     x_ptr, y_ptr, bias_ptr, w_ptr, b_ptr, out_ptr, num_rows, eps,
-    C: tl.constexpr, HAS_Y: tl.constexpr, Y_PARTS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    C: tl.constexpr, HAS_Y: tl.constexpr, Y_PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -73,7 +81,7 @@ def _add_layer_norm_kernel(
         stored = round_to(x, x_ptr.dtype.element_ty)
         tl.store(x_ptr + offs, stored, mask=live)
         x = stored.to(tl.float32)
-    y = normalize_rows(x, w_ptr, b_ptr, c, c_live, eps, C)
+    y = normalize_rows(x, w_ptr, b_ptr, c, c_live, eps, C, RMS)
     tl.store(out_ptr + offs, round_to(y, out_ptr.dtype.element_ty), mask=live)
 
 
@@ -88,7 +96,8 @@ def _check(x, y, bias, weight, ln_bias, out):
     elif bias is not None:
         raise ValueError("bias is added with y; give y too, or fold the bias into x")
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, shape=(channels,), device=dev)
-    check_tensor("ln_bias", ln_bias, dtypes=FLOAT_DTYPES, shape=(channels,), device=dev)
+    if ln_bias is not None:
+        check_tensor("ln_bias", ln_bias, dtypes=FLOAT_DTYPES, shape=(channels,), device=dev)
     if bias is not None:
         check_tensor("bias", bias, dtypes=FLOAT_DTYPES, shape=(channels,), device=dev)
     if out is not None:
@@ -101,18 +110,20 @@ def add_layer_norm(
     x: torch.Tensor,
     y: torch.Tensor | None,
     weight: torch.Tensor,
-    ln_bias: torch.Tensor,
+    ln_bias: torch.Tensor | None,
     eps: float,
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: LayerNormConfig | None = None,
 ) -> torch.Tensor:
-    """x += y + bias (in place, rounded once), then returns LayerNorm(x) (a new tensor, or `out`).
+    """x += y + bias (in place, rounded once), then returns LayerNorm(x) (a new tensor, or `out`); with
+    ln_bias None, RMSNorm(x) (which has no bias).
 
     x: (N, C) residual stream, fp32/bf16/fp16, contiguous; updated in place when y is given.
     y: (N, C) of x's dtype (a projection's output without its bias), or the fp32 (S, N, C) split-K partial
        products of `fused_moonvit.kernels.gemm.linear`, summed here, or None for a plain LayerNorm of x.
-    weight, ln_bias: (C,) the norm's affine parameters. eps: the norm's epsilon.
+    weight, ln_bias: (C,) the norm's affine parameters (ln_bias None: an RMSNorm's weight alone).
+    eps: the norm's epsilon.
     bias: optional (C,) added with y (the projection's bias).
     """
     _check(x, y, bias, weight, ln_bias, out)
@@ -124,9 +135,10 @@ def add_layer_norm(
     block_c = next_pow2(channels)
     block_r = max(1, 16384 // block_c) if interpreted else cfg.rows_per_program
     _add_layer_norm_kernel[(triton.cdiv(rows, block_r),)](
-        x, x if y is None else y, x if bias is None else bias, weight, ln_bias, out, rows, eps,
+        x, x if y is None else y, x if bias is None else bias, weight, weight if ln_bias is None else ln_bias,
+        out, rows, eps,
         C=channels, HAS_Y=y is not None, Y_PARTS=y.shape[0] if y is not None and y.dim() == 3 else 1,
-        HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+        HAS_BIAS=bias is not None, RMS=ln_bias is None, BLOCK_R=block_r, BLOCK_C=block_c,
         num_warps=cfg.num_warps,
     )
     return out
@@ -136,7 +148,7 @@ def add_layer_norm_reference(
     x: torch.Tensor,
     y: torch.Tensor | None,
     weight: torch.Tensor,
-    ln_bias: torch.Tensor,
+    ln_bias: torch.Tensor | None,
     eps: float,
     bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,5 +159,8 @@ def add_layer_norm_reference(
     if y is not None:
         r = r + (y.double().sum(0) if y.dim() == 3 else y.double()) + (0.0 if bias is None else bias.double())
     residual = r.to(x.dtype)
-    out = torch.nn.functional.layer_norm(residual.double(), (x.shape[1],), weight.double(), ln_bias.double(), eps)
+    if ln_bias is None:
+        out = torch.nn.functional.rms_norm(residual.double(), (x.shape[1],), weight.double(), eps)
+    else:
+        out = torch.nn.functional.layer_norm(residual.double(), (x.shape[1],), weight.double(), ln_bias.double(), eps)
     return residual, out.to(x.dtype)

@@ -1,11 +1,17 @@
-"""2x2 patch merge fused with the projector's pre-norm LayerNorm.
+"""2x2 patch merge fused with the projector's pre-norm LayerNorm (and MoonViT3d's average over frames).
 
-For merged output token o (row-major over each image's (h / 2, w / 2) grid, images in order, so image
-i's outputs start at its patch offset / 4), the four sub-tokens (0, 0), (0, 1), (1, 0), (1, 1) of its
-2x2 block are gathered, each is normalised by LayerNorm(C) (fp32 mean and biased variance, then weight
-and bias), and the four results are written side by side as one 4C row: the (B / 4, 4C) input of the
-projector's first linear. This replaces vLLM's per-image view/permute/contiguous, the concatenation and
-the pre-norm pass. Without LayerNorm parameters it is the plain merge (a tower without the projector).
+For merged output token o (row-major over each item's (h / 2, w / 2) grid, items in order, their
+offsets in the plan's cu_outputs), the four sub-tokens (0, 0), (0, 1), (1, 0), (1, 1) of its 2x2 block
+are gathered, each is normalised by LayerNorm(C) (fp32 mean and biased variance, then weight and bias),
+and the four results are written side by side as one 4C row: the (B / 4, 4C) input of the projector's
+first linear. This replaces vLLM's per-image view/permute/contiguous, the concatenation and the pre-norm
+pass. Without LayerNorm parameters it is the plain merge (a tower without the projector, or Kimi-K3's
+projector, which has no pre-norm).
+
+An item of t > 1 frames (a video chunk) is averaged over its frames, position by position, before the
+merge, as vLLM's and transformers' temporal pooling do: each sub-token is the fp32 mean of the t rows
+h * w apart. vLLM rounds that mean to the activation dtype before the pre-norm; here it stays fp32 into
+the norm (one rounding fewer, so closer to the fp32 result).
 
 Since out viewed as (B, C) is just sub-token rows in order (row 4 o + q is sub-token q of output o), a
 program normalises a block of consecutive (B, C) rows, each gathered from its own source row.
@@ -23,13 +29,15 @@ import triton.language as tl
 from ._checks import FLOAT_DTYPES, check_launchable, check_tensor, next_pow2
 from ._rounding import round_to
 from .layernorm import normalize_rows
-from .plan import META_MERGE_SRC, META_MERGE_WIDTH, META_ROWS
+from .limits import check_int
+from .plan import META_MERGE_FRAMES, META_MERGE_SRC, META_MERGE_STRIDE, META_MERGE_WIDTH, META_ROWS
 
 
 @triton.jit
 def _merge_patches_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, src_ptr, width_ptr, num_rows, eps,
-    C: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, out_ptr, src_ptr, width_ptr, frames_ptr, stride_ptr, num_rows, eps,
+    C: tl.constexpr, HAS_NORM: tl.constexpr, MAX_FRAMES: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.arange(0, BLOCK_C)
@@ -44,14 +52,23 @@ def _merge_patches_kernel(
 
     live = r_live[:, None] & c_live[None, :]
     gather = live & valid[:, None]
-    y = tl.load(x_ptr + sub.to(tl.int64)[:, None] * C + c[None, :], mask=gather, other=0.0).to(tl.float32)
+    rows = sub.to(tl.int64)[:, None] * C + c[None, :]
+    y = tl.load(x_ptr + rows, mask=gather, other=0.0).to(tl.float32)
+    if MAX_FRAMES > 1:
+        frames = tl.load(frames_ptr + o, mask=r_live, other=1)
+        frame_step = tl.load(stride_ptr + o, mask=r_live, other=0).to(tl.int64)[:, None] * C
+        for f in tl.static_range(1, MAX_FRAMES):
+            more = gather & (f < frames)[:, None]
+            y += tl.load(x_ptr + rows + f * frame_step, mask=more, other=0.0).to(tl.float32)
+        y = y / tl.maximum(frames, 1).to(tl.float32)[:, None]
     if HAS_NORM:
-        y = normalize_rows(y, w_ptr, b_ptr, c, c_live, eps, C)
+        y = normalize_rows(y, w_ptr, b_ptr, c, c_live, eps, C, False)
     y = tl.where(valid[:, None], y, 0.0)
     tl.store(out_ptr + r.to(tl.int64)[:, None] * C + c[None, :], round_to(y, out_ptr.dtype.element_ty), mask=live)
 
 
-def _check(x, token_meta, ln_weight, ln_bias, out):
+def _check(x, token_meta, ln_weight, ln_bias, out, max_frames):
+    check_int("max_frames", max_frames, 1)
     check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(None, None))
     budget, channels = x.shape
     if budget % 4:
@@ -74,16 +91,20 @@ def merge_patches(
     ln_bias: torch.Tensor | None = None,
     eps: float = 1e-5,
     out: torch.Tensor | None = None,
+    max_frames: int = 1,
 ) -> torch.Tensor:
-    """Gather each merged token's 2x2 sub-tokens, LayerNorm each over C, write (B / 4, 4C).
+    """Gather each merged token's 2x2 sub-tokens (averaged over an item's frames), LayerNorm each over C,
+    write (B / 4, 4C).
 
     x: (B, C) encoder output (after the final LayerNorm), fp32/bf16/fp16, contiguous.
     token_meta: int32 (META_ROWS, B) from `expand_plan`.
     ln_weight, ln_bias: (C,) the projector's pre-norm parameters; both None for the plain merge (a
         MoonViT tower without the Kimi-VL projector).
     out: optional (B / 4, 4C) output of x's dtype.
+    max_frames: the most frames an item of the plan may have (the tower's time-table length; 1 for
+        Kimi-VL). A plan with longer items must not reach here (the encoder's input checks refuse them).
     """
-    _check(x, token_meta, ln_weight, ln_bias, out)
+    _check(x, token_meta, ln_weight, ln_bias, out, max_frames)
     budget, channels = x.shape
     if out is None:
         out = torch.empty(budget // 4, 4 * channels, dtype=x.dtype, device=x.device)
@@ -95,8 +116,10 @@ def merge_patches(
     block_r = max(4, (16384 if interpreted else 2048) // block_c)
     _merge_patches_kernel[(triton.cdiv(budget, block_r),)](
         x, x if ln_weight is None else ln_weight, x if ln_bias is None else ln_bias, out,
-        token_meta[META_MERGE_SRC], token_meta[META_MERGE_WIDTH], budget, eps,
-        C=channels, HAS_NORM=ln_weight is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        token_meta[META_MERGE_SRC], token_meta[META_MERGE_WIDTH], token_meta[META_MERGE_FRAMES],
+        token_meta[META_MERGE_STRIDE], budget, eps,
+        C=channels, HAS_NORM=ln_weight is not None, MAX_FRAMES=max_frames,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )
     return out
 
@@ -107,16 +130,23 @@ def merge_patches_reference(
     ln_weight: torch.Tensor | None = None,
     ln_bias: torch.Tensor | None = None,
     eps: float = 1e-5,
+    max_frames: int = 1,
 ) -> torch.Tensor:
-    """Plain-PyTorch `merge_patches` (fp64 statistics and affine, one rounding)."""
-    _check(x, token_meta, ln_weight, ln_bias, None)
+    """Plain-PyTorch `merge_patches` (fp64 frame mean, statistics and affine, one rounding)."""
+    _check(x, token_meta, ln_weight, ln_bias, None, max_frames)
     budget, channels = x.shape
     src = token_meta[META_MERGE_SRC, : budget // 4].long()
     width = token_meta[META_MERGE_WIDTH, : budget // 4].long()
+    frames = token_meta[META_MERGE_FRAMES, : budget // 4].long()
+    stride = token_meta[META_MERGE_STRIDE, : budget // 4].long()
     valid = src >= 0
     offsets = torch.stack([torch.zeros_like(width), torch.ones_like(width), width, width + 1], dim=1)
     rows = (src[:, None] + offsets).clamp(min=0)  # (B / 4, 4)
-    y = x.double()[rows]  # (B / 4, 4, C)
+    y = torch.zeros(budget // 4, 4, channels, dtype=torch.float64, device=x.device)
+    for f in range(max_frames):
+        taken = (f < frames.clamp(min=1))[:, None, None]
+        y += torch.where(taken, x.double()[(rows + f * stride[:, None]).clamp(max=budget - 1)], 0.0)
+    y = y / frames.clamp(min=1).double()[:, None, None]
     if ln_weight is not None:
         mean = y.mean(dim=-1, keepdim=True)
         var = ((y - mean) ** 2).mean(dim=-1, keepdim=True)

@@ -31,7 +31,8 @@ Token metadata layout (`token_meta`, int32 (META_ROWS, B), one row per field):
     META_COL           patch column of token x inside its frame (0 for padding)
     META_HEIGHT        h of the token's item (0 for padding)
     META_WIDTH         w of the token's item (0 for padding)
-    META_FRAME         frame of token x inside its item, 0..t-1 (0 for padding)
+    META_TIME          1 + the row of the time embedding token x adds: f + 1 for frame f of an item of
+                       t > 1 frames; 0 (none) for images (t = 1) and padding
     META_MERGE_SRC     for o < B / 4: row of the (0, 0) sub-token, in frame 0, of merged output token o,
                        or -1 if o is padding; -1 for o >= B / 4
     META_MERGE_WIDTH   for o < B / 4: w of the item of merged token o (the row stride between its (0, x)
@@ -61,7 +62,7 @@ META_ROW = 1
 META_COL = 2
 META_HEIGHT = 3
 META_WIDTH = 4
-META_FRAME = 5
+META_TIME = 5
 META_MERGE_SRC = 6
 META_MERGE_WIDTH = 7
 META_MERGE_FRAMES = 8
@@ -75,7 +76,7 @@ _ROW = tl.constexpr(META_ROW)
 _COL = tl.constexpr(META_COL)
 _HEIGHT = tl.constexpr(META_HEIGHT)
 _WIDTH = tl.constexpr(META_WIDTH)
-_FRAME = tl.constexpr(META_FRAME)
+_TIME = tl.constexpr(META_TIME)
 _MERGE_SRC = tl.constexpr(META_MERGE_SRC)
 _MERGE_WIDTH = tl.constexpr(META_MERGE_WIDTH)
 _MERGE_FRAMES = tl.constexpr(META_MERGE_FRAMES)
@@ -138,7 +139,7 @@ def build_plan(
     budget: B, the patch rows of the graph; a multiple of 4 so that B / 4 merged rows exist.
     max_images: S, the graph's sequence slots.
 
-    Returns a (5 * S + 2,) int32 CPU tensor, pinned when CUDA is available so `upload_plan` can copy it
+    Returns a (6 * S + 3,) int32 CPU tensor, pinned when CUDA is available so `upload_plan` can copy it
     asynchronously. A fresh tensor each call: PyTorch's pinned-memory cache does not reuse a block
     until the copies that read it have run, so the caller may drop it right after `upload_plan`.
     """
@@ -240,6 +241,7 @@ def _expand_plan_kernel(plan_ptr, meta_ptr, budget, num_slots, SEARCH_STEPS: tl.
     start = tl.load(plan_ptr + seq, mask=valid, other=0)
     h = tl.load(items_ptr + _IMAGE_FIELDS * seq + 2, mask=valid, other=0)
     w = tl.load(items_ptr + _IMAGE_FIELDS * seq + 3, mask=valid, other=0)
+    frames = tl.load(items_ptr + _IMAGE_FIELDS * seq + 1, mask=valid, other=0)
     local = x - start
     w_div = tl.maximum(w, 1)
     hw = tl.maximum(h * w, 1)
@@ -249,7 +251,7 @@ def _expand_plan_kernel(plan_ptr, meta_ptr, budget, num_slots, SEARCH_STEPS: tl.
     tl.store(meta_ptr + _COL * budget + x, tl.where(valid, in_frame % w_div, 0), mask=live)
     tl.store(meta_ptr + _HEIGHT * budget + x, h, mask=live)
     tl.store(meta_ptr + _WIDTH * budget + x, w, mask=live)
-    tl.store(meta_ptr + _FRAME * budget + x, tl.where(valid, local // hw, 0), mask=live)
+    tl.store(meta_ptr + _TIME * budget + x, tl.where(valid & (frames > 1), local // hw + 1, 0), mask=live)
 
     # The same x read as a merged output token o, whose item is found in cu_outputs (S + 1 entries; a
     # match at S means o is past every item's outputs).
@@ -273,7 +275,7 @@ def _expand_plan_kernel(plan_ptr, meta_ptr, budget, num_slots, SEARCH_STEPS: tl.
 def expand_plan(device_plan: torch.Tensor, token_meta: torch.Tensor) -> torch.Tensor:
     """Expand an uploaded plan into per-token metadata (layout in the module docstring).
 
-    device_plan: the (5 * S + 2,) int32 buffer `upload_plan` filled, on the kernels' device.
+    device_plan: the (6 * S + 3,) int32 buffer `upload_plan` filled, on the kernels' device.
     token_meta: the int32 (META_ROWS, B) output buffer (static inside a graph), from
         `new_token_meta(B, device)`; it is what tells the launcher B.
 
@@ -307,6 +309,7 @@ def expand_plan_reference(plan: torch.Tensor, budget: int) -> torch.Tensor:
     safe = seq.clamp(max=num_slots - 1)
     h = torch.where(valid, items[safe, 2], 0)
     w = torch.where(valid, items[safe, 3], 0)
+    frames = torch.where(valid, items[safe, 1], 0)
     local = x - cu[seq]
     hw = (h * w).clamp(min=1)
     in_frame = local % hw
@@ -315,7 +318,7 @@ def expand_plan_reference(plan: torch.Tensor, budget: int) -> torch.Tensor:
     out[META_COL] = torch.where(valid, in_frame % w.clamp(min=1), 0)
     out[META_HEIGHT] = h
     out[META_WIDTH] = w
-    out[META_FRAME] = torch.where(valid, local // hw, 0)
+    out[META_TIME] = torch.where(valid & (frames > 1), local // hw + 1, 0)
 
     o = x[x < budget // 4]
     mseq = (torch.searchsorted(cu_out, o, right=True) - 1).clamp(max=num_slots)

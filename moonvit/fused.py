@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from fused_moonvit.kernels.layernorm import add_layer_norm
 from fused_moonvit.kernels.limits import check_budget, check_int
 from fused_moonvit.kernels.patch_merge import merge_patches
-from fused_moonvit.kernels.plan import (build_plan, expand_plan, new_device_plan, new_token_meta,
+from fused_moonvit.kernels.plan import (build_plan, expand_plan, grid_thw_list, new_device_plan, new_token_meta,
                                         plan_cu_seqlens, upload_plan)
 from fused_moonvit.kernels.pos_embed import interp_pos_embed
 from fused_moonvit.kernels.rope2d import apply_rope_2d, rope_cos_sin_table
@@ -29,7 +29,7 @@ from fused_moonvit.kernels.rope2d import apply_rope_2d, rope_cos_sin_table
 from .attention import check_attention_dtype, choose_attention, forced_attention_backend, packed_attention
 from .config import MoonVitConfig
 from .inputs import check_inputs, patch_offsets
-from .modules import MoonVitModules, rope_frequencies
+from .modules import MoonVitModules, norm_eps, rope_frequencies
 
 
 class FusedMoonVit(MoonVitModules):
@@ -101,12 +101,13 @@ class FusedMoonVit(MoonVitModules):
         attention = choose_attention(budget, pixel_values.device, self.attention_backend)
         max_seqlen = budget if max_seqlen is None else max_seqlen
 
-        proj = tower.patch_embed.proj
-        x = F.linear(pixel_values.flatten(1), proj.weight.flatten(1))
-        x = interp_pos_embed(x, tower.patch_embed.pos_emb.weight, meta, bias=proj.bias)
+        embed = tower.patch_embed
+        x = F.linear(pixel_values.flatten(1), embed.proj.weight.flatten(1))
+        x = interp_pos_embed(x, embed.pos_emb.weight, meta, bias=embed.proj.bias,
+                             time_table=embed.time_table(pixel_values.device), mode=cfg.pos_emb_interpolation)
         blocks = tower.encoder.blocks
-        norm = blocks[0].norm0
-        h = add_layer_norm(x, None, norm.weight, norm.bias, norm.eps)
+        dtype = pixel_values.dtype
+        h = add_layer_norm(x, None, *_norm_args(blocks[0].norm0, dtype))
         for i, block in enumerate(blocks):
             qkv = block.wqkv(h)
             apply_rope_2d(qkv, meta, cos_sin, num_heads=heads, head_dim=head_dim)
@@ -114,24 +115,33 @@ class FusedMoonVit(MoonVitModules):
             # The add-and-norm kernel adds the residual (and wo's bias) in one rounding, updates x in place
             # and normalises it for the next step. Where the bias goes was measured on the H200: cuBLAS
             # runs wo (1152 -> 1152) fastest without a bias epilogue, fc1 (4304 -> 1152) with one.
-            h = add_layer_norm(x, F.linear(attn, block.wo.weight), block.norm1.weight, block.norm1.bias,
-                               block.norm1.eps, bias=block.wo.bias)
+            h = add_layer_norm(x, F.linear(attn, block.wo.weight), *_norm_args(block.norm1, dtype), bias=block.wo.bias)
             g = self._fc0_gelu(h, block.mlp.fc0)
             norm = blocks[i + 1].norm0 if i + 1 < len(blocks) else tower.encoder.final_layernorm
-            h = add_layer_norm(x, block.mlp.fc1(g), norm.weight, norm.bias, norm.eps)
+            h = add_layer_norm(x, block.mlp.fc1(g), *_norm_args(norm, dtype))
 
-        projector = self.multi_modal_projector
+        projector = self.projector
+        pre_norm = getattr(projector, "pre_norm", None)
+        norm_args = {} if pre_norm is None else dict(zip(("ln_weight", "ln_bias", "eps"), _norm_args(pre_norm, dtype)))
+        merged = merge_patches(h, meta, max_frames=cfg.max_frames, **norm_args)
         if projector is None:
-            return merge_patches(h, meta)
-        merged = merge_patches(h, meta, projector.pre_norm.weight, projector.pre_norm.bias, projector.pre_norm.eps)
-        return projector.linear_2(F.gelu(projector.linear_1(merged)))
+            return merged
+        out = projector.second(F.gelu(projector.first(merged)))
+        post_norm = getattr(projector, "post_norm", None)
+        return out if post_norm is None else add_layer_norm(out, None, *_norm_args(post_norm, dtype))
 
     def _fc0_gelu(self, h: torch.Tensor, fc0: torch.nn.Linear) -> torch.Tensor:
         """gelu_tanh(fc0(h)). On CUDA, bias and GELU run in cuBLASLt's epilogue (its GELU is the tanh
         approximation; the GPU tests hold it to that), so the activation is rounded once and not re-read."""
-        if h.is_cuda:
+        if h.is_cuda and fc0.bias is not None:
             return torch._addmm_activation(fc0.bias, h, fc0.weight.t(), use_gelu=True)
         return F.gelu(F.linear(h, fc0.weight, fc0.bias), approximate="tanh")
+
+
+def _norm_args(norm: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """(weight, bias, eps) of a LayerNorm or RMSNorm module for `add_layer_norm`, whose bias None means
+    RMSNorm; an RMSNorm without eps uses the activations' machine epsilon, as torch's does."""
+    return norm.weight, getattr(norm, "bias", None), norm_eps(norm, dtype)
 
 
 def capture_graph(fn, *, device: torch.device | str, pool=None, warmup: int = 1):
@@ -200,6 +210,7 @@ class MoonVitGraphRunner:
         self.device = model.device
         check_attention_dtype(self.device, model.dtype)
         model.rope_table(self.device)  # built here, never inside a capture
+        model.vision_tower.patch_embed.time_table(self.device)
         p = model.config.patch_size
         self.pixels = torch.zeros(self.budgets[-1], 3, p, p, dtype=model.dtype, device=self.device)
         self.device_plan = new_device_plan(self.max_images, self.device)
@@ -255,8 +266,10 @@ class MoonVitGraphRunner:
         """Bytes the shared pool grew by when each budget's graph was captured."""
         return dict(self.memory)
 
-    def plan_chunks(self, grid: list[list[int]]) -> list[tuple[int, int, int | None]]:
-        """Splits images, in order, into (first, end, budget) chunks; budget None means run eagerly."""
+    def plan_chunks(self, grid) -> list[tuple[int, int, int | None]]:
+        """Splits items ((h, w) images or (t, h, w) rows), in order, into (first, end, budget) chunks;
+        budget None means run eagerly."""
+        grid = grid_thw_list(grid)
         largest = self.budgets[-1]
         chunks: list[tuple[int, int, int | None]] = []
         start, patches = 0, 0

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moonvit_fixtures import random_model, random_pixels, rel_err, tiny_config
+from moonvit_fixtures import random_model, random_pixels, rel_err, tiny_config, tiny_k25_config
 from fused_moonvit.moonvit import FusedMoonVit, MoonVitGraphRunner
 from fused_moonvit.moonvit.fused import default_budgets
 
@@ -251,3 +251,71 @@ def test_default_budgets_reject_bad_bounds():
         default_budgets(max_budget=4096.0)
     with pytest.raises(ValueError, match="max_budget 64 is below min_budget 128"):
         default_budgets(max_budget=64, min_budget=128)
+
+
+# MoonViT3d: Kimi-K2.5's tower, and Kimi-K3's options (RMSNorm, no biases, bilinear, the v2 projector).
+K3 = dict(norm_type="rmsnorm", attn_bias=False, linear_bias=False, patch_embed_proj_bias=False, qkv_hidden_size=64,
+          projector_type="patchmergerv2", pos_emb_interpolation="bilinear")
+ITEM_SETS = [
+    [(4, 6, 8)],
+    [(1, 4, 6), (3, 2, 4), (1, 2, 2), (4, 6, 2), (2, 8, 10)],
+    [(1, 16, 16), (2, 16, 16)],  # the tiny table's own size, as an image and as a chunk
+]
+
+
+def fused_3d_pair(seed, **overrides):
+    ref = random_model(tiny_k25_config(**overrides), seed=seed)
+    fused = FusedMoonVit(ref.config)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused.eval()
+
+
+@pytest.mark.parametrize("tower", ["k25", "k3"])
+@pytest.mark.parametrize("items", ITEM_SETS, ids=lambda g: "_".join("x".join(map(str, i)) for i in g))
+def test_moonvit3d_eager_matches_reference(tower, items):
+    ref, fused = fused_3d_pair(seed=len(items), **(K3 if tower == "k3" else {}))
+    pix = random_pixels(items, seed=sum(t for t, _, _ in items))
+    g = torch.tensor(items)
+    want, got = ref(pix, g), fused(pix, g)
+    assert got.shape == want.shape == (sum(h * w // 4 for _, h, w in items), 24)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_moonvit3d_head_dim_128():
+    """Kimi-K3's head dim (a 256-wide qkv over 2 heads): the attention kernel's head without a tail."""
+    ref, fused = fused_3d_pair(seed=5, num_hidden_layers=1, num_attention_heads=2, **{**K3, "qkv_hidden_size": 256})
+    assert fused.config.head_dim == 128
+    items = [(2, 6, 10), (1, 2, 4)]
+    pix = random_pixels(items, seed=6)
+    assert rel_err(fused(pix, torch.tensor(items)), ref(pix, torch.tensor(items))) <= 1e-5
+
+
+@pytest.mark.parametrize("tower", ["k25", "k3"])
+def test_moonvit3d_runner_padding_is_poisoned_and_harmless(tower):
+    """Video chunks and images through the runner's static buffers, padding rows NaN: valid outputs match
+    the reference, chunks split across calls as budgets allow, padding stays finite."""
+    ref, fused = fused_3d_pair(seed=13, **(K3 if tower == "k3" else {}))
+    items = [(4, 8, 8), (1, 6, 4), (2, 4, 4), (3, 2, 2), (1, 10, 10)]
+    runner = MoonVitGraphRunner(fused, budgets=[128, 320], max_images=3)
+    assert runner.plan_chunks(items) == [(0, 3, 320), (3, 5, 128)]  # 312 patches, then 112
+    runner.pixels.fill_(float("nan"))
+    pix = random_pixels(items, seed=14)
+    outs = runner.encode(pix, torch.tensor(items))
+    want = ref(pix, torch.tensor(items)).split([h * w // 4 for _, h, w in items])
+    assert [o.shape for o in outs] == [w.shape for w in want]
+    for o, w in zip(outs, want):
+        assert torch.isfinite(o).all() and rel_err(o, w) <= 1e-5
+    full = fused.forward_static(runner.pixels[:320], runner.device_plan, runner.token_meta[320])
+    assert torch.isfinite(full).all(), "padding rows must stay finite"
+
+
+def test_moonvit3d_nan_stays_in_its_item():
+    """A NaN pixel in frame 2 of a chunk makes that chunk's outputs NaN (its frames are averaged and it
+    attends across them) and leaves the other items finite."""
+    ref, fused = fused_3d_pair(seed=15)
+    items = [(1, 4, 4), (3, 4, 4), (1, 2, 2)]
+    pix = random_pixels(items, seed=16)
+    pix[16 + 2 * 16 + 5, 1, 3, 3] = float("nan")
+    out = fused(pix, torch.tensor(items)).split([4, 4, 1])
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[2]).all()
+    assert out[1].isnan().all()

@@ -27,6 +27,11 @@ class Case:
     def total(self) -> int:
         return sum(t * h * w for t, h, w in self.items)
 
+    @property
+    def outputs(self) -> int:
+        """Merged tokens: h/2 * w/2 per item, whatever its frames."""
+        return sum(h * w // 4 for _, h, w in self.items)
+
 
 def make_case(grids, extra=0, slots=None) -> Case:
     grids = tuple(tuple(g) for g in grids)

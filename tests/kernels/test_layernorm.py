@@ -63,6 +63,29 @@ def test_matches_layer_norm_after_an_add(rows, channels, mode, dtype, device):
     assert_elementwise_close(ref_out, exact_norm(ref_residual, weight, ln_bias))
 
 
+@pytest.mark.parametrize("rows,channels", [(7, 8), (33, 100), (64, 1024)], ids=["7x8", "33x100", "64x1024"])
+@pytest.mark.parametrize("mode", ["add", "plain"])
+@dtype_params
+def test_rms_norm_after_an_add(rows, channels, mode, dtype, device):
+    """ln_bias None: RMSNorm (Kimi-K3's MoonViT3d), eps the activations' machine epsilon as torch's default."""
+    buf, y, _, weight, _ = inputs(rows, channels, dtype, device, ("rms", mode))
+    eps = torch.finfo(dtype).eps
+    x = buf[:rows]
+    x0 = x.clone()
+    y_arg = None if mode == "plain" else y
+    out = add_layer_norm(x, y_arg, weight, None, eps, out=torch.full_like(x, float("nan")))
+    assert_elementwise_close(x, exact_sum(x0, y_arg, None))
+    assert_elementwise_close(out, F.rms_norm(x.double(), (channels,), weight.double(), eps))
+    assert buf[rows:].isnan().all(), "rows past the input were written"
+    want = torch.nn.RMSNorm(channels, device=device, dtype=dtype)
+    with torch.no_grad():
+        want.weight.copy_(weight)
+    rel = ((out.double() - want(x).double()).norm() / want(x).double().norm()).item()
+    assert rel <= (1e-6 if dtype == torch.float32 else 1e-2), "torch.nn.RMSNorm(eps=None) disagrees"
+    ref_residual, ref_out = add_layer_norm_reference(x0, y_arg, weight, None, eps)
+    assert_elementwise_close(ref_out, F.rms_norm(ref_residual.double(), (channels,), weight.double(), eps))
+
+
 @dtype_params
 def test_nan_and_inf_stay_in_their_rows(dtype, device):
     buf, y, bias, weight, ln_bias = inputs(12, 40, dtype, device, "nan")

@@ -7,13 +7,13 @@ from fused_moonvit.kernels import (
     META_COL,
     META_HEIGHT,
     META_IMAGE,
-    META_FRAME,
     META_MERGE_FRAMES,
     META_MERGE_SRC,
     META_MERGE_STRIDE,
     META_MERGE_WIDTH,
     META_ROW,
     META_ROWS,
+    META_TIME,
     META_WIDTH,
     build_plan,
     expand_plan,
@@ -64,7 +64,7 @@ def test_expand_meta_of_a_known_plan(device):
     assert meta[[META_ROW, META_COL], 40:].eq(0).all()
     assert meta[META_MERGE_SRC].tolist() == [0, 2, 4, 12, 14, 16, 24, 28, 32, 36] + [-1] * 38
     assert meta[META_MERGE_WIDTH].tolist() == [6] * 6 + [2] * 4 + [0] * 38
-    assert meta[META_FRAME].eq(0).all()
+    assert meta[META_TIME].eq(0).all(), "images add no time embedding"
     assert meta[META_MERGE_FRAMES].tolist() == [1] * 10 + [0] * 38
     assert meta[META_MERGE_STRIDE].tolist() == [24] * 6 + [4] + [12] * 3 + [0] * 38
 
@@ -77,7 +77,8 @@ def test_expand_meta_of_video_chunks(device):
     meta = new_token_meta(56, device).fill_(-9)
     meta = expand_plan(upload_plan(plan, new_device_plan(4, device)), meta).cpu()
     assert meta[META_IMAGE].tolist() == [0] * 24 + [1] * 4 + [2] * 16 + [-1] * 12
-    assert meta[META_FRAME].tolist() == [f for f in range(3) for _ in range(8)] + [0] * 4 + [0] * 8 + [1] * 8 + [0] * 12
+    # Frame f of a chunk adds time row f (stored f + 1); the image and the padding add none (0).
+    assert meta[META_TIME].tolist() == [f + 1 for f in range(3) for _ in range(8)] + [0] * 4 + [1] * 8 + [2] * 8 + [0] * 12
     assert meta[META_ROW, :24].tolist() == [r for r in range(2) for _ in range(4)] * 3
     assert meta[META_COL, 28:44].tolist() == [0, 1] * 8
     assert meta[META_ROW, 28:44].tolist() == [r for r in range(4) for _ in range(2)] * 2
@@ -101,17 +102,17 @@ def test_reference_against_a_per_image_loop(name):
     case = CASES[name]
     plan = build_plan(list(case.grids), case.budget, case.max_images)
     meta = expand_plan_reference(plan, case.budget)
-    rows, cols, frames, srcs = [], [], [], []
+    rows, cols, times, srcs = [], [], [], []
     start = 0
     for t, h, w in case.items:
         rows += [r for r in range(h) for _ in range(w)] * t
         cols += list(range(w)) * h * t
-        frames += [f for f in range(t) for _ in range(h * w)]
+        times += [f + 1 if t > 1 else 0 for f in range(t) for _ in range(h * w)]
         srcs += [start + 2 * r * w + 2 * c for r in range(h // 2) for c in range(w // 2)]
         start += t * h * w
     assert meta[META_ROW, : case.total].tolist() == rows
     assert meta[META_COL, : case.total].tolist() == cols
-    assert meta[META_FRAME, : case.total].tolist() == frames
+    assert meta[META_TIME, : case.total].tolist() == times
     assert meta[META_MERGE_SRC, : len(srcs)].tolist() == srcs
 
 

@@ -23,14 +23,15 @@ def vllm_freqs_cis(dim, max_h, max_w):
     return torch.stack([x_cis, y_cis], dim=-1).reshape(max_h, max_w, dim // 2)
 
 
-def vllm_rope(qkv, grids, heads, dim):
-    """vLLM's apply_rope on the per-image slices of freqs_cis: complex multiply in fp32, one rounding."""
-    n = sum(h * w for h, w in grids)
+def vllm_rope(qkv, items, heads, dim):
+    """vLLM's apply_rope on the per-item slices of freqs_cis, every frame of an item at the same angles
+    (MoonViT3d): complex multiply in fp32, one rounding. items: (t, h, w) each."""
+    n = sum(t * h * w for t, h, w in items)
     if n == 0:
         return qkv[:0]
-    max_h, max_w = max(h for h, _ in grids), max(w for _, w in grids)
+    max_h, max_w = max(h for _, h, _ in items), max(w for _, _, w in items)
     table = vllm_freqs_cis(dim, max_h, max_w)
-    freqs = torch.cat([table[:h, :w].reshape(-1, dim // 2) for h, w in grids]).to(qkv.device)
+    freqs = torch.cat([table[:h, :w].reshape(-1, dim // 2).repeat(t, 1) for t, h, w in items]).to(qkv.device)
     out = qkv[:n].clone()
     for part in (0, 1):
         x = qkv[:n, part * heads * dim : (part + 1) * heads * dim].view(n, heads, dim)
@@ -73,7 +74,7 @@ def test_matches_reference_and_vllm(case, dtype, device):
     out = apply_rope_2d(qkv, meta, cos_sin, HEADS, HEAD_DIM)
     assert out.data_ptr() == qkv.data_ptr()
     check_result(out, before, want, case, dtype, meta=meta, cos_sin=cos_sin)
-    vllm = torch.cat([vllm_rope(before, case.grids, HEADS, HEAD_DIM), want[case.total :]])
+    vllm = torch.cat([vllm_rope(before, case.items, HEADS, HEAD_DIM), want[case.total :]])
     check_result(out, before, vllm, case, dtype)
 
 
@@ -83,7 +84,7 @@ def test_real_head_config(dtype, device):
     qkv, meta, cos_sin = inputs(case, dtype, device, 16, 72)
     before = qkv.clone()
     out = apply_rope_2d(qkv, meta, cos_sin, 16, 72)
-    want = torch.cat([vllm_rope(before, case.grids, 16, 72), before[case.total :]])
+    want = torch.cat([vllm_rope(before, case.items, 16, 72), before[case.total :]])
     check_result(out, before, want, case, dtype, 16, 72)
     check_result(out, before, apply_rope_2d_reference(before, meta, cos_sin, 16, 72), case, dtype, 16, 72,
                  meta=meta, cos_sin=cos_sin)
@@ -111,7 +112,7 @@ def test_real_size(real_case, device):
     qkv, meta, cos_sin = inputs(real_case, torch.bfloat16, device, 16, 72)
     before = qkv.clone()
     out = apply_rope_2d(qkv, meta, cos_sin, 16, 72)
-    want = torch.cat([vllm_rope(before, real_case.grids, 16, 72), before[real_case.total :]])
+    want = torch.cat([vllm_rope(before, real_case.items, 16, 72), before[real_case.total :]])
     check_result(out, before, want, real_case, torch.bfloat16, 16, 72, meta=meta, cos_sin=cos_sin)
 
 
@@ -122,7 +123,7 @@ def test_large_positions_use_the_table_exactly(device):
     qkv, meta, cos_sin = inputs(case, torch.float32, device, 1, 72)
     before = qkv.clone()
     apply_rope_2d(qkv, meta, cos_sin, 1, 72)
-    assert relerr(qkv[:, :144], vllm_rope(before, case.grids, 1, 72)[:, :144]) <= 1e-6
+    assert relerr(qkv[:, :144], vllm_rope(before, case.items, 1, 72)[:, :144]) <= 1e-6
 
 
 def test_table_matches_vllm_freqs_cis():
