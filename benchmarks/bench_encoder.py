@@ -6,7 +6,12 @@ and inputs, four rows (section 4.1): "reference eager" (`MoonVitReference.forwar
 FlashAttention-2 in place of the Triton attention) and "fused graph" (`MoonVitGraphRunner.encode`). Every
 graph row replays one graph of the set's budget: its patch count rounded up to 64, or the padded case's
 budget. Each row times the whole call, host work included: CUDA events around the call on an idle GPU,
-median of `--iters` calls after `--warmup`. Writes DIR/encoder.json and DIR/encoder.png.
+median of `--iters` calls after `--warmup`. Writes DIR/encoder.json and DIR/encoder.png (with
+`--model kimi-k25` or `kimi-k3`: encoder-kimi-k25.json and .png, and so on).
+
+`--model kimi-k25` (or `kimi-k3`) measures MoonViT3d at that model's sizes, on the image sets plus video
+sets of 4-frame chunks and of chunks mixed with images. There the host-metadata row is what vLLM 0.34
+does for Kimi-K2.5: the images of a call through its host-metadata graph, each video chunk eagerly.
 
 `--smoke` runs on the CPU with a tiny config and tiny sets, one call per path and wall-clock times,
 so that CI can run the script end to end; its figures mean nothing.
@@ -31,7 +36,7 @@ from fused_moonvit.benchmarks.flops import encoder_flops, encoder_flops_breakdow
 from fused_moonvit.benchmarks.image_sets import budgeted_sets
 from fused_moonvit.benchmarks.image_sets import patches as image_patches
 from fused_moonvit.moonvit.cli import DTYPES, OneLineParser, output_dir, positive_int
-from fused_moonvit.moonvit.config import MoonVitConfig
+from fused_moonvit.moonvit.config import MoonVitConfig, moonvit3d_fields
 
 GEMM_CEILING_TFLOPS = 794.0  # bf16, 8192^3, measured on this project's H200 (docs/design.md section 4.3)
 
@@ -53,6 +58,20 @@ SMOKE_SETS = {
     "3mix": [(4, 6), (2, 2), (20, 8)],  # 20 rows > the 16-row table: upsampling on one axis
 }
 SMOKE_PADDED = {"3mix-in-512": (SMOKE_SETS["3mix"], 512)}
+SMOKE_VIDEO_SETS = {"video-mix": [(1, 4, 6), (4, 4, 4), (2, 6, 2)]}
+
+# The towers --model picks, at their real sizes. Kimi-K2.5 / K2.6: vLLM's defaults for a MoonViT3d
+# vision_config (what its checkpoints hold), a 7168-wide text model. Kimi-K3: vLLM's KimiK3VisionConfig
+# defaults; its text width is not public, so K2.5's stands in (it sizes the projector's last GEMM only).
+K3_VISION = dict(vt_num_attention_heads=12, vt_hidden_size=1024, vt_intermediate_size=4096, qkv_hidden_size=1536,
+                 norm_type="rmsnorm", attn_bias=False, linear_bias=False, patch_embed_proj_bias=False,
+                 pos_emb_interpolation_mode="bilinear", mm_projector_type="patchmergerv2",
+                 activation_func="gelu_pytorch_tanh")
+MODELS = {
+    "kimi-vl": {},
+    "kimi-k25": dict(moonvit3d_fields({}), text_hidden_size=7168),
+    "kimi-k3": dict(moonvit3d_fields(K3_VISION), text_hidden_size=7168),
+}
 
 
 
@@ -91,6 +110,34 @@ def measure(fn: Callable[[], object], *, cuda: bool, iters: int, warmup: int) ->
             "timing": f"CUDA events, median of {iters} after {warmup} warm-up calls"}
 
 
+def vllm_call(host_graph, ref, pixels: torch.Tensor, grids: list) -> Callable[[], torch.Tensor]:
+    """One call as vLLM makes it: all images through the host-metadata graph, and (MoonViT3d) each video
+    chunk eagerly, its outputs put back in item order."""
+    items = [tuple(g) if len(g) == 3 else (1, *g) for g in grids]
+    if all(t == 1 for t, _, _ in items):
+        grid = torch.tensor(grids, dtype=torch.int64)
+        return lambda: host_graph(pixels, grid)
+    starts = [0]
+    for t, h, w in items:
+        starts.append(starts[-1] + t * h * w)
+    images = [i for i, (t, _, _) in enumerate(items) if t == 1]
+    image_pixels = torch.cat([pixels[starts[i]:starts[i + 1]] for i in images]) if images else None
+    image_grid = torch.tensor([items[i] for i in images], dtype=torch.int64)
+
+    def call() -> torch.Tensor:
+        out: list[torch.Tensor | None] = [None] * len(items)
+        if images:
+            sizes = [items[i][1] * items[i][2] // 4 for i in images]
+            for i, o in zip(images, host_graph(image_pixels, image_grid).split(sizes)):
+                out[i] = o
+        for i, item in enumerate(items):
+            if out[i] is None:
+                out[i] = ref(pixels[starts[i]:starts[i + 1]], torch.tensor([item]))
+        return torch.cat(out)
+
+    return call
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="fused-moonvit bench encoder", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", help="comma-separated image sets and padded cases (default: all, or the "
@@ -99,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="directory for encoder.json and encoder.png (default: %(default)s)")
     parser.add_argument("--dtype", choices=sorted(DTYPES),
                         help="weights and activations (default: bfloat16; float32 with --smoke)")
+    parser.add_argument("--model", choices=list(MODELS), default="kimi-vl",
+                        help="whose tower, at its real sizes (default: %(default)s); MoonViT3d ones add video sets")
     add_run_arguments(parser, smoke="CPU, tiny config and sets, one call per path: checks the script, "
                                     "measures nothing")
     return parser
@@ -116,11 +165,13 @@ def add_run_arguments(parser: argparse.ArgumentParser, smoke: str) -> None:
 def _image_sets(args, parser) -> dict[str, tuple[list[tuple[int, int]], int]]:
     """name -> (grids, budget): the exact sets at their patch count rounded up to 64, and the padded cases."""
     if args.smoke:
-        exact, padded = SMOKE_SETS, SMOKE_PADDED
+        exact, padded, video = SMOKE_SETS, SMOKE_PADDED, SMOKE_VIDEO_SETS
     else:
-        from fused_moonvit.benchmarks.image_sets import IMAGE_SETS, PADDED_SETS
+        from fused_moonvit.benchmarks.image_sets import IMAGE_SETS, PADDED_SETS, VIDEO_SETS
 
-        exact, padded = IMAGE_SETS, PADDED_SETS
+        exact, padded, video = IMAGE_SETS, PADDED_SETS, VIDEO_SETS
+    if args.model != "kimi-vl":
+        exact = {**exact, **video}
     available = budgeted_sets(exact, padded)
     if not args.sets:
         return available
@@ -239,7 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     from fused_moonvit.moonvit import FusedMoonVit, MoonVitGraphRunner, MoonVitReference, build_model
 
     device = torch.device("cuda" if cuda else "cpu")
-    fields = dict(SMOKE_CONFIG) if args.smoke else {}
+    fields = dict(MODELS[args.model])
+    if args.smoke:
+        fields.update(SMOKE_CONFIG)
+        if args.model == "kimi-k3":
+            fields["qkv_hidden_size"] = 64  # K3's wider qkv: head dim 16 for the smoke's 4 heads
     if args.layers is not None:
         fields["num_hidden_layers"] = args.layers
     config = MoonVitConfig(**fields)
@@ -272,8 +327,9 @@ def main(argv: list[str] | None = None) -> int:
 
             bar.set_postfix_str(f"{name}: {ROWS['host_metadata_graph']}")
             host_graph = HostMetadataGraph(ref, budget, max_images)
-            outputs["host_metadata_graph"] = host_graph(pixels, grid)
-            rows["host_metadata_graph"] = measure(lambda: host_graph(pixels, grid), **timing)
+            host_call = vllm_call(host_graph, ref, pixels, grids)
+            outputs["host_metadata_graph"] = host_call()
+            rows["host_metadata_graph"] = measure(host_call, **timing)
             rows["host_metadata_graph"]["budget"] = host_graph.budget
             del host_graph  # frees its graph's private memory pool before the next set
             bar.update()
@@ -305,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                 "grids": [list(g) for g in grids],
                 "images": len(grids),
                 "patches": patches,
-                "output_tokens": patches // 4,
+                "output_tokens": sum(g[-2] * g[-1] // 4 for g in grids),
                 "flops": flops,
                 "flops_breakdown": encoder_flops_breakdown(grids, config),
                 "rows": rows,
@@ -318,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
             if cuda:
                 torch.cuda.empty_cache()
 
-    full_run = cuda and dtype == torch.bfloat16 and config.num_hidden_layers == MoonVitConfig().num_hidden_layers
+    full_run = (cuda and dtype == torch.bfloat16 and args.model == "kimi-vl"
+                and config.num_hidden_layers == MoonVitConfig().num_hidden_layers)
     targets = _targets(results, applies=full_run)
     device_name = torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})"
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -330,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["fused-moonvit", "bench", "encoder", *argv]),
         "bench_args": argv,
         "smoke": args.smoke,
+        "model": args.model,
         "dtype": str(dtype).removeprefix("torch."),
         "config": {k: getattr(config, k) for k in MoonVitConfig._FIELDS},
         "seed": args.seed,
@@ -348,11 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, "encoder.json")
+    stem = "encoder" if args.model == "kimi-vl" else f"encoder-{args.model}"
+    json_path = os.path.join(args.out, f"{stem}.json")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=2)
-    png_path = os.path.join(args.out, "encoder.png")
-    _plot(results, png_path, f"MoonVit encoder, whole call: {device_name}, {report['dtype']}, "
+    png_path = os.path.join(args.out, f"{stem}.png")
+    _plot(results, png_path, f"{args.model} encoder, whole call: {device_name}, {report['dtype']}, "
                              f"{config.num_hidden_layers} layers, torch {torch.__version__}")
     print(_table(results, targets))
     print(f"wrote {json_path} and {png_path}")

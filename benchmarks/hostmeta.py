@@ -1,4 +1,5 @@
-"""`HostMetadataGraph`: vLLM 0.33's Kimi-VL encoder CUDA-graph path, rebuilt in plain PyTorch.
+"""`HostMetadataGraph`: vLLM's encoder CUDA-graph path (Kimi-VL's in 0.33, Kimi-K2.5's in 0.34), rebuilt in
+plain PyTorch.
 
 This is the "host-metadata graph" baseline of docs/design.md section 4.1. Like vLLM, every call builds all the
 grid-dependent inputs with PyTorch on the host side of the graph (a bicubic interpolation of the
@@ -8,7 +9,8 @@ final norm -> merge gather -> projector. It differs from vLLM on one point on pu
 baked as the budget in patches (the true bound), not vLLM's output-token budget, which is 4x too small
 for attention over patches (docs/design.md section 3.4); the cost is the same.
 
-It reuses the weights of a `MoonVitReference` (no copy), so it is compared on the same model.
+It reuses the weights of a `MoonVitReference` (no copy), so it is compared on the same model. For a
+MoonViT3d model it takes images only, as vLLM's Kimi-K2.5 graphs do (video chunks run eagerly there).
 """
 
 from __future__ import annotations
@@ -103,9 +105,9 @@ class HostMetadataGraph:
             x = x + block.mlp(block.norm1(x))
         x = tower.encoder.final_layernorm(x)
         merged = x.index_select(0, self.gather_idx).view(-1, 4, cfg.hidden_size)
-        if self.model.multi_modal_projector is None:
+        if self.model.projector is None:
             return merged.flatten(1)
-        return self.model.multi_modal_projector(merged)
+        return self.model.projector(merged)
 
     def _pos_embeds(self, grid: list[tuple[int, int]]) -> torch.Tensor:
         # vLLM interpolates the table in its own dtype and skips the identity size.
@@ -115,8 +117,8 @@ class HostMetadataGraph:
             if (h, w) == tuple(table.shape[:2]):
                 parts.append(table.flatten(0, 1))
             else:
-                grid_emb = F.interpolate(table.permute(2, 0, 1)[None], size=(h, w), mode="bicubic",
-                                         align_corners=False)
+                grid_emb = F.interpolate(table.permute(2, 0, 1)[None], size=(h, w),
+                                         mode=self.config.pos_emb_interpolation, align_corners=False)
                 parts.append(grid_emb[0].permute(1, 2, 0).flatten(0, 1))
         return torch.cat(parts)
 
@@ -128,7 +130,12 @@ class HostMetadataGraph:
 
     @torch.no_grad()
     def __call__(self, pixel_values: torch.Tensor, grid_hws) -> torch.Tensor:
-        grid = [tuple(g) for g in check_inputs(pixel_values, grid_hws, self.config.patch_size).tolist()]
+        items = check_inputs(pixel_values, grid_hws, self.config.patch_size, self.config.max_frames).tolist()
+        chunks = [i for i, (t, _, _) in enumerate(items) if t != 1]
+        if chunks:
+            raise ValueError(f"item {chunks[0]} has t={items[chunks[0]][0]} frames: vLLM's encoder graphs, which "
+                             "this baseline rebuilds, take images only (t = 1)")
+        grid = [(h, w) for _, h, w in items]
         n, lens = len(grid), [h * w for h, w in grid]
         total = sum(lens)
         if n > self.max_images:

@@ -1,5 +1,8 @@
 """The benchmark image sets (docs/design.md section 4.2), defined once: name -> list of (h, w) patch grids, and the
-padded cases a server meets: name -> (grids, budget in patches), the budget larger than the images."""
+padded cases a server meets: name -> (grids, budget in patches), the budget larger than the images; and, for
+MoonViT3d (Kimi-K2.5 / K2.6 / K3), the video sets: name -> list of (t, h, w) items."""
+
+import math
 
 IMAGE_SETS: dict[str, list[tuple[int, int]]] = {
     "1x224": [(16, 16)],
@@ -22,11 +25,19 @@ PADDED_SETS: dict[str, tuple[list[tuple[int, int]], int]] = {
 PADDED_EXACT = {"1x896-in-8192": "1x896", "1x448-in-2048": "1x448", "mix8-in-11264": "mix8", "mix8-in-16384": "mix8"}
 
 
+# Kimi-K2.5's processor cuts video into 4-frame chunks (t = 4); a 448 px frame is 32 x 32 patches.
+VIDEO_SETS: dict[str, list[tuple[int, int, int]]] = {
+    "4chunks-448": [(4, 32, 32)] * 4,  # 16 frames, 8 s at the processor's 2 fps
+    "mix-img-video": [(1, 32, 32), (4, 32, 32), (1, 16, 16), (4, 24, 40), (1, 64, 64), (2, 32, 32)],
+}
+
+
 BUDGET_ROUNDING = 64  # an exact set's graph budget: its patch count rounded up to this
 
 
-def patches(grids: list[tuple[int, int]]) -> int:
-    return sum(h * w for h, w in grids)
+def patches(grids) -> int:
+    """Patches of (h, w) images or (t, h, w) items."""
+    return sum(math.prod(g) for g in grids)
 
 
 def round_budget(n: int) -> int:

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from moonvit_fixtures import random_model, random_pixels, rel_err, tiny_config
-from fused_moonvit.benchmarks.bench_encoder import main
+from moonvit_fixtures import random_model, random_pixels, rel_err, tiny_config, tiny_k25_config
+from fused_moonvit.benchmarks.bench_encoder import main, vllm_call
 from fused_moonvit.benchmarks.flops import encoder_flops, encoder_flops_breakdown
 from fused_moonvit.benchmarks.hostmeta import HostMetadataGraph
 from fused_moonvit.moonvit import MoonVitConfig
@@ -50,6 +50,24 @@ def test_buffers_reused_across_calls_and_padding_isolated(model):
         out = graph(pixels, grids)
         assert torch.isfinite(out).all()
         assert rel_err(out, model(pixels, torch.tensor(grids))) <= 1e-5
+
+
+@pytest.mark.parametrize("k3", [False, True], ids=["k25", "k3"])
+def test_host_metadata_moonvit3d(k3):
+    """MoonViT3d images through the host-metadata graph (bilinear and RMSNorm for K3's options); video
+    chunks are refused there and run eagerly in the benchmark's vLLM-style call, outputs in item order."""
+    options = dict(norm_type="rmsnorm", attn_bias=False, linear_bias=False, patch_embed_proj_bias=False,
+                   qkv_hidden_size=64, projector_type="patchmergerv2", pos_emb_interpolation="bilinear") if k3 else {}
+    model = random_model(tiny_k25_config(**options), seed=4)
+    graph = HostMetadataGraph(model, 320, 4)
+    images = [(1, 6, 10), (1, 16, 16)]
+    pixels = random_pixels(images, seed=5)
+    assert rel_err(graph(pixels, images), model(pixels, torch.tensor(images))) <= 1e-5
+    items = [(1, 6, 10), (3, 4, 4), (1, 2, 2), (2, 6, 2)]
+    pixels = random_pixels(items, seed=6)
+    with pytest.raises(ValueError, match="item 1 has t=3 frames: vLLM's encoder graphs"):
+        graph(pixels, items)
+    assert rel_err(vllm_call(graph, model, pixels, items)(), model(pixels, torch.tensor(items))) <= 1e-5
 
 
 def test_host_metadata_rejects_what_does_not_fit(model):
@@ -122,6 +140,16 @@ def test_smoke_end_to_end(tmp_path):
         # fp32 on the CPU: both graph paths agree with the reference to rounding.
         assert max(s["rel_err_vs_reference_eager"].values()) <= 1e-4
         assert s["flops"] == encoder_flops([tuple(g) for g in s["grids"]], tiny_config())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--smoke is the CPU check; on a GPU run the benchmark")
+def test_smoke_moonvit3d(tmp_path):
+    assert main(["--smoke", "--model", "kimi-k25", "--sets", "1x4x4,video-mix", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "encoder-kimi-k25.json").read_text())
+    assert report["model"] == "kimi-k25" and report["config"]["tower"] == "moonvit3d"
+    video = report["sets"][1]
+    assert video["name"] == "video-mix" and video["patches"] == 24 + 64 + 24 and video["output_tokens"] == 6 + 4 + 3
+    assert all(video["outputs_finite"].values()) and max(video["rel_err_vs_reference_eager"].values()) <= 1e-4
 
 
 def test_bad_set_name_is_a_clear_error(tmp_path, capsys):
