@@ -77,3 +77,20 @@ def test_bf16_parity(name):
     print(f"bf16 {name}: ours-vllm {vs_peer:.2e}, ours-fp32 {ours_vs_fp32:.2e}, vllm-fp32 {peer_vs_fp32:.2e}")
     assert vs_peer <= 2e-2
     assert ours_vs_fp32 <= 1.25 * peer_vs_fp32
+
+
+def test_64x64_grid_at_the_real_table_size():
+    """The real 64x64 table: a 64x64 image is the identity that vLLM skips, and its neighbour 62x64 is not."""
+    cfg = tiny_k25_config(init_pos_emb_height=64, init_pos_emb_width=64, num_hidden_layers=1)
+    ref = random_model(cfg, seed=50)
+    fused = FusedMoonVit(cfg)
+    fused.load_state_dict(ref.state_dict())
+    peer = VllmMoonViT3d(cfg, ref.state_dict(), torch.float32)
+    items = [(1, 64, 64), (1, 62, 64)]
+    pix = random_pixels(items, seed=51)
+    g = torch.tensor(items)
+    want = peer(pix, g)
+    for name, model in (("reference", ref), ("fused", fused.eval())):
+        err = rel_err(model(pix, g), want)
+        print(f"fp32 64x64 {name}: {err:.2e}")
+        assert err <= 1e-5, name
