@@ -31,8 +31,8 @@ class MoonVitConfig(_HFConfig):
     MoonViT3d takes items of t frames (t = 1 for images, up to `pos_emb_time` for video chunks) and
     names its projector `mm_projector` where Kimi-VL has `multi_modal_projector`. Kimi-K2.5 / K2.6 keep
     Kimi-VL's layer options; Kimi-K3 sets `qkv_hidden_size`, RMSNorm (`norm_type="rmsnorm"`, whose eps
-    is the activation dtype's machine epsilon unless `rms_norm_eps` is given, as `torch.nn.RMSNorm`'s
-    default), no biases, bilinear interpolation of the table and the `patchmergerv2` projector (GELU
+    is the machine epsilon of the type torch computes it in, fp32 for bf16 activations, unless
+    `rms_norm_eps` is given, as `torch.nn.RMSNorm`'s default), no biases, bilinear interpolation of the table and the `patchmergerv2` projector (GELU
     MLP without pre-norm, then RMSNorm with `projector_ln_eps`).
     """
 

@@ -140,7 +140,7 @@ class FusedMoonVit(MoonVitModules):
 
 def _norm_args(norm: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """(weight, bias, eps) of a LayerNorm or RMSNorm module for `add_layer_norm`, whose bias None means
-    RMSNorm; an RMSNorm without eps uses the activations' machine epsilon, as torch's does."""
+    RMSNorm; an RMSNorm without eps uses torch's default (`modules.norm_eps`)."""
     return norm.weight, getattr(norm, "bias", None), norm_eps(norm, dtype)
 
 

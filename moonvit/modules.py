@@ -41,17 +41,19 @@ def time_embedding(frames: int, dim: int) -> torch.Tensor:
 
 
 def make_norm(config: MoonVitConfig, dim: int) -> nn.Module:
-    """The blocks' norm: LayerNorm(eps=layer_norm_eps), or RMSNorm (eps=rms_norm_eps; None is the
-    input dtype's machine epsilon, torch.nn.RMSNorm's default, which vLLM's MoonViT3d uses)."""
+    """The blocks' norm: LayerNorm(eps=layer_norm_eps), or RMSNorm (eps=rms_norm_eps; None is
+    torch.nn.RMSNorm's default, which vLLM's MoonViT3d uses: see `norm_eps`)."""
     if config.norm_type == "rmsnorm":
         return nn.RMSNorm(dim, eps=config.rms_norm_eps)
     return nn.LayerNorm(dim, eps=config.layer_norm_eps)
 
 
 def norm_eps(norm: nn.Module, dtype: torch.dtype) -> float:
-    """The epsilon `norm` applies to inputs of `dtype`."""
+    """The epsilon `norm` applies to inputs of `dtype`. For eps=None, torch's RMSNorm takes the machine
+    epsilon of the type it computes in, fp32 for bf16 and fp16 inputs (ATen's opmath type; its docs say
+    the input's dtype, but 2^-7 is not what a bf16 input gets), so 2^-23 for every dtype the encoder runs."""
     eps = norm.eps
-    return torch.finfo(dtype).eps if eps is None else float(eps)
+    return torch.finfo(torch.promote_types(dtype, torch.float32)).eps if eps is None else float(eps)
 
 
 class PatchEmbed(nn.Module):

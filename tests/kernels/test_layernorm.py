@@ -7,6 +7,7 @@ from kernel_cases import (assert_elementwise_close, assert_nonfinite_as_referenc
                           needs_gpu, randn)
 
 from fused_moonvit.kernels.layernorm import LayerNormConfig, add_layer_norm, add_layer_norm_reference
+from fused_moonvit.moonvit.modules import norm_eps
 
 EPS = 1e-5
 PAD = 5  # rows of the buffer past the rows given to the kernel: poisoned, and must stay so
@@ -67,9 +68,9 @@ def test_matches_layer_norm_after_an_add(rows, channels, mode, dtype, device):
 @pytest.mark.parametrize("mode", ["add", "plain"])
 @dtype_params
 def test_rms_norm_after_an_add(rows, channels, mode, dtype, device):
-    """ln_bias None: RMSNorm (Kimi-K3's MoonViT3d), eps the activations' machine epsilon as torch's default."""
+    """ln_bias None: RMSNorm (Kimi-K3's MoonViT3d), with torch's default eps for these activations."""
     buf, y, _, weight, _ = inputs(rows, channels, dtype, device, ("rms", mode))
-    eps = torch.finfo(dtype).eps
+    eps = norm_eps(torch.nn.RMSNorm(channels), dtype)
     x = buf[:rows]
     x0 = x.clone()
     y_arg = None if mode == "plain" else y
@@ -84,6 +85,20 @@ def test_rms_norm_after_an_add(rows, channels, mode, dtype, device):
     assert rel <= (1e-6 if dtype == torch.float32 else 1e-2), "torch.nn.RMSNorm(eps=None) disagrees"
     ref_residual, ref_out = add_layer_norm_reference(x0, y_arg, weight, None, eps)
     assert_elementwise_close(ref_out, F.rms_norm(ref_residual.double(), (channels,), weight.double(), eps))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_rms_norm_default_eps_is_torchs(dtype, device):
+    """torch.nn.RMSNorm(eps=None) on rows whose mean square is near eps, where the eps decides the result:
+    the kernel with `norm_eps`'s value matches it (and 2^-7, finfo(bf16).eps, would not)."""
+    x = (0.03 * randn((6, 256), generator("eps", dtype), torch.float32, device)).to(dtype)
+    weight = torch.ones(256, dtype=dtype, device=device)
+    with torch.no_grad():
+        want = torch.nn.RMSNorm(256, device=device, dtype=dtype)(x).double()
+    got = add_layer_norm(x.clone(), None, weight, None, norm_eps(torch.nn.RMSNorm(256), dtype)).double()
+    assert ((got - want).norm() / want.norm()).item() <= 4 * torch.finfo(dtype).eps
+    wrong = F.rms_norm(x.double(), (256,), None, 2.0**-7)
+    assert ((wrong - want).norm() / want.norm()).item() > 0.5
 
 
 @dtype_params
