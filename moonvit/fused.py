@@ -38,6 +38,7 @@ class FusedMoonVit(MoonVitModules):
     def __init__(self, config: MoonVitConfig | None = None, attention_backend: str | None = None):
         super().__init__(config)
         self._rope_tables: dict[torch.device, torch.Tensor] = {}
+        self._zero_biases: dict[tuple, torch.Tensor] = {}
         # None: the Triton kernel with tiles measured per budget, unless $FUSED_MOONVIT_ATTENTION says
         # otherwise; "triton" or "fa2" forces one. Checked here, not first at a forward inside a capture.
         forced_attention_backend(attention_backend)
@@ -132,10 +133,18 @@ class FusedMoonVit(MoonVitModules):
 
     def _fc0_gelu(self, h: torch.Tensor, fc0: torch.nn.Linear) -> torch.Tensor:
         """gelu_tanh(fc0(h)). On CUDA, bias and GELU run in cuBLASLt's epilogue (its GELU is the tanh
-        approximation; the GPU tests hold it to that), so the activation is rounded once and not re-read."""
-        if h.is_cuda and fc0.bias is not None:
-            return torch._addmm_activation(fc0.bias, h, fc0.weight.t(), use_gelu=True)
-        return F.gelu(F.linear(h, fc0.weight, fc0.bias), approximate="tanh")
+        approximation; the GPU tests hold it to that), so the activation is rounded once and not re-read.
+        A layer without bias (Kimi-K3) gets a zero one, which adds exactly nothing, for the same epilogue."""
+        if not h.is_cuda:
+            return F.gelu(F.linear(h, fc0.weight, fc0.bias), approximate="tanh")
+        bias = fc0.bias
+        if bias is None:
+            # Made at the first call, which a capture's warm-up runs outside the graph.
+            key = (h.device, h.dtype, fc0.out_features)
+            if key not in self._zero_biases:
+                self._zero_biases[key] = torch.zeros(fc0.out_features, dtype=h.dtype, device=h.device)
+            bias = self._zero_biases[key]
+        return torch._addmm_activation(bias, h, fc0.weight.t(), use_gelu=True)
 
 
 def _norm_args(norm: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, float]:
