@@ -113,13 +113,14 @@ def measure(fn: Callable[[], object], *, cuda: bool, iters: int, warmup: int) ->
 def vllm_call(host_graph, ref, pixels: torch.Tensor, grids: list) -> Callable[[], torch.Tensor]:
     """One call as vLLM makes it: all images through the host-metadata graph, and (MoonViT3d) each video
     chunk eagerly, its outputs put back in item order."""
-    items = [tuple(g) if len(g) == 3 else (1, *g) for g in grids]
+    from fused_moonvit.kernels.plan import grid_thw_list
+    from fused_moonvit.moonvit.inputs import patch_offsets
+
+    items = grid_thw_list(grids)
     if all(t == 1 for t, _, _ in items):
         grid = torch.tensor(grids, dtype=torch.int64)
         return lambda: host_graph(pixels, grid)
-    starts = [0]
-    for t, h, w in items:
-        starts.append(starts[-1] + t * h * w)
+    starts = patch_offsets(items)
     images = [i for i, (t, _, _) in enumerate(items) if t == 1]
     image_pixels = torch.cat([pixels[starts[i]:starts[i + 1]] for i in images]) if images else None
     image_grid = torch.tensor([items[i] for i in images], dtype=torch.int64)
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             outputs["host_metadata_graph"] = host_call()
             rows["host_metadata_graph"] = measure(host_call, **timing)
             rows["host_metadata_graph"]["budget"] = host_graph.budget
-            del host_graph  # frees its graph's private memory pool before the next set
+            del host_graph, host_call  # frees its graph's private memory pool before the next set
             bar.update()
 
             for key, attention in (("fused_graph_fa2", "fa2"), ("fused_graph", None)):
@@ -359,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append({
                 "name": name,
                 "grids": [list(g) for g in grids],
-                "images": len(grids),
+                "items": len(grids),
                 "patches": patches,
                 "output_tokens": sum(g[-2] * g[-1] // 4 for g in grids),
                 "flops": flops,
@@ -397,7 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         "budgets": ("per set: its patch count rounded up to 64, or the padded case's budget; every graph "
                     "row replays one graph of exactly that budget"),
         "max_images": max_images,
-        "rows": {"fused_graph_fa2": "the fused encoder with PyTorch's FlashAttention-2 varlen attention "
+        "rows": {"host_metadata_graph": "vLLM's encoder-graph way, rebuilt (benchmarks/hostmeta.py)" + (
+                     "" if args.model == "kimi-vl" else "; a call's video chunks run eagerly, through "
+                     "MoonVitReference standing in for vLLM's eager MoonViT3d"),
+                 "fused_graph_fa2": "the fused encoder with PyTorch's FlashAttention-2 varlen attention "
                                     "instead of the Triton kernel (max_seqlen = budget)"},
         "setup_s": setup_s,
         "sets": results,

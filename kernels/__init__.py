@@ -2,11 +2,11 @@
 
 Host, per call:   plan = build_plan(grid_hws, B, S); upload_plan(plan, device_plan)
 Device, in graph: expand_plan(device_plan, token_meta)
-                  interp_pos_embed(x, pos_table, token_meta, bias)
+                  interp_pos_embed(x, pos_table, token_meta, bias, time_table=..., mode=...)
                   apply_rope_2d(qkv, token_meta, cos_sin, num_heads, head_dim)   (each layer)
                   varlen_attention_fwd(qkv, cu_seqlens, num_heads, head_dim)     (each layer)
-                  add_layer_norm(x, y, weight, ln_bias, eps, bias)              (twice a layer)
-                  merge_patches(x, token_meta, ln_weight, ln_bias)
+                  add_layer_norm(x, y, weight, ln_bias, eps, bias, rms=...)     (twice a layer)
+                  merge_patches(x, token_meta, ln_weight, ln_bias, max_frames=...)
 Each kernel has a plain-PyTorch `*_reference` twin with the same arguments.
 
 On CPU tensors the kernels run under the Triton interpreter, which must be switched on

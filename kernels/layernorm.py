@@ -85,7 +85,7 @@ def _add_layer_norm_kernel(
     tl.store(out_ptr + offs, round_to(y, out_ptr.dtype.element_ty), mask=live)
 
 
-def _check(x, y, bias, weight, ln_bias, out):
+def _check(x, y, bias, weight, ln_bias, out, rms):
     check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(None, None))
     rows, channels = x.shape
     dev = x.device
@@ -96,7 +96,9 @@ def _check(x, y, bias, weight, ln_bias, out):
     elif bias is not None:
         raise ValueError("bias is added with y; give y too, or fold the bias into x")
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES, shape=(channels,), device=dev)
-    if ln_bias is not None:
+    if rms and ln_bias is not None:
+        raise ValueError("an RMSNorm has no bias: ln_bias must be None with rms=True")
+    if not rms:
         check_tensor("ln_bias", ln_bias, dtypes=FLOAT_DTYPES, shape=(channels,), device=dev)
     if bias is not None:
         check_tensor("bias", bias, dtypes=FLOAT_DTYPES, shape=(channels,), device=dev)
@@ -115,18 +117,19 @@ def add_layer_norm(
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: LayerNormConfig | None = None,
+    rms: bool = False,
 ) -> torch.Tensor:
     """x += y + bias (in place, rounded once), then returns LayerNorm(x) (a new tensor, or `out`); with
-    ln_bias None, RMSNorm(x) (which has no bias).
+    rms, RMSNorm(x) (which has no bias: ln_bias None).
 
     x: (N, C) residual stream, fp32/bf16/fp16, contiguous; updated in place when y is given.
     y: (N, C) of x's dtype (a projection's output without its bias), or the fp32 (S, N, C) split-K partial
        products of `fused_moonvit.kernels.gemm.linear`, summed here, or None for a plain LayerNorm of x.
-    weight, ln_bias: (C,) the norm's affine parameters (ln_bias None: an RMSNorm's weight alone).
+    weight, ln_bias: (C,) the norm's affine parameters (an RMSNorm's weight alone, ln_bias None).
     eps: the norm's epsilon.
     bias: optional (C,) added with y (the projection's bias).
     """
-    _check(x, y, bias, weight, ln_bias, out)
+    _check(x, y, bias, weight, ln_bias, out, rms)
     rows, channels = x.shape
     if out is None:
         out = torch.empty_like(x)
@@ -138,7 +141,7 @@ def add_layer_norm(
         x, x if y is None else y, x if bias is None else bias, weight, weight if ln_bias is None else ln_bias,
         out, rows, eps,
         C=channels, HAS_Y=y is not None, Y_PARTS=y.shape[0] if y is not None and y.dim() == 3 else 1,
-        HAS_BIAS=bias is not None, RMS=ln_bias is None, BLOCK_R=block_r, BLOCK_C=block_c,
+        HAS_BIAS=bias is not None, RMS=rms, BLOCK_R=block_r, BLOCK_C=block_c,
         num_warps=cfg.num_warps,
     )
     return out
@@ -151,15 +154,16 @@ def add_layer_norm_reference(
     ln_bias: torch.Tensor | None,
     eps: float,
     bias: torch.Tensor | None = None,
+    rms: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch `add_layer_norm`, without side effects: (new residual, normalised), each rounded once
     to x's dtype from an fp64 computation (the norm of the rounded residual)."""
-    _check(x, y, bias, weight, ln_bias, None)
+    _check(x, y, bias, weight, ln_bias, None, rms)
     r = x.double()
     if y is not None:
         r = r + (y.double().sum(0) if y.dim() == 3 else y.double()) + (0.0 if bias is None else bias.double())
     residual = r.to(x.dtype)
-    if ln_bias is None:
+    if rms:
         out = torch.nn.functional.rms_norm(residual.double(), (x.shape[1],), weight.double(), eps)
     else:
         out = torch.nn.functional.layer_norm(residual.double(), (x.shape[1],), weight.double(), ln_bias.double(), eps)

@@ -60,7 +60,7 @@ def _merge_patches_kernel(
         for f in tl.static_range(1, MAX_FRAMES):
             more = gather & (f < frames)[:, None]
             y += tl.load(x_ptr + rows + f * frame_step, mask=more, other=0.0).to(tl.float32)
-        y = y / tl.maximum(frames, 1).to(tl.float32)[:, None]
+        y = y / tl.minimum(tl.maximum(frames, 1), MAX_FRAMES).to(tl.float32)[:, None]
     if HAS_NORM:
         y = normalize_rows(y, w_ptr, b_ptr, c, c_live, eps, C, False)
     y = tl.where(valid[:, None], y, 0.0)
@@ -102,7 +102,8 @@ def merge_patches(
         MoonViT tower without the Kimi-VL projector).
     out: optional (B / 4, 4C) output of x's dtype.
     max_frames: the most frames an item of the plan may have (the tower's time-table length; 1 for
-        Kimi-VL). A plan with longer items must not reach here (the encoder's input checks refuse them).
+        Kimi-VL): the kernel reads and averages an item's first min(t, max_frames) frames, never more.
+        The encoder's input checks refuse longer items before they get here.
     """
     _check(x, token_meta, ln_weight, ln_bias, out, max_frames)
     budget, channels = x.shape
@@ -143,10 +144,11 @@ def merge_patches_reference(
     offsets = torch.stack([torch.zeros_like(width), torch.ones_like(width), width, width + 1], dim=1)
     rows = (src[:, None] + offsets).clamp(min=0)  # (B / 4, 4)
     y = torch.zeros(budget // 4, 4, channels, dtype=torch.float64, device=x.device)
+    read = frames.clamp(min=1, max=max_frames)
     for f in range(max_frames):
-        taken = (f < frames.clamp(min=1))[:, None, None]
+        taken = (f < read)[:, None, None]
         y += torch.where(taken, x.double()[(rows + f * stride[:, None]).clamp(max=budget - 1)], 0.0)
-    y = y / frames.clamp(min=1).double()[:, None, None]
+    y = y / read.double()[:, None, None]
     if ln_weight is not None:
         mean = y.mean(dim=-1, keepdim=True)
         var = ((y - mean) ** 2).mean(dim=-1, keepdim=True)

@@ -97,7 +97,7 @@ def plan_max_images(plan: torch.Tensor) -> int:
 
 
 def plan_cu_seqlens(plan: torch.Tensor) -> torch.Tensor:
-    """The (S + 2,) int32 cu_seqlens view of a plan: S image slots, then the padding sequence."""
+    """The (S + 2,) int32 cu_seqlens view of a plan: S item slots, then the padding sequence."""
     return plan[: plan_max_images(plan) + 2]
 
 
@@ -132,7 +132,8 @@ def grid_thw_list(grid: torch.Tensor | Sequence[Sequence[int]]) -> list[list[int
 def build_plan(
     grid_hws: torch.Tensor | Sequence[Sequence[int]], budget: int, max_images: int
 ) -> torch.Tensor:
-    """Validate the images of one call and lay out their plan (see the module docstring).
+    """Validate the items (images and video chunks) of one call and lay out their plan (see the module
+    docstring).
 
     grid_hws: CPU integer tensor (n, 2) of image (h, w), or (n, 3) of item (t, h, w), in patches (lists
         work too).

@@ -112,7 +112,7 @@ def _table_row(tab_ptr, y, x0, x1, x2, x3, wx0, wx1, wx2, wx3, c, mask, C: tl.co
 def _interp_pos_embed_kernel(
     x_ptr, tab_ptr, bias_ptr, time_ptr, out_ptr, row_ptr, col_ptr, h_ptr, w_ptr, time_idx_ptr, budget,
     C: tl.constexpr, H0: tl.constexpr, W0: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TIME: tl.constexpr,
-    BICUBIC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, CHUNKS: tl.constexpr,
+    T0: tl.constexpr, BICUBIC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, CHUNKS: tl.constexpr,
 ):
     # A program takes BLOCK_T tokens and CHUNKS consecutive channel blocks of BLOCK_C, so each token's
     # taps and weights are computed once for all of them.
@@ -142,7 +142,7 @@ def _interp_pos_embed_kernel(
         pe += wy3[:, None] * _table_row(tab_ptr, y3, x0, x1, x2, x3, wx0, wx1, wx2, wx3, c,
                                         g & (wy3 != 0)[:, None], C, W0)
         if HAS_TIME:
-            timed = g & (time_row >= 0)[:, None]
+            timed = g & ((time_row >= 0) & (time_row < T0))[:, None]
             pe += tl.load(time_ptr + (tl.maximum(time_row, 0) * C)[:, None] + c[None, :], mask=timed, other=0.0)
 
         io = t.to(tl.int64)[:, None] * C + c[None, :]
@@ -196,8 +196,8 @@ def interp_pos_embed(
     bias: optional (C,) added to x first (the patch projection's bias).
     out: optional (B, C) output of x's dtype; by default x is updated in place.
     time_table: optional fp32 (T0, C) time embedding (MoonViT3d), row f added to frame f of an item of
-        more than one frame, as META_TIME says; a plan with frames past T0 must not reach it (the
-        encoder's input checks refuse t > T0).
+        more than one frame, as META_TIME says; frames past T0 add nothing (the table is never read past
+        its end; the encoder's input checks refuse t > T0 before they get here).
     mode: "bicubic" (MoonVit, Kimi-K2.5) or "bilinear" (Kimi-K3).
 
     Returns out (or x). Valid rows hold x (+ bias) + embedding; padding rows hold zeros.
@@ -221,7 +221,7 @@ def interp_pos_embed(
         token_meta[META_ROW], token_meta[META_COL], token_meta[META_HEIGHT], token_meta[META_WIDTH],
         token_meta[META_TIME], budget,
         C=channels, H0=h0, W0=w0, HAS_BIAS=bias is not None, HAS_TIME=time_table is not None,
-        BICUBIC=mode == "bicubic", BLOCK_T=block_t, BLOCK_C=block_c, CHUNKS=chunks, num_warps=8,
+        T0=1 if time_table is None else time_table.shape[0], BICUBIC=mode == "bicubic", BLOCK_T=block_t, BLOCK_C=block_c, CHUNKS=chunks, num_warps=8,
     )
     return out
 
@@ -275,6 +275,8 @@ def interp_pos_embed_reference(
             pe += (wy[:, i].double() * wx[:, j].double())[:, None] * table[ys[:, i], xs[:, j]]
     if time_table is not None:
         frame = token_meta[META_TIME].long()
-        pe += torch.where((frame > 0)[:, None], time_table.double()[(frame - 1).clamp(min=0)], 0.0)
+        row = frame - 1
+        inside = (row >= 0) & (row < time_table.shape[0])
+        pe += torch.where(inside[:, None], time_table.double()[row.clamp(0, time_table.shape[0] - 1)], 0.0)
     xf = x.double() if bias is None else x.double() + bias.double()
     return torch.where(valid[:, None], xf + pe, 0.0).to(x.dtype)

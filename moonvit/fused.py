@@ -1,12 +1,13 @@
 """`FusedMoonVit`: the static-shape MoonVit forward of docs/design.md section 3, and `MoonVitGraphRunner`,
 which captures it as one CUDA graph per token budget.
 
-The forward works on a budget of B patch rows. A small int32 plan (one row per image slot plus cu_seqlens,
-built on the host in O(images)) is uploaded once; everything after that is device work of fixed shape:
-the plan is expanded into per-token metadata, and the Triton kernels read it to add the interpolated
-position embedding, rotate q and k, attend within each image, and gather the 2x2 merge; residual adds and
-LayerNorms run as one kernel. Rows past the last image form one trailing padding sequence whose outputs
-are finite and discarded.
+The forward works on a budget of B patch rows. A small int32 plan (one row per item slot plus cu_seqlens
+and output offsets, built on the host in O(items)) is uploaded once; an item is an image or, for
+MoonViT3d, a video chunk of t frames. Everything after that is device work of fixed shape: the plan is
+expanded into per-token metadata, and the Triton kernels read it to add the interpolated position (and
+time) embedding, rotate q and k, attend within each item, and average a chunk's frames and gather the 2x2
+merge; residual adds and LayerNorms (or RMSNorms) run as one kernel. Rows past the last item form one
+trailing padding sequence whose outputs are finite and discarded.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class FusedMoonVit(MoonVitModules):
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor, grid_hws) -> torch.Tensor:
-        """Eager fused forward of exactly these images: (sum h/2*w/2, output_size)."""
+        """Eager fused forward of exactly these items (images, or video chunks of t frames):
+        (sum h/2*w/2, output_size)."""
         grid = check_inputs(pixel_values, grid_hws, self.config.patch_size, self.config.max_frames)
         check_attention_dtype(self.device, self.dtype)
         plan = build_plan(grid, pixel_values.shape[0], grid.shape[0])
@@ -108,7 +110,7 @@ class FusedMoonVit(MoonVitModules):
                              time_table=embed.time_table(pixel_values.device), mode=cfg.pos_emb_interpolation)
         blocks = tower.encoder.blocks
         dtype = pixel_values.dtype
-        h = add_layer_norm(x, None, *_norm_args(blocks[0].norm0, dtype))
+        h = add_layer_norm(x, None, **_norm_args(blocks[0].norm0, dtype))
         for i, block in enumerate(blocks):
             qkv = block.wqkv(h)
             apply_rope_2d(qkv, meta, cos_sin, num_heads=heads, head_dim=head_dim)
@@ -116,20 +118,21 @@ class FusedMoonVit(MoonVitModules):
             # The add-and-norm kernel adds the residual (and wo's bias) in one rounding, updates x in place
             # and normalises it for the next step. Where the bias goes was measured on the H200: cuBLAS
             # runs wo (1152 -> 1152) fastest without a bias epilogue, fc1 (4304 -> 1152) with one.
-            h = add_layer_norm(x, F.linear(attn, block.wo.weight), *_norm_args(block.norm1, dtype), bias=block.wo.bias)
+            h = add_layer_norm(x, F.linear(attn, block.wo.weight), **_norm_args(block.norm1, dtype),
+                               bias=block.wo.bias)
             g = self._fc0_gelu(h, block.mlp.fc0)
             norm = blocks[i + 1].norm0 if i + 1 < len(blocks) else tower.encoder.final_layernorm
-            h = add_layer_norm(x, block.mlp.fc1(g), *_norm_args(norm, dtype))
+            h = add_layer_norm(x, block.mlp.fc1(g), **_norm_args(norm, dtype))
 
         projector = self.projector
         pre_norm = getattr(projector, "pre_norm", None)
-        norm_args = {} if pre_norm is None else dict(zip(("ln_weight", "ln_bias", "eps"), _norm_args(pre_norm, dtype)))
-        merged = merge_patches(h, meta, max_frames=cfg.max_frames, **norm_args)
+        merged = merge_patches(h, meta, max_frames=cfg.max_frames, **({} if pre_norm is None else dict(
+            ln_weight=pre_norm.weight, ln_bias=pre_norm.bias, eps=pre_norm.eps)))
         if projector is None:
             return merged
         out = projector.second(F.gelu(projector.first(merged)))
         post_norm = getattr(projector, "post_norm", None)
-        return out if post_norm is None else add_layer_norm(out, None, *_norm_args(post_norm, dtype))
+        return out if post_norm is None else add_layer_norm(out, None, **_norm_args(post_norm, dtype))
 
     def _fc0_gelu(self, h: torch.Tensor, fc0: torch.nn.Linear) -> torch.Tensor:
         """gelu_tanh(fc0(h)). On CUDA, bias and GELU run in cuBLASLt's epilogue (its GELU is the tanh
@@ -147,10 +150,11 @@ class FusedMoonVit(MoonVitModules):
         return torch._addmm_activation(bias, h, fc0.weight.t(), use_gelu=True)
 
 
-def _norm_args(norm: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-    """(weight, bias, eps) of a LayerNorm or RMSNorm module for `add_layer_norm`, whose bias None means
-    RMSNorm; an RMSNorm without eps uses torch's default (`modules.norm_eps`)."""
-    return norm.weight, getattr(norm, "bias", None), norm_eps(norm, dtype)
+def _norm_args(norm: torch.nn.Module, dtype: torch.dtype) -> dict:
+    """`add_layer_norm`'s arguments for a LayerNorm or RMSNorm module; an RMSNorm without eps uses
+    torch's default (`modules.norm_eps`)."""
+    rms = isinstance(norm, torch.nn.RMSNorm)
+    return dict(weight=norm.weight, ln_bias=None if rms else norm.bias, eps=norm_eps(norm, dtype), rms=rms)
 
 
 def capture_graph(fn, *, device: torch.device | str, pool=None, warmup: int = 1):
@@ -195,10 +199,10 @@ def default_budgets(max_budget: int = 16384, min_budget: int = 64) -> list[int]:
 class MoonVitGraphRunner:
     """Runs a `FusedMoonVit` as one CUDA graph per patch budget, all graphs in one memory pool.
 
-    `encode` packs the images of a call, in order, greedily into chunks of at most the largest budget and
-    `max_images` images, and replays the smallest graph that holds each chunk. An image larger than the
-    largest budget runs eagerly on its own. Each call's host work is O(images): one plan build and upload
-    per chunk. On the CPU there are no graphs: the same chunks run through the fused eager forward.
+    `encode` packs the items (images, and video chunks of t frames) of a call, in order, greedily into
+    chunks of at most the largest budget and `max_images` items, and replays the smallest graph that holds
+    each chunk. An item larger than the largest budget runs eagerly on its own. Each call's host work is
+    O(items): one plan build and upload per chunk. On the CPU there are no graphs: the same chunks run through the fused eager forward.
 
     All budgets share one pixel buffer and one plan buffer. `encode` is safe to call from several threads
     (calls take turns) and from several CUDA streams: each call's uploads wait, on the device, for the
@@ -303,7 +307,7 @@ class MoonVitGraphRunner:
 
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor, grid_hws) -> list[torch.Tensor]:
-        """Per-image outputs, (h/2*w/2, output_size) each, for any number of images of any size."""
+        """Per-item outputs, (h/2*w/2, output_size) each, for any number of items of any size."""
         grid = check_inputs(pixel_values, grid_hws, self.model.config.patch_size, self.model.config.max_frames).tolist()
         offsets = patch_offsets(grid)
         results: list[torch.Tensor] = []

@@ -32,11 +32,12 @@ def check_grid_hws(grid_hws: torch.Tensor | list | tuple, max_side: int = MAX_GR
             raise ValueError(f"item {i}: t={t} frames is outside 1..{max_frames} (grid {t}x{h}x{w}); "
                              + ("this tower takes images only" if max_frames == 1 else
                                 f"the tower's time embedding has {max_frames} frames"))
+        what = "image" if t == 1 else "item"
         for name, side in (("h", h), ("w", w)):
             if not 1 <= side <= max_side:
-                raise ValueError(f"image {i}: grid {name}={side} is outside 1..{max_side} patches (grid {h}x{w})")
+                raise ValueError(f"{what} {i}: grid {name}={side} is outside 1..{max_side} patches (grid {h}x{w})")
             if side % 2:
-                raise ValueError(f"image {i}: grid {name}={side} is not a multiple of the merge size 2 (grid {h}x{w})")
+                raise ValueError(f"{what} {i}: grid {name}={side} is not a multiple of the merge size 2 (grid {h}x{w})")
     return grid
 
 

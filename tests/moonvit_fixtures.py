@@ -83,6 +83,12 @@ def tiny_k25_config(**overrides) -> MoonVitConfig:
     return tiny_config(**fields)
 
 
+# Kimi-K3's tower options at tiny sizes: RMSNorm, no biases, a qkv wider than the hidden size (head dim 16
+# from 4 heads of a 64-wide qkv), bilinear position embedding, the v2 projector.
+K3_OPTIONS = dict(norm_type="rmsnorm", attn_bias=False, linear_bias=False, patch_embed_proj_bias=False,
+                  qkv_hidden_size=64, projector_type="patchmergerv2", pos_emb_interpolation="bilinear")
+
+
 def kimi_k25_config_json(config: MoonVitConfig) -> dict:
     """A config.json in the layout of moonshotai/Kimi-K2.5's and Kimi-K2.6's on the Hub (remote-code
     KimiK25Config: `vt_*` and `init_pos_emb_*` vision fields, a DeepSeek-V3 text_config, the language

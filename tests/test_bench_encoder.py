@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from moonvit_fixtures import random_model, random_pixels, rel_err, tiny_config, tiny_k25_config
+from moonvit_fixtures import K3_OPTIONS, random_model, random_pixels, rel_err, tiny_config, tiny_k25_config
 from fused_moonvit.benchmarks.bench_encoder import main, vllm_call
 from fused_moonvit.benchmarks.flops import encoder_flops, encoder_flops_breakdown
 from fused_moonvit.benchmarks.hostmeta import HostMetadataGraph
@@ -55,10 +55,9 @@ def test_buffers_reused_across_calls_and_padding_isolated(model):
 @pytest.mark.parametrize("k3", [False, True], ids=["k25", "k3"])
 def test_host_metadata_moonvit3d(k3):
     """MoonViT3d images through the host-metadata graph (bilinear and RMSNorm for K3's options); video
-    chunks are refused there and run eagerly in the benchmark's vLLM-style call, outputs in item order."""
-    options = dict(norm_type="rmsnorm", attn_bias=False, linear_bias=False, patch_embed_proj_bias=False,
-                   qkv_hidden_size=64, projector_type="patchmergerv2", pos_emb_interpolation="bilinear") if k3 else {}
-    model = random_model(tiny_k25_config(**options), seed=4)
+    chunks are refused there and run eagerly in the benchmark's vLLM-style call (through the reference, so
+    that half checks the order in which the outputs are put back)."""
+    model = random_model(tiny_k25_config(**(K3_OPTIONS if k3 else {})), seed=4)
     graph = HostMetadataGraph(model, 320, 4)
     images = [(1, 6, 10), (1, 16, 16)]
     pixels = random_pixels(images, seed=5)

@@ -10,20 +10,16 @@ which is far below the bound.
 import pytest
 import torch
 
-from moonvit_fixtures import random_model, random_pixels, rel_err, tiny_k25_config
+from moonvit_fixtures import K3_OPTIONS, random_model, random_pixels, rel_err, tiny_k25_config
 from vllm_peer import VllmMoonViT3d
 
 from fused_moonvit.moonvit import FusedMoonVit
 
 pytestmark = pytest.mark.vllm
 
-# Kimi-K3's options at tiny sizes: RMSNorm, no biases, a wider qkv (head dim 16 from 4 heads of a 64 qkv),
-# bilinear position embedding, the v2 projector.
-K3 = dict(norm_type="rmsnorm", attn_bias=False, linear_bias=False, patch_embed_proj_bias=False, qkv_hidden_size=64,
-          projector_type="patchmergerv2", pos_emb_interpolation="bilinear")
 # A 16x16 position table (the real one is 64x64): a 16x16 grid is the identity case, at a size the
 # interpreter runs in seconds.
-CONFIGS = {"k25": {}, "k3": K3}
+CONFIGS = {"k25": {}, "k3": K3_OPTIONS}
 ITEM_SETS = {
     "images": [(1, 6, 10), (1, 2, 2), (1, 20, 12)],
     "table_size": [(1, 16, 16), (3, 16, 16)],
@@ -46,7 +42,7 @@ def models(request):
 def test_fp32_parity(models, item_set):
     ref, fused, peer = models
     items = ITEM_SETS[item_set]
-    pix = random_pixels(items, seed=len(item_set))
+    pix = random_pixels(items, seed=sorted(ITEM_SETS).index(item_set))
     g = torch.tensor(items)
     want = peer(pix, g)
     assert want.shape == (sum(h * w // 4 for _, h, w in items), 24)
@@ -60,7 +56,9 @@ def test_fp32_parity(models, item_set):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_bf16_parity(name):
-    """bf16: the fused encoder against vLLM, and each against the fp32 reference; ours is no worse."""
+    """bf16: the fused encoder against vLLM, and each against the fp32 reference; ours within 1.25x of
+    vLLM's error (on the CPU neither runs the GPU's kernels; the H200 tests hold the graph to 1.0x of the
+    bf16 reference)."""
     cfg = tiny_k25_config(**CONFIGS[name])
     ref32 = random_model(cfg, seed=40)
     ours = FusedMoonVit(cfg)

@@ -1,4 +1,4 @@
-"""The residual add + LayerNorm kernel against F.layer_norm after an fp64 add."""
+"""The residual add + LayerNorm (or RMSNorm) kernel against F.layer_norm (F.rms_norm) after an fp64 add."""
 
 import pytest
 import torch
@@ -68,13 +68,13 @@ def test_matches_layer_norm_after_an_add(rows, channels, mode, dtype, device):
 @pytest.mark.parametrize("mode", ["add", "plain"])
 @dtype_params
 def test_rms_norm_after_an_add(rows, channels, mode, dtype, device):
-    """ln_bias None: RMSNorm (Kimi-K3's MoonViT3d), with torch's default eps for these activations."""
+    """rms=True: RMSNorm (Kimi-K3's MoonViT3d), with torch's default eps for these activations."""
     buf, y, _, weight, _ = inputs(rows, channels, dtype, device, ("rms", mode))
     eps = norm_eps(torch.nn.RMSNorm(channels), dtype)
     x = buf[:rows]
     x0 = x.clone()
     y_arg = None if mode == "plain" else y
-    out = add_layer_norm(x, y_arg, weight, None, eps, out=torch.full_like(x, float("nan")))
+    out = add_layer_norm(x, y_arg, weight, None, eps, out=torch.full_like(x, float("nan")), rms=True)
     assert_elementwise_close(x, exact_sum(x0, y_arg, None))
     assert_elementwise_close(out, F.rms_norm(x.double(), (channels,), weight.double(), eps))
     assert buf[rows:].isnan().all(), "rows past the input were written"
@@ -83,7 +83,7 @@ def test_rms_norm_after_an_add(rows, channels, mode, dtype, device):
         want.weight.copy_(weight)
     rel = ((out.double() - want(x).double()).norm() / want(x).double().norm()).item()
     assert rel <= (1e-6 if dtype == torch.float32 else 1e-2), "torch.nn.RMSNorm(eps=None) disagrees"
-    ref_residual, ref_out = add_layer_norm_reference(x0, y_arg, weight, None, eps)
+    ref_residual, ref_out = add_layer_norm_reference(x0, y_arg, weight, None, eps, rms=True)
     assert_elementwise_close(ref_out, F.rms_norm(ref_residual.double(), (channels,), weight.double(), eps))
 
 
@@ -95,7 +95,7 @@ def test_rms_norm_default_eps_is_torchs(dtype, device):
     weight = torch.ones(256, dtype=dtype, device=device)
     with torch.no_grad():
         want = torch.nn.RMSNorm(256, device=device, dtype=dtype)(x).double()
-    got = add_layer_norm(x.clone(), None, weight, None, norm_eps(torch.nn.RMSNorm(256), dtype)).double()
+    got = add_layer_norm(x.clone(), None, weight, None, norm_eps(torch.nn.RMSNorm(256), dtype), rms=True).double()
     assert ((got - want).norm() / want.norm()).item() <= 4 * torch.finfo(dtype).eps
     wrong = F.rms_norm(x.double(), (256,), None, 2.0**-7)
     assert ((wrong - want).norm() / want.norm()).item() > 0.5
@@ -141,3 +141,7 @@ def test_launcher_rejects_bad_arguments(device):
         add_layer_norm(x, y.double(), weight, ln_bias, EPS)
     with pytest.raises(ValueError, match="out must not be x"):
         add_layer_norm(x, y, weight, ln_bias, EPS, out=x)
+    with pytest.raises(TypeError, match="ln_bias must be a torch.Tensor, got NoneType"):
+        add_layer_norm(x, y, weight, None, EPS)
+    with pytest.raises(ValueError, match="an RMSNorm has no bias: ln_bias must be None with rms=True"):
+        add_layer_norm(x, y, weight, ln_bias, EPS, rms=True)

@@ -69,17 +69,22 @@ def test_matches_reference_and_vllm(case, dtype, device):
         check_result(out, vllm_merge(x, case.items, weight, bias), case, dtype, tol=tol)
 
 
-def test_frames_past_max_frames_are_not_read(device):
-    """A launcher told max_frames=1 merges the first frame only: the bound is what the kernel loops to."""
+@pytest.mark.parametrize("max_frames", [1, 2])
+def test_frames_past_max_frames_are_not_read(max_frames, device):
+    """A launcher told max_frames reads and averages an item's first min(t, max_frames) frames: the bound
+    is what the kernel loops to, and the mean is over what it read."""
     case = CASES["video_mix"]
     x, meta, weight, bias = inputs(case, torch.float32, device)
-    out = merge_patches(x, meta, weight, bias, max_frames=1)
+    out = merge_patches(x, meta, weight, bias, max_frames=max_frames)
     starts = [sum(t * h * w for t, h, w in case.items[:i]) for i in range(len(case.items))]
-    first_frames = torch.cat([x[s : s + h * w] for s, (_, h, w) in zip(starts, case.items)])
-    frames_mean = merge_patches(x, meta, weight, bias, max_frames=MAX_FRAMES)
+    kept = [(min(t, max_frames), h, w) for t, h, w in case.items]
+    first_frames = torch.cat([x[s : s + k * h * w] for s, (k, h, w) in zip(starts, kept)])
     n = case.outputs
-    assert_elementwise_close(out[:n], vllm_merge(first_frames, [(1, h, w) for _, h, w in case.items], weight, bias))
-    assert relerr(out[:n], frames_mean[:n]) > 0.1, "the chunks' other frames must change the mean"
+    assert_elementwise_close(out[:n], vllm_merge(first_frames, kept, weight, bias))
+    all_frames = merge_patches(x, meta, weight, bias, max_frames=MAX_FRAMES)
+    assert relerr(out[:n], all_frames[:n]) > 0.1, "the chunks' other frames must change the mean"
+    ref = merge_patches_reference(x, meta, weight, bias, max_frames=max_frames)
+    assert_elementwise_close(out, ref)
 
 
 @dtype_params

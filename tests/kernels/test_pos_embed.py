@@ -75,19 +75,24 @@ def test_matches_reference_and_vllm(case, dtype, mode, device):
         assert relerr(out[: case.total], want) <= VLLM_TOL[dtype]
 
 
-def test_time_embedding_reaches_chunk_frames_only(device):
-    """Images (t = 1) add no time row, frame f of a chunk adds row f (row 0 too), padding stays zero."""
+@pytest.mark.parametrize("frames", [4, 2], ids=["whole_table", "short_table"])
+def test_time_embedding_reaches_chunk_frames_only(frames, device):
+    """Images (t = 1) add no time row, frame f of a chunk adds row f (row 0 too), padding stays zero; a
+    table shorter than a chunk (which the encoder refuses earlier) is never read past its end."""
     case = CASES["video_mix"]
     x, table, meta = inputs(case, torch.float32, device)
-    time = time_table(C, device)
+    time = time_table(C, device, frames)
     with_time = interp_pos_embed(x, table, meta, out=torch.empty_like(x), time_table=time)
     without = interp_pos_embed(x, table, meta, out=torch.empty_like(x))
     added = []
     for t, h, w in case.items:
-        added += [time[f] if t > 1 else torch.zeros(C, device=device) for f in range(t) for _ in range(h * w)]
+        added += [time[f] if 1 < t and f < frames else torch.zeros(C, device=device)
+                  for f in range(t) for _ in range(h * w)]
     torch.testing.assert_close(with_time[: case.total] - without[: case.total], torch.stack(added),
                                rtol=0, atol=2e-6)
     assert with_time[case.total :].eq(0).all()
+    want = exact(x, table, meta, time_table=time)
+    assert_elementwise_close(with_time, want)
 
 
 def test_identity_at_table_size_is_exact(device):
