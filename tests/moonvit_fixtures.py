@@ -42,6 +42,35 @@ def random_model(config: MoonVitConfig, seed: int, dtype=torch.float32) -> MoonV
     return model.to(dtype).eval()
 
 
+def write_gpu_figures(env_var: str, figures: dict) -> None:
+    """Writes `figures` as JSON, with the device, versions and date, to the path in $`env_var` if set: how
+    the GPU tests leave their figures for benchmarks/results."""
+    path = os.environ.get(env_var)
+    if not path:
+        return
+    import datetime
+
+    import triton
+
+    meta = {"device": torch.cuda.get_device_name(), "versions": {"torch": torch.__version__,
+                                                                  "triton": triton.__version__},
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "cases": figures}, f, indent=1)
+
+
+def k25_vision_config(config: MoonVitConfig):
+    """transformers' `Kimi_K25VisionConfig` at `config`'s sizes (the K2.5 options it knows)."""
+    from transformers import Kimi_K25VisionConfig
+
+    return Kimi_K25VisionConfig(
+        patch_size=config.patch_size, pos_emb_height=config.init_pos_emb_height,
+        pos_emb_width=config.init_pos_emb_width, pos_emb_time=config.pos_emb_time,
+        num_attention_heads=config.num_attention_heads, num_hidden_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size, intermediate_size=config.intermediate_size, hidden_act=config.hidden_act,
+        merge_kernel_size=list(config.merge_kernel_size))
+
+
 def random_pixels(grid_hws, patch_size: int = 14, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     n = sum(math.prod(g) for g in grid_hws)

@@ -4,13 +4,11 @@ Tolerance: ||graph_bf16 - ref_fp32|| / ||ref_fp32|| <= the same figure for the b
 """
 
 import copy
-import json
-import os
 
 import pytest
 import torch
 
-from moonvit_fixtures import random_model, random_pixels, rel_err
+from moonvit_fixtures import random_model, random_pixels, rel_err, write_gpu_figures
 from fused_moonvit.moonvit import FusedMoonVit, MoonVitConfig, MoonVitGraphRunner
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -29,17 +27,7 @@ def models():
     runner = MoonVitGraphRunner(fused, budgets=[1024, 4096, 8192], max_images=16)
     runner.capture(progress=False)
     yield ref32, ref16, runner
-    path = os.environ.get("FUSED_MOONVIT_GPU_FIGURES")
-    if path:
-        import datetime
-
-        import triton
-
-        meta = {"device": torch.cuda.get_device_name(), "versions": {"torch": torch.__version__,
-                                                                      "triton": triton.__version__},
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        with open(path, "w") as f:
-            json.dump({"meta": meta, "cases": FIGURES}, f, indent=1)
+    write_gpu_figures("FUSED_MOONVIT_GPU_FIGURES", FIGURES)
 
 
 def check(models, grids, name, seed):

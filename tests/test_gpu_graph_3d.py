@@ -5,13 +5,11 @@ Tolerance, as for Kimi-VL: ||graph_bf16 - ref_fp32|| / ||ref_fp32|| <= the same 
 """
 
 import copy
-import json
-import os
 
 import pytest
 import torch
 
-from moonvit_fixtures import random_model, random_pixels, rel_err
+from moonvit_fixtures import random_model, random_pixels, rel_err, write_gpu_figures
 from fused_moonvit.benchmarks.bench_encoder import MODELS
 from fused_moonvit.moonvit import FusedMoonVit, MoonVitConfig, MoonVitGraphRunner
 
@@ -46,17 +44,7 @@ def models(request):
 @pytest.fixture(scope="module", autouse=True)
 def figures():
     yield
-    path = os.environ.get("FUSED_MOONVIT_GPU_FIGURES_3D")
-    if path:
-        import datetime
-
-        import triton
-
-        meta = {"device": torch.cuda.get_device_name(), "versions": {"torch": torch.__version__,
-                                                                      "triton": triton.__version__},
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        with open(path, "w") as f:
-            json.dump({"meta": meta, "cases": FIGURES}, f, indent=1)
+    write_gpu_figures("FUSED_MOONVIT_GPU_FIGURES_3D", FIGURES)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

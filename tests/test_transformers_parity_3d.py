@@ -16,7 +16,7 @@ import types
 import pytest
 import torch
 
-from moonvit_fixtures import random_model, random_pixels, rel_err, tiny_k25_config
+from moonvit_fixtures import k25_vision_config, random_model, random_pixels, rel_err, tiny_k25_config
 
 from fused_moonvit.moonvit import FusedMoonVit
 
@@ -62,15 +62,9 @@ class TransformersK25(torch.nn.Module):
 
     def __init__(self, config, state_dict: dict):
         super().__init__()
-        from transformers import Kimi_K25VisionConfig
         from transformers.models.kimi_k25.modeling_kimi_k25 import Kimi_K25MultimodalProjection, Kimi_K25VisionModel
 
-        vision = Kimi_K25VisionConfig(
-            patch_size=config.patch_size, pos_emb_height=config.init_pos_emb_height,
-            pos_emb_width=config.init_pos_emb_width, pos_emb_time=config.pos_emb_time,
-            num_attention_heads=config.num_attention_heads, num_hidden_layers=config.num_hidden_layers,
-            hidden_size=config.hidden_size, intermediate_size=config.intermediate_size, hidden_act=config.hidden_act,
-            merge_kernel_size=list(config.merge_kernel_size))
+        vision = k25_vision_config(config)
         vision._attn_implementation = "sdpa"
         self.tower = Kimi_K25VisionModel(vision).eval()
         missing, unexpected = self.tower.load_state_dict(transformers_state_dict(state_dict, config), strict=False)

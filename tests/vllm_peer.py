@@ -12,7 +12,7 @@ import socket
 from functools import lru_cache
 
 import torch
-from moonvit_fixtures import kimi_vl_config_json
+from moonvit_fixtures import k25_vision_config, kimi_vl_config_json
 
 from fused_moonvit.moonvit import MoonVitConfig
 
@@ -126,14 +126,7 @@ def vllm_moonvit3d_vision_config(config: MoonVitConfig):
             vt_num_attention_heads=config.num_attention_heads, vt_num_hidden_layers=config.num_hidden_layers,
             vt_hidden_size=config.hidden_size, vt_intermediate_size=config.intermediate_size,
             text_hidden_size=config.text_hidden_size, activation_func=config.hidden_act, **options)
-    from transformers import Kimi_K25VisionConfig
-
-    vision = Kimi_K25VisionConfig(
-        patch_size=config.patch_size, pos_emb_height=config.init_pos_emb_height,
-        pos_emb_width=config.init_pos_emb_width, pos_emb_time=config.pos_emb_time,
-        num_attention_heads=config.num_attention_heads, num_hidden_layers=config.num_hidden_layers,
-        hidden_size=config.hidden_size, intermediate_size=config.intermediate_size, hidden_act=config.hidden_act,
-        merge_kernel_size=list(config.merge_kernel_size))
+    vision = k25_vision_config(config)
     for k, v in options.items():
         setattr(vision, k, v)
     return vision
