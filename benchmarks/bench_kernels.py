@@ -9,9 +9,11 @@ Rows, for every image set of docs/design.md section 4.2 (bf16, hidden 1152, 16 h
   rope       ours: apply_rope_2d (one layer)       vLLM: apply_rope on q and k with the per-call freqs_cis
   merge      ours: merge_patches                   vLLM: per-image view/permute (patch_merger), cat, pre_norm
   plan       ours: build_plan on the host (median wall time) and expand_plan on the device
-  attention  ours: varlen_attention_fwd, tiles as chosen for the budget
-                                                   FlashAttention-2 varlen (torch), the plan's cu_seqlens,
-                                                   max_seqlen = B
+  attention  ours: the Triton kernel, tiles as chosen for the budget
+  attention_chosen  ours: the backend the encoder chooses for the budget (moonvit/attention.py)
+                                                   vLLM's attention as vLLM calls it (the plan's cu_seqlens,
+                                                   max_seqlen = B): its own FlashAttention-3 on Hopper,
+                                                   else FlashAttention-2 varlen (torch)
   add_norm   ours: add_layer_norm (residual + wo's bias, then the norm)
                                                    PyTorch: x + y, F.layer_norm
   qkv, wo, fc0_gelu, fc1: the layer's GEMMs as the fused forward calls them (fc0 with bias and tanh GELU in
@@ -245,7 +247,7 @@ def bench_set(name, grids, cfg, device, timer, copy_tbps, gen, kernels):
         rows.append(row("merge", name, tokens, timer, ours, base, 2 * tokens * c * es, err, copy_tbps))
 
     if "attention" in kernels:
-        rows.append(bench_attention(name, grids, tokens, cfg, device, timer, copy_tbps, rand, device_plan))
+        rows += bench_attention(name, grids, tokens, cfg, device, timer, copy_tbps, rand, device_plan)
     if "add_norm" in kernels:
         rows.append(bench_add_norm(name, tokens, cfg, timer, copy_tbps, rand))
     if "gemm" in kernels:
@@ -254,31 +256,39 @@ def bench_set(name, grids, cfg, device, timer, copy_tbps, gen, kernels):
 
 
 def bench_attention(name, grids, tokens, cfg, device, timer, copy_tbps, rand, device_plan):
-    """Ours (the tiles `choose_attention` picks for this budget) against FlashAttention-2 varlen as the
-    encoder called it before (the plan's cu_seqlens, padding sequence included, max_seqlen = B)."""
+    """Two rows on the same qkv and plan: our Triton kernel (the tiles `choose_attention` picks for this
+    budget), and the encoder's chosen backend, each against the attention vLLM runs here, called as vLLM
+    calls it (the plan's cu_seqlens, padding sequence included, max_seqlen = B): its own FlashAttention-3
+    on Hopper, else FlashAttention-2. The other backends' warm times ride along in each row."""
     from fused_moonvit.benchmarks.flops import attention_flops
+    from fused_moonvit.benchmarks.hostmeta import vllm_attention
     from fused_moonvit.kernels import plan_cu_seqlens
-    from fused_moonvit.kernels.attention import varlen_attention_fwd, varlen_attention_reference
-    from fused_moonvit.moonvit.attention import choose_attention, varlen_attention
+    from fused_moonvit.kernels.attention import varlen_attention_reference
+    from fused_moonvit.moonvit.attention import BACKENDS, backend_available, choose_attention, packed_attention
 
     heads, hd = cfg["heads"], cfg["head_dim"]
     qkv = rand(tokens, 3 * heads * hd)
     cu = plan_cu_seqlens(device_plan)
-    choice = choose_attention(tokens, device, "triton")
-    out = torch.empty(tokens, heads * hd, device=device, dtype=qkv.dtype)
-    ours = lambda: varlen_attention_fwd(qkv, cu, heads, hd, config=choice.config, out=out)  # noqa: E731
     q, k, v = qkv.view(tokens, 3, heads, hd).unbind(1)
-    base = (lambda: varlen_attention(q, k, v, cu, tokens)) if timer.cuda else None  # noqa: E731
+    vllm = "fa3" if backend_available("fa3", device) else "fa2"
+    base = (lambda: vllm_attention(vllm, q, k, v, cu, tokens)) if timer.cuda else None  # noqa: E731
     exact = varlen_attention_reference(qkv.float(), cu, heads, hd)
-    err = relerr(ours(), exact)
     flops = attention_flops(grids, heads * hd)
-    r = row("attention", name, tokens, timer, ours, base, 4 * tokens * heads * hd * qkv.element_size(), err,
-            copy_tbps, baseline_name="FlashAttention-2 varlen (torch)", flops=flops)
-    r["rel_err_vs_fp32"] = err
-    if base is not None:
-        r["baseline_rel_err_vs_fp32"] = relerr(base().reshape(tokens, -1), exact)
-    r["config"] = str(choice.config)
-    return r
+    nbytes = 4 * tokens * heads * hd * qkv.element_size()
+    baseline_err = relerr(base().reshape(tokens, -1), exact) if base is not None else None
+    others = {b: timer.warm(lambda b=b: packed_attention(qkv, cu, heads, hd, tokens, choose_attention(tokens, device, hd, b)))
+              for b in BACKENDS if timer.cuda and backend_available(b, device)}
+    rows = []
+    for kernel, backend in (("attention", "triton"), ("attention_chosen", None)):
+        choice = choose_attention(tokens, device, hd, backend)
+        ours = lambda: packed_attention(qkv, cu, heads, hd, tokens, choice)  # noqa: E731
+        err = relerr(ours(), exact)
+        r = row(kernel, name, tokens, timer, ours, base, nbytes, err, copy_tbps, flops=flops,
+                baseline_name=f"vLLM's attention: {'its FlashAttention-3' if vllm == 'fa3' else 'FlashAttention-2'}")
+        r.update(rel_err_vs_fp32=err, baseline_rel_err_vs_fp32=baseline_err, backend=choice.backend,
+                 config=str(choice.config), backends_warm_us=others)
+        rows.append(r)
+    return rows
 
 
 def bench_add_norm(name, tokens, cfg, timer, copy_tbps, rand):
@@ -404,10 +414,10 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import triton
 
-    from fused_moonvit.benchmarks.image_sets import IMAGE_SETS
+    from fused_moonvit.benchmarks.image_sets import IMAGE_SETS, USER_IMAGE_SETS
 
     cfg = SMOKE if args.smoke else FULL
-    all_sets = SMOKE_SETS if args.smoke else IMAGE_SETS
+    all_sets = SMOKE_SETS if args.smoke else {**IMAGE_SETS, **USER_IMAGE_SETS}
     names = args.sets.split(",") if args.sets else list(all_sets)
     unknown = [n for n in names if n not in all_sets]
     if unknown:

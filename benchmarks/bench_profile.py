@@ -1,11 +1,14 @@
 """`fused-moonvit bench profile`: where the fused encoder's time goes, per kernel category (CUDA only).
 
-For each image set: the whole `MoonVitGraphRunner.encode` call and a bare graph replay, timed with CUDA
+For each set (images, the sizes Kimi-K2.5 users send and, for MoonViT3d, video sets): the whole `MoonVitGraphRunner.encode` call and a bare graph replay, timed with CUDA
 events (median), then the device time of every kernel of the same forward from `torch.profiler`, summed
 by category (GEMMs, attention, the add + LayerNorm kernel, the position-embedding, RoPE, merge and plan
 kernels, PyTorch's LayerNorm and GELU where they remain, other elementwise), with the launch count. The
 profiler traces the eager forward, whose kernels are the graph's; replay minus the kernels' sum is
-time the GPU spends between kernels inside the graph. Writes DIR/profile.json and prints a table.
+time the GPU spends between kernels inside the graph. `--attention triton` profiles the encoder with its own
+attention kernel forced (the "before" of a backend change); by default the backend `choose_attention`
+picks runs. Writes DIR/profile.json (profile-MODEL.json for Kimi-K2.5 / K3, with -ATTENTION for a forced
+backend) and prints a table.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from collections import defaultdict
 
 import torch
 
-from fused_moonvit.benchmarks.bench_encoder import _versions
-from fused_moonvit.benchmarks.image_sets import IMAGE_SETS, PADDED_EXACT, PADDED_SETS, budgeted_sets
+from fused_moonvit.benchmarks.bench_encoder import MODELS, _versions
+from fused_moonvit.benchmarks.image_sets import (IMAGE_SETS, PADDED_EXACT, PADDED_SETS, USER_IMAGE_SETS, USER_VIDEO_SETS,
+                                                 VIDEO_SETS, budgeted_sets)
 from fused_moonvit.benchmarks.image_sets import patches as image_patches
+from fused_moonvit.moonvit.attention import BACKENDS
 from fused_moonvit.moonvit.cli import OneLineParser, output_dir, positive_int
 
 # First match wins; kernel names are lower-cased.
@@ -32,7 +37,9 @@ CATEGORIES = [
     ("merge kernel", ("_merge_patches",)),
     ("plan expand kernel", ("_expand_plan",)),
     ("attention (Triton)", ("_varlen_attention",)),
-    ("attention (FlashAttention-2)", ("flash", "fmha", "attention")),
+    ("attention (FlashAttention-2, PyTorch)", ("pytorch_flash",)),
+    ("attention (FlashAttention-3, vLLM)", ("flashattnfwdsm90", "prepare_varlen", "flash")),
+    ("attention (other)", ("fmha", "attention")),
     ("add + layernorm kernel", ("_add_layer_norm",)),
     ("layernorm (PyTorch)", ("layer_norm", "layernorm")),
     # Before "gelu": cuBLASLt's GEMMs with the bias + GELU epilogue carry "gelu" in their names.
@@ -88,10 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=output_dir, default="benchmarks/results", metavar="DIR",
                         help="directory for profile.json (default: %(default)s)")
     parser.add_argument("--iters", type=positive_int, default=30, help="timed calls (default: %(default)s)")
+    parser.add_argument("--model", choices=list(MODELS), default="kimi-vl",
+                        help="whose tower, at its real sizes (default: %(default)s)")
+    parser.add_argument("--attention", choices=list(BACKENDS),
+                        help="force this attention backend (default: the one choose_attention picks)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("profiling needs a CUDA device")
-    available = budgeted_sets(IMAGE_SETS, PADDED_SETS)
+    exact = {**IMAGE_SETS, **USER_IMAGE_SETS}
+    if args.model != "kimi-vl":
+        exact.update({**VIDEO_SETS, **USER_VIDEO_SETS})
+    available = budgeted_sets(exact, PADDED_SETS)
     names = args.sets.split(",")
     unknown = [n for n in names if n not in available]
     if unknown:
@@ -99,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from fused_moonvit.moonvit import FusedMoonVit, MoonVitConfig, MoonVitGraphRunner, build_model
 
-    config = MoonVitConfig()
+    config = MoonVitConfig(**MODELS[args.model])
     model = build_model(FusedMoonVit, None, config=config, dtype=torch.bfloat16, device="cuda")
+    model.attention_backend = args.attention
 
     results = {}
     for index, name in enumerate(names):
@@ -109,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         runner.capture(progress=False)
         patches = image_patches(grids)
         gen = torch.Generator().manual_seed(index)
-        pixels = (torch.rand(patches, 3, 14, 14, generator=gen) * 2 - 1).to("cuda", torch.bfloat16)
+        p = config.patch_size
+        pixels = (torch.rand(patches, 3, p, p, generator=gen) * 2 - 1).to("cuda", torch.bfloat16)
         grid = torch.tensor(grids)
         for _ in range(3):
             runner.encode(pixels, grid)
@@ -126,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         attention_us = sum(us for cat, us in by_cat.items() if cat.startswith("attention"))
         results[name] = {
             "grids": [list(g) for g in grids], "budget": budget, "patches": patches,
+            "attention_backend": runner.attention_choice(budget).backend,
             "whole_call_ms": call_ms, "graph_replay_ms": replay_ms, "kernel_sum_ms": kernel_ms,
             "gaps_inside_graph_ms": replay_ms - kernel_ms, "host_and_copies_ms": call_ms - replay_ms,
             "kernel_launches_per_call": launches,
@@ -143,15 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "profile", "device": torch.cuda.get_device_name(), "versions": _versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["fused-moonvit", "bench", "profile", *(sys.argv[1:] if argv is None else argv)]), "config": "MoonVitConfig() (Kimi-VL-A3B), random bf16 weights",
+        "command": shlex.join(["fused-moonvit", "bench", "profile", *(sys.argv[1:] if argv is None else argv)]), "model": args.model, "config": "random bf16 weights, real size",
+        "attention": args.attention or "chosen (choose_attention)",
         "sets": results,
     }
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "profile.json")
+    stem = "profile" + ("" if args.model == "kimi-vl" else f"-{args.model}") + (f"-{args.attention}" if args.attention else "")
+    path = os.path.join(args.out, f"{stem}.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
     for name, r in results.items():
-        print(f"{name} ({r['patches']} patches in {r['budget']}): whole call {r['whole_call_ms']:.3f} ms = replay "
+        print(f"{name} ({r['patches']} patches in {r['budget']}, {r['attention_backend']} attention): whole call {r['whole_call_ms']:.3f} ms = replay "
               f"{r['graph_replay_ms']:.3f} ms (kernels {r['kernel_sum_ms']:.3f}, gaps {r['gaps_inside_graph_ms']:.3f}) "
               f"+ host and copies {r['host_and_copies_ms']:.3f}; {r['kernel_launches_per_call']:.0f} launches; attention {100 * r['attention_share_of_kernels']:.1f}%"
               + (f" ({r['attention_share_vs_exact']:.2f}x its exact budget's share)"

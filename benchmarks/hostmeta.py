@@ -1,5 +1,6 @@
 """`HostMetadataGraph`: vLLM's encoder CUDA-graph path (Kimi-VL's in 0.33, Kimi-K2.5's in 0.34), rebuilt in
-plain PyTorch.
+plain PyTorch, and `VllmEagerTower`: vLLM's eager MoonViT3d, which is how vLLM 0.34 runs Kimi-K2.5's video
+chunks (its encoder graphs take images only).
 
 This is the "host-metadata graph" baseline of docs/design.md section 4.1. Like vLLM, every call builds all the
 grid-dependent inputs with PyTorch on the host side of the graph (a bicubic interpolation of the
@@ -9,8 +10,10 @@ final norm -> merge gather -> projector. It differs from vLLM on one point on pu
 baked as the budget in patches (the true bound), not vLLM's output-token budget, which is 4x too small
 for attention over patches (docs/design.md section 3.4); the cost is the same.
 
-It reuses the weights of a `MoonVitReference` (no copy), so it is compared on the same model. For a
-MoonViT3d model it takes images only, as vLLM's Kimi-K2.5 graphs do (video chunks run eagerly there).
+Both reuse the weights of a `MoonVitReference` (no copy), so they are compared on the same model, and
+both take the attention vLLM runs: "fa3" (vLLM's FlashAttention-3, what vLLM picks for ViT attention on
+Hopper, head dim rounded up to 96 inside the kernel) or "fa2" (PyTorch's FlashAttention-2, a stand-in for
+vLLM's FA2 elsewhere). The graph takes images only, as vLLM's Kimi-K2.5 graphs do.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fused_moonvit.moonvit.attention import varlen_attention
+from fused_moonvit.moonvit.attention import backend_available, fa3_varlen, varlen_attention
 from fused_moonvit.moonvit.fused import capture_graph
 from fused_moonvit.kernels.limits import MAX_GRID_SIDE, check_budget, check_int
-from fused_moonvit.moonvit.inputs import check_inputs
+from fused_moonvit.moonvit.inputs import check_inputs, patch_offsets
 from fused_moonvit.moonvit.modules import rope_frequencies
-from fused_moonvit.moonvit.reference import MoonVitReference, rope_angles
+from fused_moonvit.moonvit.reference import MoonVitReference, merge_2x2, rope_angles
+
+VLLM_ATTENTION = ("fa3", "fa2")
 
 
 def merge_gather_index(grid: list[tuple[int, int]]) -> np.ndarray:
@@ -45,6 +50,86 @@ def rope_table(head_dim: int, theta: float, side: int = MAX_GRID_SIDE, device=No
     return torch.polar(torch.ones_like(angles), angles).view(side, side, -1)
 
 
+def check_vllm_attention(attention: str, device: torch.device) -> str:
+    if attention not in VLLM_ATTENTION:
+        raise ValueError(f"attention must be one of {', '.join(VLLM_ATTENTION)}, got {attention!r}")
+    if attention == "fa3" and not backend_available("fa3", device):
+        raise RuntimeError(f"vLLM's FA3 cannot run on {device} here (Hopper, with vLLM installed or "
+                           "FUSED_MOONVIT_FA3_LIB set)")
+    return attention
+
+
+def vllm_attention(attention: str, q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    """Attention over every sequence of cu_seqlens as vLLM 0.34's MMEncoderAttention runs it: FA3 into a
+    zeroed output (vLLM zeroes it while capturing, so that padding rows stay finite), or FA2."""
+    if attention == "fa3":
+        return fa3_varlen(q, k, v, cu_seqlens, max_seqlen, torch.zeros_like(q, memory_format=torch.contiguous_format))
+    return varlen_attention(q, k, v, cu_seqlens, max_seqlen)
+
+
+def tower_blocks(model: MoonVitReference, pixel_values, pos_embeds, freqs_cis, attend) -> torch.Tensor:
+    """Patch embed + position embedding, the blocks with complex RoPE from `freqs_cis` and `attend(q, k, v)`,
+    and the final norm: vLLM's MoonVit tower up to the merge."""
+    tower, cfg = model.vision_tower, model.config
+    proj = tower.patch_embed.proj
+    x = F.linear(pixel_values.flatten(1), proj.weight.flatten(1), proj.bias) + pos_embeds
+
+    def rotate(t: torch.Tensor) -> torch.Tensor:
+        tc = torch.view_as_complex(t.float().unflatten(-1, (-1, 2)))
+        return torch.view_as_real(tc * freqs_cis[:, None, :]).flatten(-2).to(t.dtype)
+
+    for block in tower.encoder.blocks:
+        qkv = block.wqkv(block.norm0(x)).unflatten(-1, (3, cfg.num_attention_heads, cfg.head_dim))
+        q, k, v = qkv.unbind(1)
+        x = x + block.wo(attend(rotate(q), rotate(k), v).flatten(1))
+        x = x + block.mlp(block.norm1(x))
+    return tower.encoder.final_layernorm(x)
+
+
+def item_pos_embeds(model: MoonVitReference, items: list) -> torch.Tensor:
+    """Each (t, h, w) item's position embedding as vLLM builds it per call: the table interpolated in its
+    own dtype (the identity size skipped), plus, for a chunk, its frames' fp32 time rows."""
+    cfg = model.config
+    table = model.vision_tower.patch_embed.pos_emb.weight
+    time = model.vision_tower.patch_embed.time_table(table.device)
+    parts = []
+    for t, h, w in items:
+        if (h, w) == tuple(table.shape[:2]):
+            pe = table.flatten(0, 1)
+        else:
+            grid_emb = F.interpolate(table.permute(2, 0, 1)[None], size=(h, w),
+                                     mode=cfg.pos_emb_interpolation, align_corners=False)
+            pe = grid_emb[0].permute(1, 2, 0).flatten(0, 1)
+        parts.append(pe if t == 1 else (pe.float()[None] + time[:t, None]).flatten(0, 1).to(pe.dtype))
+    return torch.cat(parts)
+
+
+class VllmEagerTower:
+    """`tower(pixel_values, items) -> (sum h/2*w/2, output_size)`: vLLM 0.34's eager MoonViT3d over one
+    call's items, how it runs Kimi-K2.5's video chunks: per-call metadata on the host side, exact sizes,
+    attention over every item's t*h*w patches with max_seqlen the longest item, each item's frames
+    averaged before the 2x2 merge."""
+
+    def __init__(self, model: MoonVitReference, attention: str = "fa3"):
+        self.model = model
+        self.attention = check_vllm_attention(attention, model.device)
+        self.rope = rope_table(model.config.head_dim, model.config.rope_theta, device=model.device)
+
+    @torch.no_grad()
+    def __call__(self, pixel_values: torch.Tensor, items) -> torch.Tensor:
+        cfg = self.model.config
+        items = check_inputs(pixel_values, items, cfg.patch_size, cfg.max_frames).tolist()
+        device = self.model.device
+        freqs = torch.cat([self.rope[:h, :w].reshape(h * w, -1).repeat(t, 1) for t, h, w in items])
+        bounds = patch_offsets(items)
+        cu = torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True)
+        longest = max(t * h * w for t, h, w in items)
+        x = tower_blocks(self.model, pixel_values.to(device, self.model.dtype), item_pos_embeds(self.model, items),
+                         freqs, lambda q, k, v: vllm_attention(self.attention, q, k, v, cu, longest))
+        merged = torch.cat([merge_2x2(x[s:e], h, w, t) for s, e, (t, h, w) in zip(bounds, bounds[1:], items)])
+        return merged.flatten(1) if self.model.projector is None else self.model.projector(merged)
+
+
 class HostMetadataGraph:
     """`graph(pixel_values, grid_hws) -> (sum h/2*w/2, output_size)` over a budget of `budget` patches.
 
@@ -54,8 +139,9 @@ class HostMetadataGraph:
     """
 
     def __init__(self, model: MoonVitReference, budget: int, max_images: int, *, graph: bool | None = None,
-                 warmup: int = 2):
+                 warmup: int = 2, attention: str = "fa2"):
         budget = check_budget(budget)
+        self.attention = check_vllm_attention(attention, model.device)
         max_images = check_int("max_images", max_images, 1)
         self.model = model
         self.config = model.config
@@ -85,42 +171,14 @@ class HostMetadataGraph:
     def _capture(self, warmup: int) -> None:
         self._graph, self._out, _ = capture_graph(self._forward, device=self.device, warmup=warmup)
 
-    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return varlen_attention(q, k, v, self.cu_seqlens, self.budget)
-
-    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
-        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-        return torch.view_as_real(xc * self.freqs_cis[:, None, :]).flatten(-2).to(x.dtype)
-
     def _forward(self) -> torch.Tensor:
         """The captured part: static buffers in, (budget / 4, output_size) out."""
-        tower, cfg = self.model.vision_tower, self.config
-        proj = tower.patch_embed.proj
-        x = F.linear(self.pixel_values.flatten(1), proj.weight.flatten(1), proj.bias) + self.pos_embeds
-        for block in tower.encoder.blocks:
-            qkv = block.wqkv(block.norm0(x)).unflatten(-1, (3, cfg.num_attention_heads, cfg.head_dim))
-            q, k, v = qkv.unbind(1)
-            attn = self._attention(self._rotate(q), self._rotate(k), v)
-            x = x + block.wo(attn.flatten(1))
-            x = x + block.mlp(block.norm1(x))
-        x = tower.encoder.final_layernorm(x)
-        merged = x.index_select(0, self.gather_idx).view(-1, 4, cfg.hidden_size)
+        x = tower_blocks(self.model, self.pixel_values, self.pos_embeds, self.freqs_cis,
+                         lambda q, k, v: vllm_attention(self.attention, q, k, v, self.cu_seqlens, self.budget))
+        merged = x.index_select(0, self.gather_idx).view(-1, 4, self.config.hidden_size)
         if self.model.projector is None:
             return merged.flatten(1)
         return self.model.projector(merged)
-
-    def _pos_embeds(self, grid: list[tuple[int, int]]) -> torch.Tensor:
-        # vLLM interpolates the table in its own dtype and skips the identity size.
-        table = self.model.vision_tower.patch_embed.pos_emb.weight
-        parts = []
-        for h, w in grid:
-            if (h, w) == tuple(table.shape[:2]):
-                parts.append(table.flatten(0, 1))
-            else:
-                grid_emb = F.interpolate(table.permute(2, 0, 1)[None], size=(h, w),
-                                         mode=self.config.pos_emb_interpolation, align_corners=False)
-                parts.append(grid_emb[0].permute(1, 2, 0).flatten(0, 1))
-        return torch.cat(parts)
 
     def _upload(self, dst: torch.Tensor, array: np.ndarray) -> None:
         src = torch.from_numpy(array)
@@ -145,7 +203,7 @@ class HostMetadataGraph:
                              f"{self.budget} patches (grids {grid})")
 
         # Host metadata, as vLLM's prepare_encoder_metadata builds it on every call.
-        pos_embeds = self._pos_embeds(grid)
+        pos_embeds = item_pos_embeds(self.model, items)
         freqs = torch.cat([self.rope[:h, :w].reshape(h * w, -1) for h, w in grid])
         cu = np.empty(self.max_images + 2, dtype=np.int32)
         cu[0] = 0

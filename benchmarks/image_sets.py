@@ -49,3 +49,16 @@ def budgeted_sets(exact: dict, padded: dict) -> dict[str, tuple[list[tuple[int, 
     sets = {n: (list(g), round_budget(patches(g))) for n, g in exact.items()}
     sets.update({n: (list(g), b) for n, (g, b) in padded.items()})
     return sets
+
+
+# What Kimi-K2.5 / K2.6 users send, at their processors' defaults: a photo resized to at most
+# max_patches=16384 (512 per side), and video frames of at most 4096 patches in chunks of 4 frames that
+# attend jointly (one 16384-patch sequence each).
+USER_IMAGE_SETS: dict[str, list[tuple[int, int]]] = {
+    "photo16k": [(128, 128)],
+    "2photos8k": [(64, 128)] * 2,
+}
+USER_VIDEO_SETS: dict[str, list[tuple[int, int, int]]] = {
+    "chunk16k": [(4, 64, 64)],
+    "2chunks16k": [(4, 64, 64)] * 2,
+}

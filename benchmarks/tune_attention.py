@@ -1,14 +1,20 @@
-"""Measures the Triton attention kernel's tile configurations against FlashAttention-2, per budget.
+"""Measures every attention backend (and the Triton kernel's tile configurations) per budget and head dim,
+and writes the table `choose_attention` reads.
 
     python -m fused_moonvit.benchmarks.tune_attention --out benchmarks/results
 
-For each case (a budget and the images in it, exact and padded, of the benchmark image sets in
-docs/design.md section 4.2), every candidate configuration and FlashAttention-2 varlen (called as the encoder called
-it: the plan's cu_seqlens with its padding sequence, max_seqlen = B) run on the same random bf16 qkv,
-16 heads of 72, inside a CUDA graph of 5 back-to-back calls (the inputs stay where the QKV GEMM left
-them, as in the encoder), median of do_bench. Each configuration's output is checked against an fp32
-reference. Writes DIR/attention_tuning.json: per case every configuration's time and error and the
-fastest one, from which the per-budget table in `moonvit/attention.py` is written by hand. CUDA only.
+For each case (a budget and the items in it: the benchmark sets of docs/design.md section 4.2, exact and
+padded, and the sizes Kimi-K2.5 users send, up to one 16384-patch photo or 4-frame video chunk), at 16
+heads of 72 (Kimi-VL, Kimi-K2.5 / K2.6) and 12 heads of 128 (Kimi-K3), every candidate runs on the same
+random bf16 qkv the way the encoder calls it: the plan's cu_seqlens with its padding sequence and 64 item
+slots, max_seqlen = the budget, inside a CUDA graph of 5 back-to-back calls (the inputs stay where the
+QKV GEMM left them), median of do_bench. Candidates: the Triton kernel per tile configuration, vLLM's
+FlashAttention-3 (where it loads) and PyTorch's FlashAttention-2. TFLOP/s count head-dim-wide products (72, not FA3's 96). Each output is checked against an fp64 reference (SDPA per sequence) and its padding
+rows against zeros; a candidate that fails either is not ranked.
+
+Writes DIR/attention_tuning-hd72-hd128.json (every candidate's time and error per case) and the table
+(`--table`, by default moonvit/attention_table.json in the source tree): per (device class, head dim,
+budget) the candidates ranked by their total time over that budget's cases. CUDA only.
 """
 
 from __future__ import annotations
@@ -16,40 +22,47 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shlex
 import sys
 
 import torch
 
 from fused_moonvit.benchmarks.flops import attention_flops
-from fused_moonvit.benchmarks.image_sets import IMAGE_SETS, patches
-from fused_moonvit.moonvit.inputs import patch_offsets
+from fused_moonvit.benchmarks.image_sets import IMAGE_SETS, USER_IMAGE_SETS, USER_VIDEO_SETS, patches
+from fused_moonvit.moonvit.attention import (TABLE_PATH, AttentionChoice, backend_available, device_class,
+                                             packed_attention)
 from fused_moonvit.moonvit.cli import OneLineParser, output_dir
 
 MIX8 = IMAGE_SETS["mix8"]
 CASES = {
-    # name: (budget in patches, grids)
+    # name: (budget in patches, items as (h, w) or (t, h, w))
     "1x256": (256, IMAGE_SETS["1x224"]),
-    "1x256-in-1024": (1024, IMAGE_SETS["1x224"]),
     "1x1024": (1024, IMAGE_SETS["1x448"]),
     "1x1024-in-2048": (2048, IMAGE_SETS["1x448"]),
     "4x1024": (4096, IMAGE_SETS["4x448"]),
-    "1x4096-in-4096": (4096, IMAGE_SETS["1x896"]),
+    "1x4096": (4096, IMAGE_SETS["1x896"]),
     "2x4096": (8192, IMAGE_SETS["2x896"]),
     "1x4096-in-8192": (8192, IMAGE_SETS["1x896"]),
     "mix8": (10368, MIX8),
     "mix8-in-11264": (11264, MIX8),
-    "mix8-in-16384": (16384, MIX8),
     "16x1024": (16384, IMAGE_SETS["16x448"]),
+    "mix8-in-16384": (16384, MIX8),
+    "2x8192": (16384, USER_IMAGE_SETS["2photos8k"]),
+    "1x16384": (16384, USER_IMAGE_SETS["photo16k"]),
+    "2x16384": (32768, USER_VIDEO_SETS["2chunks16k"]),
 }
+HEADS = {72: 16, 128: 12}  # head dim -> heads: Kimi-VL / K2.5 / K2.6, and Kimi-K3
 
-# (block_m, block_n, num_warps, num_stages)
-CONFIGS = [
-    (32, 32, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2),
-    (64, 128, 4, 2), (64, 128, 8, 2), (128, 32, 8, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3),
-    (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 2), (128, 32, 4, 2), (64, 64, 4, 4),
+# (block_m, block_n, num_warps, num_stages); Triton 3.6's warp specialisation of the key loop measured no
+# faster on an H100 (docs/design.md section 9)
+TRITON_CONFIGS = [
+    (64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 2),
+    (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 4, 2),
 ]
+LIBRARIES = ("fa3", "fa2")
 CALLS = 5
 SLOTS = 64
+MAX_REL_ERR = 1e-2  # bf16: every backend lands near 2e-3 (P rounded to bf16 before the second product)
 
 
 def graph_time_us(fn) -> float:
@@ -58,15 +71,50 @@ def graph_time_us(fn) -> float:
     from fused_moonvit.moonvit.fused import capture_graph
 
     graph, _, _ = capture_graph(lambda: [fn() for _ in range(CALLS)], device=torch.cuda.current_device())
-    return do_bench(graph.replay, warmup=20, rep=150, return_mode="median") * 1e3 / CALLS
+    us = do_bench(graph.replay, warmup=20, rep=120, return_mode="median") * 1e3 / CALLS
+    del graph
+    return us
+
+
+def candidates(device):
+    """(name, AttentionChoice) for every Triton configuration and every library that runs here."""
+    from fused_moonvit.kernels.attention import AttentionConfig
+
+    out = [(f"triton:{bm}x{bn}/w{w}/s{s}", AttentionChoice("triton", AttentionConfig(bm, bn, w, s)))
+           for bm, bn, w, s in TRITON_CONFIGS]
+    out += [(lib, AttentionChoice(lib)) for lib in LIBRARIES if backend_available(lib, device)]
+    return out
+
+
+def ranking_table(results: dict, cls: str) -> list[dict]:
+    """Per (head dim, budget): the candidates that passed in every case of that budget, fastest total first."""
+    rows = []
+    for head_dim, cases in results.items():
+        budgets = sorted({c["budget"] for c in cases.values()})
+        for budget in budgets:
+            of_budget = [c for c in cases.values() if c["budget"] == budget]
+            names = set.intersection(*({n for n, r in c["candidates"].items() if r.get("ok")} for c in of_budget))
+            total = {n: sum(c["candidates"][n]["us"] for c in of_budget) for n in names}
+            ranking = []
+            for name in sorted(names, key=total.get):
+                entry = of_budget[0]["candidates"][name]
+                ranking.append({"backend": entry["backend"], **({"config": entry["config"]} if "config" in entry
+                                                                else {}), "total_us": round(total[name], 1)})
+            rows.append({"device_class": cls, "head_dim": head_dim, "max_budget": budget,
+                         "cases": [c["name"] for c in of_budget], "ranking": ranking})
+    return rows
 
 
 def main(argv=None) -> int:
     parser = OneLineParser(prog="python -m fused_moonvit.benchmarks.tune_attention",
                            description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=output_dir, default="benchmarks/results",
-                        help="output directory (default: %(default)s)")
+                        help="directory for attention_tuning-hdD.json (default: %(default)s)")
+    parser.add_argument("--table", default=str(TABLE_PATH),
+                        help="where to write the backend table (default: %(default)s)")
     parser.add_argument("--cases", help=f"comma-separated subset of {', '.join(CASES)}")
+    parser.add_argument("--head-dims", default="72,128", help="comma-separated subset of 72,128 (default: both)")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
@@ -74,73 +122,84 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in CASES]
     if unknown:
         parser.error(f"unknown cases {unknown}; choose from {list(CASES)}")
+    head_dims = [int(d) for d in args.head_dims.split(",")]
+    if any(d not in HEADS for d in head_dims):
+        parser.error(f"--head-dims: choose from {list(HEADS)}, got {args.head_dims}")
 
     import triton
-    from torch.nn.attention.varlen import varlen_attn
 
     from fused_moonvit.kernels import build_plan, new_device_plan, plan_cu_seqlens, upload_plan
-    from fused_moonvit.kernels.attention import AttentionConfig, varlen_attention_fwd, varlen_attention_reference
+    from fused_moonvit.kernels.attention import varlen_attention_reference
 
-    heads, hd = 16, 72
+    device = torch.device("cuda")
     gen = torch.Generator().manual_seed(0)
-    results = {}
-    for name in names:
-        budget, grids = CASES[name]
-        cu = plan_cu_seqlens(upload_plan(build_plan(grids, budget, SLOTS), new_device_plan(SLOTS, "cuda")))
-        # The images alone, without slots or padding: FlashAttention-2 at its best, and the reference.
-        tight_cu = cu.new_tensor(patch_offsets(grids))
-        qkv = torch.randn(budget, 3 * heads * hd, generator=gen).to("cuda", torch.bfloat16)
-        valid = patches(grids)
-        exact = varlen_attention_reference(qkv[:valid].float(), tight_cu, heads, hd, pad_last=False)
-        flops = attention_flops(grids, heads * hd)
-        q, k, v = qkv.view(budget, 3, heads, hd).unbind(1)
-        fa2 = graph_time_us(lambda: varlen_attn(q, k, v, cu, cu, budget, budget))
-        longest = max(h * w for h, w in grids)
-        qv, kv, vv = (t[:valid] for t in (q, k, v))
-        fa2_tight = graph_time_us(lambda: varlen_attn(qv, kv, vv, tight_cu, tight_cu, longest, longest))
-        row = {"budget": budget, "grids": grids, "valid_rows": valid, "flops_72wide": flops,
-               "fa2_us": fa2, "fa2_tight_us": fa2_tight, "configs": {}}
-        out = torch.empty(budget, heads * hd, device="cuda", dtype=torch.bfloat16)
-        for bm, bn, warps, stages in CONFIGS:
-            cfg = AttentionConfig(bm, bn, warps, stages)
-            key = f"{bm}x{bn}/w{warps}/s{stages}"
-            try:
-                varlen_attention_fwd(qkv, cu, heads, hd, config=cfg, out=out)
-                torch.cuda.synchronize()
-                err = ((out[:valid].double() - exact.double()).norm() / exact.double().norm()).item()
-                pad_ok = bool(out[valid:].eq(0).all())
-                us = graph_time_us(lambda: varlen_attention_fwd(qkv, cu, heads, hd, config=cfg, out=out))
-            except Exception as exc:  # a configuration that does not compile (shared memory) is skipped
-                row["configs"][key] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-                continue
-            row["configs"][key] = {"us": us, "tflops": flops / us / 1e6, "rel_err": err, "padding_zero": pad_ok,
-                                   "speedup_vs_fa2": fa2 / us}
-        ok = {k: c for k, c in row["configs"].items() if "us" in c and c["rel_err"] < 1e-2 and c["padding_zero"]}
-        if not ok:
-            print(f"error: {name}: no configuration compiled and matched the reference: {row['configs']}",
-                  file=sys.stderr)
-            return 1
-        best = min(ok, key=lambda k: ok[k]["us"])
-        row["best"] = best
-        row["best_us"] = ok[best]["us"]
-        row["best_speedup_vs_fa2"] = fa2 / ok[best]["us"]
-        results[name] = row
-        print(f"{name:16s} B={budget:6d} fa2 {fa2:8.1f} us (tight {fa2_tight:8.1f})  best {best:16s} "
-              f"{ok[best]['us']:8.1f} us  {fa2 / ok[best]['us']:.2f}x  {flops / ok[best]['us'] / 1e6:.0f} TFLOP/s",
-              flush=True)
-        for key, c in sorted(row["configs"].items(), key=lambda kv: kv[1].get("us", 1e9)):
-            print(f"    {key:16s} " + (f"{c['us']:8.1f} us err {c['rel_err']:.1e}" if "us" in c else c["error"]))
+    results: dict[int, dict] = {}
+    for head_dim in head_dims:
+        heads = HEADS[head_dim]
+        results[head_dim] = {}
+        for name in names:
+            budget, items = CASES[name]
+            plan = build_plan(items, budget, SLOTS)
+            cu = plan_cu_seqlens(upload_plan(plan, new_device_plan(SLOTS, device), budget=budget))
+            valid = patches(items)
+            qkv = torch.randn(budget, 3 * heads * head_dim, generator=gen).to(device, torch.bfloat16)
+            exact = varlen_attention_reference(qkv, cu, heads, head_dim)[:valid].float()
+            flops = attention_flops(items, heads * head_dim)
+            case = {"name": name, "budget": budget, "items": [list(i) for i in items], "valid_rows": valid,
+                    "heads": heads, "head_dim": head_dim, "candidates": {}}
+            for cand, choice in candidates(device):
+                entry = {"backend": choice.backend}
+                if choice.config is not None:
+                    c = choice.config
+                    entry["config"] = [c.block_m, c.block_n, c.num_warps, c.num_stages]
+                try:
+                    out = packed_attention(qkv, cu, heads, head_dim, budget, choice)
+                    torch.cuda.synchronize()
+                    err = ((out[:valid].float() - exact).norm() / exact.norm()).item()
+                    pad_zero = bool(out[valid:].eq(0).all())
+                    us = graph_time_us(lambda: packed_attention(qkv, cu, heads, head_dim, budget, choice))
+                except Exception as exc:  # a configuration that does not compile, or a library that refuses
+                    entry["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    case["candidates"][cand] = entry
+                    print(f"  {name} hd{head_dim} {cand}: {entry['error']}", flush=True)
+                    continue
+                entry.update(us=us, rel_err=err, padding_zero=pad_zero, ok=err <= MAX_REL_ERR and pad_zero)
+                entry["tflops"] = flops / us / 1e6
+                case["candidates"][cand] = entry
+            ranked = sorted((n for n, r in case["candidates"].items() if r.get("ok")),
+                            key=lambda n: case["candidates"][n]["us"])
+            if not ranked:
+                print(f"error: {name} hd{head_dim}: no candidate ran and matched the reference", file=sys.stderr)
+                return 1
+            best_triton = next(n for n in ranked if n.startswith("triton"))
+            line = "  ".join(f"{n} {case['candidates'][n]['us']:.0f}" for n in ranked
+                             if not n.startswith("triton") or n == best_triton)
+            print(f"hd{head_dim} {name:16s} B={budget:6d}  {line}", flush=True)
+            results[head_dim][name] = case
+            del qkv, exact
+            torch.cuda.empty_cache()
 
+    cls = device_class(device)
+    measured = {"device": torch.cuda.get_device_name(), "device_class": cls, "torch": torch.__version__,
+                "triton": triton.__version__, "cuda": torch.version.cuda,
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "command": shlex.join(["python", "-m", "fused_moonvit.benchmarks.tune_attention", *argv])}
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "attention_tuning.json")
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(["python", "-m", "fused_moonvit.benchmarks.tune_attention",
-                                   *(sys.argv[1:] if argv is None else argv)]),
-              "heads": heads, "head_dim": hd, "slots": SLOTS, "calls_per_graph": CALLS, "cases": results}
+    path = os.path.join(args.out, "attention_tuning-" + "-".join(f"hd{d}" for d in head_dims) + ".json")
     with open(path, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {path}")
+        json.dump({**measured, "slots": SLOTS, "calls_per_graph": CALLS, "max_rel_err": MAX_REL_ERR,
+                   "results": results}, f, indent=1)
+    # Rows of other device classes and head dims stay as they were measured.
+    table = {"measured": {}, "rows": []}
+    if os.path.isfile(args.table):
+        with open(args.table) as f:
+            table = json.load(f)
+    table["rows"] = [r for r in table["rows"] if (r["device_class"], r["head_dim"]) not in
+                     {(cls, d) for d in head_dims}] + ranking_table(results, cls)
+    table["measured"][cls] = measured
+    with open(args.table, "w") as f:
+        json.dump(table, f, indent=1)
+    print(f"wrote {path} and {args.table}")
     return 0
 
 

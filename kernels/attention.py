@@ -32,6 +32,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -197,6 +198,42 @@ def _varlen_attention_kernel(
                         round_to(acc_tail * inv_l[:, None], out_dtype), d_main, d_tail, D, MAIN_MASKED, HAS_TAIL)
 
 
+@triton.jit
+def _zero_padding_rows_kernel(x_ptr, cu_ptr, padding_seq, rows, first_col, cols, stride,
+                              BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    # Blocks before the padding sequence return at once: the cost is the padding's rows, not the budget's.
+    start = tl.load(cu_ptr + padding_seq)
+    r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    if tl.program_id(0) * BLOCK_ROWS + BLOCK_ROWS > start:
+        live = (r >= start) & (r < rows)
+        ptrs = x_ptr + r.to(tl.int64)[:, None] * stride + first_col
+        for c in range(0, cols, BLOCK_COLS):
+            offs = c + tl.arange(0, BLOCK_COLS)
+            tl.store(ptrs + offs[None, :], tl.zeros((BLOCK_ROWS, BLOCK_COLS), x_ptr.dtype.element_ty),
+                     mask=live[:, None] & (offs < cols)[None, :])
+
+
+def zero_padding_rows(x: torch.Tensor, cu_seqlens: torch.Tensor, first_col: int = 0) -> torch.Tensor:
+    """Zeros, in place, columns first_col: of the rows of the plan's padding sequence (from
+    cu_seqlens[-2] on), read on the device. Attention libraries that load a sequence's last key tile
+    whole (FlashAttention-3's TMA loads) then read zeros, never the padding's leftovers, past each
+    sequence's end."""
+    check_tensor("x", x, dtypes=(torch.float32, torch.bfloat16, torch.float16), shape=(None, None))
+    check_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32,), shape=(None,), device=x.device)
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must have at least 2 entries (one sequence), got {cu_seqlens.numel()}")
+    first_col = check_int("first_col", first_col, 0)
+    if first_col > x.shape[1] or x.stride(1) != 1:
+        raise ValueError(f"x must be row-major with at least first_col={first_col} columns, got {tuple(x.shape)} "
+                         f"with strides {x.stride()}")
+    check_launchable(_zero_padding_rows_kernel, x.device)
+    block_rows = 16
+    _zero_padding_rows_kernel[(triton.cdiv(x.shape[0], block_rows),)](
+        x, cu_seqlens, cu_seqlens.numel() - 2, x.shape[0], first_col, x.shape[1] - first_col, x.stride(0),
+        BLOCK_ROWS=block_rows, BLOCK_COLS=256)
+    return x
+
+
 def _check(qkv, cu_seqlens, num_heads, head_dim, out):
     num_heads, head_dim = check_int("num_heads", num_heads, 1), check_int("head_dim", head_dim, 1)
     if head_dim % 8:
@@ -260,15 +297,18 @@ def varlen_attention_fwd(
 def varlen_attention_reference(
     qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int, head_dim: int, *, pad_last: bool = True
 ) -> torch.Tensor:
-    """Plain-PyTorch `varlen_attention_fwd`: SDPA per sequence in fp64, rounded once to qkv's dtype."""
+    """Plain-PyTorch `varlen_attention_fwd`: SDPA per sequence in fp64, rounded once to qkv's dtype. Heads
+    go a few at a time, so a 16384-patch sequence's fp64 scores (2 GiB a head) fit in memory."""
     _check(qkv, cu_seqlens, num_heads, head_dim, None)
     budget = qkv.shape[0]
     bounds = cu_seqlens.tolist()
-    q, k, v = qkv.double().view(budget, 3, num_heads, head_dim).unbind(1)
+    q, k, v = qkv.view(budget, 3, num_heads, head_dim).unbind(1)
     out = torch.zeros(budget, num_heads, head_dim, dtype=torch.float64, device=qkv.device)
     last = len(bounds) - 2
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         if end > start and not (pad_last and i == last):
-            seq = [t[start:end].transpose(0, 1) for t in (q, k, v)]
-            out[start:end] = torch.nn.functional.scaled_dot_product_attention(*seq).transpose(0, 1)
+            heads_at_once = max(1, 2**28 // (end - start) ** 2)
+            for h in range(0, num_heads, heads_at_once):
+                seq = [t[start:end, h:h + heads_at_once].double().transpose(0, 1) for t in (q, k, v)]
+                out[start:end, h:h + heads_at_once] = F.scaled_dot_product_attention(*seq).transpose(0, 1)
     return out.reshape(budget, num_heads * head_dim).to(qkv.dtype)

@@ -1,53 +1,55 @@
-"""Block-diagonal attention over packed images, shared by every model class here, and the choice of
-kernel per budget.
+"""Block-diagonal attention over packed items, shared by every model class here, and the choice of
+kernel per (device class, head dim, budget).
 
-Two backends compute the same thing:
-- "triton": `fused_moonvit.kernels.attention`, written for head dim 72 (64 + 16 wide, not padded to 96),
-  with programs only for real query blocks and the padding sequence written as zeros. On a CPU it runs
-  under the Triton interpreter.
-- "fa2": PyTorch's FlashAttention-2 varlen kernel (`torch.nn.attention.varlen.varlen_attn`) on CUDA, with
-  `max_seqlen` from the caller (the budget, inside a graph); one SDPA call per sequence on a CPU.
+Three backends compute the same thing: each row attends to the rows of its own sequence of cu_seqlens,
+and the plan's trailing padding sequence is not attended (its rows come out as zeros).
+- "triton": `fused_moonvit.kernels.attention`, head dim 72 as 64 + 16 columns (not padded to 96),
+  programs only for real query blocks. On a CPU it runs under the Triton interpreter.
+- "fa3": vLLM's FlashAttention-3 (`_vllm_fa3_C`, Hopper only), what vLLM itself runs ViT attention on
+  there. Found in the installed vLLM without importing it, or loaded from the file that
+  $FUSED_MOONVIT_FA3_LIB names (where vLLM itself is not installed).
+- "fa2": PyTorch's FlashAttention-2 varlen kernel (`torch.nn.attention.varlen.varlen_attn`); one SDPA
+  call per sequence on a CPU.
+Every one reads cu_seqlens on the device only (no host sync), so all are capturable in a graph whose
+plan changes between replays; max_seqlen is a host int (the budget, inside a graph).
 
-`choose_attention(budget, device)` picks the Triton kernel, with tile sizes per budget from the table below
-(measured on an H200), unless `FUSED_MOONVIT_ATTENTION=triton|fa2` or the `backend` argument forces one.
+`choose_attention` picks, before capture, the fastest backend that is available here from a table
+measured by `python -m fused_moonvit.benchmarks.tune_attention` (attention_table.json beside this
+file), unless the `backend` argument or $FUSED_MOONVIT_ATTENTION forces one. Inside a graph the longest
+sequence a budget allows is the budget itself, so the table is keyed by budget.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 ATTENTION_ENV = "FUSED_MOONVIT_ATTENTION"
-BACKENDS = ("triton", "fa2")
+FA3_LIB_ENV = "FUSED_MOONVIT_FA3_LIB"
+BACKENDS = ("triton", "fa3", "fa2")
+TABLE_PATH = Path(__file__).with_name("attention_table.json")
 
 
 @dataclass(frozen=True)
 class AttentionChoice:
     backend: str
-    # Tile sizes for the Triton kernel (a `fused_moonvit.kernels.attention.AttentionConfig`), None for fa2.
+    # Tile sizes for the Triton kernel (a `fused_moonvit.kernels.attention.AttentionConfig`), None otherwise.
     config: object | None = None
-
-
-# (largest budget in patches, block_m, block_n, num_warps, num_stages), first row that holds the budget
-# wins; measured on the H200 by `python -m fused_moonvit.benchmarks.tune_attention`
-# (benchmarks/results/attention_tuning.json for the small budgets, attention_tuning_extra.log for 3 stages
-# at 128 x 64 on the large ones). Budgets above the last row use the last row.
-_TRITON_TILES: list[tuple[int, int, int, int, int]] = [
-    (2048, 64, 64, 4, 3),
-    (16384, 128, 64, 4, 3),
-]
 
 
 def sdpa_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: Sequence[int]) -> torch.Tensor:
     """Attention of packed (T, H, D) q, k, v within each [bounds[i], bounds[i+1]) row range, one SDPA call
-    per sequence, so no row attends across images."""
-    out = torch.empty_like(q)
+    per sequence, so no row attends across items. Rows past bounds[-1] are zeros."""
+    out = torch.zeros_like(q)
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end > start:
             seq = [t[start:end].transpose(0, 1) for t in (q, k, v)]
@@ -55,15 +57,13 @@ def sdpa_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds:
     return out
 
 
-@lru_cache(maxsize=None)
-def _flash_only_kwargs() -> dict:
-    # torch >= 2.14 sends varlen_attn to cuDNN on Hopper for sequences over 128 rows unless num_splits is
-    # given. Everything here (zero-length slots, strided q/k/v views, capture, the H200 figures) was
-    # validated on FlashAttention-2, so keep it there; num_splits=1 is FA2's own choice for batches
-    # as wide as an encoder's. torch 2.11 has no such parameter and always uses FA2.
-    from torch.nn.attention.varlen import varlen_attn
-
-    return {"num_splits": 1} if "num_splits" in inspect.signature(varlen_attn).parameters else {}
+def device_class(device: torch.device | str) -> str:
+    """What decides a launch: "sm90" for a Hopper GPU (compute capability 9.0), "cpu" for the interpreter."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
 
 
 def check_attention_dtype(device: torch.device, dtype: torch.dtype) -> None:
@@ -73,20 +73,106 @@ def check_attention_dtype(device: torch.device, dtype: torch.dtype) -> None:
                         f"use model.to(torch.bfloat16), or the eager MoonVitReference for {dtype}")
 
 
+# ---- vLLM's FlashAttention-3 ---------------------------------------------------------------------------
+
+def fa3_library_path() -> str | None:
+    """The `_vllm_fa3_C` extension to load: $FUSED_MOONVIT_FA3_LIB, else the installed vLLM's (found without
+    importing vLLM), else None."""
+    path = os.environ.get(FA3_LIB_ENV)
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{FA3_LIB_ENV}={path!r} is not a file; point it at vLLM's "
+                                    "vllm/vllm_flash_attn/_vllm_fa3_C.abi3.so")
+        return path
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        candidate = Path(root, "vllm_flash_attn", "_vllm_fa3_C.abi3.so")
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+@lru_cache(maxsize=None)
+def _fa3_op():
+    """torch.ops._vllm_fa3_C.fwd, loaded once (vLLM may have loaded it already), and its argument names."""
+    if not hasattr(torch.ops._vllm_fa3_C, "fwd"):
+        path = fa3_library_path()
+        if path is None:
+            raise RuntimeError(f"vLLM's FlashAttention-3 was not found: install vLLM, or set {FA3_LIB_ENV} to "
+                               "its vllm/vllm_flash_attn/_vllm_fa3_C.abi3.so")
+        torch.ops.load_library(path)
+    op = torch.ops._vllm_fa3_C.fwd.default
+    return op, [(a.name, a.type, a.has_default_value()) for a in op._schema.arguments]
+
+
+@lru_cache(maxsize=None)
+def fa3_available(device_cls: str) -> bool:
+    """vLLM's FA3 runs on this device class (Hopper) and its library loads."""
+    if device_cls != "sm90":
+        return False
+    try:
+        _fa3_op()
+    except (RuntimeError, OSError, FileNotFoundError):
+        return False
+    return True
+
+
+def fa3_varlen(q, k, v, cu_seqlens, max_seqlen: int, out: torch.Tensor) -> torch.Tensor:
+    """vLLM 0.34's FA3 call for ViT attention (non-causal, no window, FA3's own split heuristics), written
+    into `out`. The op's arguments are passed by name from its schema, so an added optional one is None."""
+    op, schema = _fa3_op()
+    given = dict(q=q, k=k, v=v, out=out, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                 max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, softmax_scale=q.shape[-1] ** -0.5,
+                 is_causal=False, window_size_left=-1, window_size_right=-1, softcap=0.0,
+                 is_rotary_interleaved=True, num_splits=0, sm_margin=0, cp_world_size=1, cp_rank=0)
+    args = []
+    for name, kind, has_default in schema:
+        if name in given:
+            args.append(given[name])
+        elif isinstance(kind, torch.OptionalType) or has_default:
+            args.append(None)
+        else:
+            raise RuntimeError(f"vLLM's FA3 op takes an argument {name!r} ({kind}) this project does not know; "
+                               f"force another attention backend with {ATTENTION_ENV}")
+    op(*args)
+    return out
+
+
+# ---- PyTorch's FlashAttention-2 ------------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def _flash_only_kwargs() -> dict:
+    # torch >= 2.14 sends varlen_attn to cuDNN on Hopper for sequences over 128 rows unless num_splits is
+    # given; "fa2" means FlashAttention-2 (cuDNN's ragged attention cannot be captured in a graph on torch
+    # 2.11: cudaErrorStreamCaptureInvalidated, seen on an H100). num_splits=1 is FA2's own choice
+    # for batches as wide as an encoder's. torch 2.11 has no such parameter and always uses FA2.
+    from torch.nn.attention.varlen import varlen_attn
+
+    return {"num_splits": 1} if "num_splits" in inspect.signature(varlen_attn).parameters else {}
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int) -> torch.Tensor:
-    """The "fa2" backend: packed (T, H, D) attention where cu_seqlens (int32, on q's device) splits the
-    rows into sequences.
-
-    CUDA: PyTorch's FlashAttention-2 varlen kernel, capturable in a graph (max_seqlen is a host int).
-    CPU: one SDPA call per sequence; reading the bounds there costs no device sync.
-    """
+    """Packed (T, H, D) FlashAttention-2 attention within each sequence of cu_seqlens (int32, on q's device;
+    every row covered). CUDA: PyTorch's varlen kernel, capturable (max_seqlen is a host int). CPU: one SDPA
+    call per sequence; reading the bounds there costs no device sync."""
     if q.is_cuda:
         check_attention_dtype(q.device, q.dtype)
         from torch.nn.attention.varlen import varlen_attn
 
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **_flash_only_kwargs())
     return sdpa_per_sequence(q, k, v, cu_seqlens.tolist())
+
+
+# ---- the choice ----------------------------------------------------------------------------------------
+
+def backend_available(backend: str, device: torch.device | str) -> bool:
+    cls = device_class(device)
+    if backend == "fa3":
+        return fa3_available(cls)
+    return True  # triton (the interpreter on a CPU) and fa2 (SDPA per sequence on a CPU) run anywhere
 
 
 def forced_attention_backend(backend: str | None) -> str | None:
@@ -99,29 +185,83 @@ def forced_attention_backend(backend: str | None) -> str | None:
     return forced
 
 
-def choose_attention(budget: int, device: torch.device | str, backend: str | None = None) -> AttentionChoice:
-    """The attention for a graph (or eager call) of `budget` patch rows on `device`: the backend forced by
-    `backend` or $FUSED_MOONVIT_ATTENTION, else the measured choice. Decided on the host, before capture."""
+@lru_cache(maxsize=None)
+def attention_table() -> dict:
+    """The measured table: {"measured": {device class: where and how}, "rows": [{device_class, head_dim, max_budget,
+    ranking: [{backend, config?}, ...]}, ...]}, rows of one (device class, head dim) in budget order."""
+    with open(TABLE_PATH) as f:
+        return json.load(f)
+
+
+# Where the table has no row for a device class or head dim: the Triton kernel's tiles by budget as
+# measured on the H200 before FA3 was a backend (rows: largest budget, block_m, block_n, warps, stages).
+_DEFAULT_TILES = [(2048, 64, 64, 4, 3), (16384, 128, 64, 4, 3)]
+
+
+def _triton(config: Sequence[int] | None, budget: int, device: torch.device) -> AttentionChoice:
+    """The Triton kernel with `config` (block_m, block_n, warps, stages), or the default tiles for `budget`."""
     from fused_moonvit.kernels.attention import AttentionConfig
 
-    forced = forced_attention_backend(backend)
-    if forced == "fa2":
-        return AttentionChoice("fa2")
-    if torch.device(device).type != "cuda":
+    if device.type != "cuda":
+        # The interpreter runs each program's tiles one by one: large tiles mean fewer, faster steps.
         return AttentionChoice("triton", AttentionConfig(block_m=128, block_n=128))
-    row = next((r for r in _TRITON_TILES if budget <= r[0]), _TRITON_TILES[-1])
-    _, block_m, block_n, warps, stages = row
-    return AttentionChoice("triton", AttentionConfig(block_m, block_n, warps, stages))
+    if not config:
+        config = next((t for t in _DEFAULT_TILES if budget <= t[0]), _DEFAULT_TILES[-1])[1:]
+    return AttentionChoice("triton", AttentionConfig(*config))
+
+
+def choose_attention(budget: int, device: torch.device | str, head_dim: int,
+                     backend: str | None = None) -> AttentionChoice:
+    """The attention for a graph (or eager call) of `budget` patch rows of head dim `head_dim` on `device`:
+    the backend forced by `backend` or $FUSED_MOONVIT_ATTENTION, else the fastest available one by the
+    measured table. Decided on the host, before capture; a forced backend that cannot run here fails here."""
+    device = torch.device(device)
+    forced = forced_attention_backend(backend)
+    cls = device_class(device)
+    rows = [r for r in attention_table()["rows"] if r["device_class"] == cls and r["head_dim"] == head_dim]
+    row = next((r for r in rows if budget <= r["max_budget"]), rows[-1] if rows else None)
+    ranking = row["ranking"] if row is not None else [{"backend": "fa3"}, {"backend": "triton"}]
+    if forced is not None:
+        if not backend_available(forced, device):
+            raise RuntimeError(f"attention backend {forced!r} cannot run on {device} ({cls}) here"
+                               + (f": install vLLM or set {FA3_LIB_ENV}" if forced == "fa3" and cls == "sm90"
+                                  else ""))
+        ranking = [e for e in ranking if e["backend"] == forced] or [{"backend": forced}]
+    for entry in ranking:
+        if entry["backend"] == "triton":
+            return _triton(entry.get("config"), budget, device)
+        if backend_available(entry["backend"], device):
+            return AttentionChoice(entry["backend"])
+    return _triton(None, budget, device)
 
 
 def packed_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int, head_dim: int,
                      max_seqlen: int, choice: AttentionChoice) -> torch.Tensor:
     """(B, H * D) attention of the packed (B, 3 * H * D) QKV output within each sequence of cu_seqlens
-    (the plan's, whose last sequence is padding), by the chosen backend."""
+    (the plan's: S + 2 entries, the last sequence padding), by the chosen backend. Padding rows are zeros."""
     budget = qkv.shape[0]
     if choice.backend == "triton":
         from fused_moonvit.kernels.attention import varlen_attention_fwd
 
         return varlen_attention_fwd(qkv, cu_seqlens, num_heads, head_dim, config=choice.config)
     q, k, v = qkv.view(budget, 3, num_heads, head_dim).unbind(1)
-    return varlen_attention(q, k, v, cu_seqlens, max_seqlen).reshape(budget, num_heads * head_dim)
+    # The item sequences alone: cu_seqlens[:-1] ends where the padding starts, so no library attends it.
+    items = cu_seqlens[:-1]
+    if choice.backend == "fa3":
+        from fused_moonvit.kernels.attention import zero_padding_rows
+
+        # FA3 loads a sequence's last key tile whole and masks the scores, so P is 0 there but P @ V still
+        # multiplies the rows past the end: zeroed padding keeps its leftovers (NaN, say) out of the last
+        # item. The rows of the item that follows are read the same way: see docs/design.md section 9.
+        zero_padding_rows(qkv, cu_seqlens, num_heads * head_dim)
+        out = torch.zeros(budget, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+        return fa3_varlen(q, k, v, items, max_seqlen, out).view(budget, num_heads * head_dim)
+    if not qkv.is_cuda:
+        return sdpa_per_sequence(q, k, v, items.tolist()).view(budget, num_heads * head_dim)
+    check_attention_dtype(q.device, q.dtype)
+    from torch.nn.attention.varlen import varlen_attn
+
+    out = varlen_attn(q, k, v, items, items, max_seqlen, max_seqlen, **_flash_only_kwargs())
+    # FA2 leaves the rows past the last item unwritten: zero them on the device, without a sync.
+    live = torch.arange(budget, device=qkv.device) < cu_seqlens[-2]
+    return torch.where(live[:, None], out.reshape(budget, num_heads * head_dim), 0)

@@ -40,8 +40,9 @@ class FusedMoonVit(MoonVitModules):
         super().__init__(config)
         self._rope_tables: dict[torch.device, torch.Tensor] = {}
         self._zero_biases: dict[tuple, torch.Tensor] = {}
-        # None: the Triton kernel with tiles measured per budget, unless $FUSED_MOONVIT_ATTENTION says
-        # otherwise; "triton" or "fa2" forces one. Checked here, not first at a forward inside a capture.
+        # None: the fastest backend available here by the measured table (moonvit/attention.py), unless
+        # $FUSED_MOONVIT_ATTENTION says otherwise; a backend's name forces it. Checked here, not first at a
+        # forward inside a capture.
         forced_attention_backend(attention_backend)
         self.attention_backend = attention_backend
 
@@ -101,7 +102,7 @@ class FusedMoonVit(MoonVitModules):
         meta = expand_plan(device_plan, token_meta)
         cu_seqlens = plan_cu_seqlens(device_plan)
         cos_sin = self.rope_table(pixel_values.device)
-        attention = choose_attention(budget, pixel_values.device, self.attention_backend)
+        attention = choose_attention(budget, pixel_values.device, head_dim, self.attention_backend)
         max_seqlen = budget if max_seqlen is None else max_seqlen
 
         embed = tower.patch_embed
@@ -214,7 +215,6 @@ class MoonVitGraphRunner:
     def __init__(self, model: FusedMoonVit, budgets: Sequence[int] | None = None, max_images: int = 64,
                  warn_on_lazy_capture: bool = True):
         self.model = model.eval()
-        forced_attention_backend(model.attention_backend)  # a bad $FUSED_MOONVIT_ATTENTION fails here
         budgets = default_budgets() if budgets is None else list(budgets)
         if not budgets:
             raise ValueError("budgets must name at least one patch budget")
@@ -222,6 +222,9 @@ class MoonVitGraphRunner:
         self.max_images = check_int("max_images", max_images, 1)
         self.device = model.device
         check_attention_dtype(self.device, model.dtype)
+        # A bad $FUSED_MOONVIT_ATTENTION, or a forced backend that cannot run here, fails here.
+        for budget in self.budgets:
+            self.attention_choice(budget)
         model.rope_table(self.device)  # built here, never inside a capture
         model.vision_tower.patch_embed.time_table(self.device)
         p = model.config.patch_size
@@ -236,6 +239,10 @@ class MoonVitGraphRunner:
         self._buffers_released: torch.cuda.Event | None = None
         # A server should capture up front; a one-shot command (the CLI) captures on first use on purpose.
         self._warned_lazy_capture = not warn_on_lazy_capture
+
+    def attention_choice(self, budget: int):
+        """The attention backend (and tiles) the graph of `budget` runs, as `forward_static` chooses it."""
+        return choose_attention(budget, self.device, self.model.config.head_dim, self.model.attention_backend)
 
     @property
     def uses_graphs(self) -> bool:

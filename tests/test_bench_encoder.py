@@ -1,5 +1,5 @@
-"""The encoder benchmark on the CPU: the host-metadata baseline against the reference, the FLOP count,
-and the script end to end in --smoke mode."""
+"""The encoder benchmark on the CPU: vLLM's way (the host-metadata graph and the eager MoonViT3d tower)
+against the reference, the FLOP count, and the script end to end in --smoke mode."""
 
 import json
 
@@ -9,7 +9,7 @@ import torch
 from moonvit_fixtures import K3_OPTIONS, random_model, random_pixels, rel_err, tiny_config, tiny_k25_config
 from fused_moonvit.benchmarks.bench_encoder import main, vllm_call
 from fused_moonvit.benchmarks.flops import encoder_flops, encoder_flops_breakdown
-from fused_moonvit.benchmarks.hostmeta import HostMetadataGraph
+from fused_moonvit.benchmarks.hostmeta import HostMetadataGraph, VllmEagerTower
 from fused_moonvit.moonvit import MoonVitConfig
 
 # (grids, budget, image slots): exact fit, padding rows and unused slots, the table's own size (the
@@ -55,8 +55,8 @@ def test_buffers_reused_across_calls_and_padding_isolated(model):
 @pytest.mark.parametrize("k3", [False, True], ids=["k25", "k3"])
 def test_host_metadata_moonvit3d(k3):
     """MoonViT3d images through the host-metadata graph (bilinear and RMSNorm for K3's options); video
-    chunks are refused there and run eagerly in the benchmark's vLLM-style call (through the reference, so
-    that half checks the order in which the outputs are put back)."""
+    chunks are refused there and run through vLLM's eager tower in the benchmark's vLLM-style call, whose
+    outputs come back in item order."""
     model = random_model(tiny_k25_config(**(K3_OPTIONS if k3 else {})), seed=4)
     graph = HostMetadataGraph(model, 320, 4)
     images = [(1, 6, 10), (1, 16, 16)]
@@ -66,7 +66,13 @@ def test_host_metadata_moonvit3d(k3):
     pixels = random_pixels(items, seed=6)
     with pytest.raises(ValueError, match="item 1 has t=3 frames: vLLM's encoder graphs"):
         graph(pixels, items)
-    assert rel_err(vllm_call(graph, model, pixels, items)(), model(pixels, torch.tensor(items))) <= 1e-5
+    eager = VllmEagerTower(model, "fa2")
+    want = model(pixels, torch.tensor(items))
+    assert rel_err(eager(pixels, items), want) <= 1e-5
+    assert rel_err(vllm_call(graph, eager, pixels, items)(), want) <= 1e-5
+    chunks = [(3, 4, 4), (2, 6, 2)]
+    pixels = random_pixels(chunks, seed=7)
+    assert rel_err(vllm_call(None, eager, pixels, chunks)(), model(pixels, torch.tensor(chunks))) <= 1e-5
 
 
 def test_host_metadata_rejects_what_does_not_fit(model):
@@ -81,6 +87,10 @@ def test_host_metadata_rejects_what_does_not_fit(model):
         HostMetadataGraph(model, 64, 0)
     with pytest.raises(ValueError, match="CUDA graph needs the model on a CUDA device"):
         HostMetadataGraph(model, 64, 1, graph=True)
+    with pytest.raises(ValueError, match="attention must be one of fa3, fa2, got 'sdpa'"):
+        HostMetadataGraph(model, 64, 1, attention="sdpa")
+    with pytest.raises(RuntimeError, match="vLLM's FA3 cannot run on cpu"):
+        VllmEagerTower(model, "fa3")
 
 
 def test_flops_hand_count():
@@ -132,8 +142,12 @@ def test_smoke_end_to_end(tmp_path):
     assert [s["name"] for s in report["sets"]] == ["1x4x4", "3mix", "3mix-in-512"]
     assert [s["budget"] for s in report["sets"]] == [64, 192, 512]
     for s in report["sets"]:
-        assert set(s["rows"]) == {"reference_eager", "host_metadata_graph", "fused_graph_fa2", "fused_graph"}
-        assert all(s["rows"][k]["budget"] == s["budget"] for k in ("host_metadata_graph", "fused_graph"))
+        # No FA3 on a CPU: vLLM's way is the FA2 row, and the ratios say so.
+        assert set(s["rows"]) == {"reference_eager", "vllm_fa2", "fused_triton", "fused_graph"}
+        assert s["vllm_row"] == "vLLM's way, FA2"
+        assert s["speedup_of_fused_over"]["vllm"] == s["speedup_of_fused_over"]["vllm_fa2"]
+        assert s["rows"]["fused_triton"]["attention"] == "triton"
+        assert all(s["rows"][k]["budget"] == s["budget"] for k in ("vllm_fa2", "fused_triton", "fused_graph"))
         assert all(row["ms"] > 0 and row["tflops"] > 0 for row in s["rows"].values())
         assert all(s["outputs_finite"].values())
         # fp32 on the CPU: both graph paths agree with the reference to rounding.
@@ -151,7 +165,19 @@ def test_smoke_moonvit3d(tmp_path):
     assert all(video["outputs_finite"].values()) and max(video["rel_err_vs_reference_eager"].values()) <= 1e-4
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--smoke is the CPU check; on a GPU run the benchmark")
+def test_rows_option_times_only_those(tmp_path):
+    assert main(["--smoke", "--sets", "1x4x4", "--rows", "vllm_fa2,fused_graph", "--out", str(tmp_path)]) == 0
+    (only,) = json.loads((tmp_path / "encoder.json").read_text())["sets"]
+    assert set(only["rows"]) == {"vllm_fa2", "fused_graph"}
+    # Every path still ran once, for the errors against the reference.
+    assert set(only["rel_err_vs_reference_eager"]) == {"vllm_fa2", "fused_triton", "fused_graph"}
+
+
 def test_bad_set_name_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--smoke", "--sets", "1x4x4,nope", "--out", str(tmp_path)])
     assert "unknown image set(s) nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--smoke", "--rows", "fused_graph,host_metadata_graph", "--out", str(tmp_path)])
+    assert "unknown row(s) host_metadata_graph" in capsys.readouterr().err

@@ -123,3 +123,28 @@ def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double().cpu(), b.double().cpu()
     den = b.norm()
     return float((a - b).norm() / den) if den > 0 else float((a - b).norm())
+
+
+def check_attention_output(out, qkv, cu, heads, head_dim):
+    """Attention output `out` of the packed qkv against fp64 SDPA per sequence: valid rows all written and
+    close (norm-relative and per element), the padding sequence's rows zeros."""
+    from fused_moonvit.kernels.attention import varlen_attention_reference
+
+    bounds = cu.tolist()
+    valid = bounds[-2]
+    assert torch.isfinite(out[:valid]).all(), "a valid element was not written"
+    assert out[valid:].eq(0).all(), "padding rows must be zeros"
+    exact = varlen_attention_reference(qkv.float(), cu, heads, head_dim)
+    if valid == 0:
+        return
+    assert relerr(out[:valid], exact[:valid]) <= (1e-5 if qkv.dtype == torch.float32 else 1e-2)
+    # Every element: an output row averages its head's v rows, so its error scales with the largest |v|
+    # there: P rounded to bf16 before the second product (as FlashAttention does) gives 2^-9 of it; in fp32,
+    # exp2 and fp32 sums over thousands of keys stay under 2^-14 of it. Plus the output's own rounding. A wrong
+    # row or column (an indexing or masking bug) is off by far more.
+    scale = 2.0**-8 if qkv.dtype != torch.float32 else 2.0**-14
+    vmax = qkv[:valid, 2 * heads * head_dim:].float().abs().view(valid, heads, head_dim).amax(dim=(0, 2))
+    err = (out.float() - exact).abs().view(-1, heads, head_dim)
+    ulp = torch.exp2(torch.floor(torch.log2(exact.abs().clamp(min=1e-30)))).view(-1, heads, head_dim)
+    bound = scale * vmax[None, :, None] + ulp * torch.finfo(qkv.dtype).eps
+    assert (err <= bound).all(), f"{int((err > bound).sum())} elements off, worst {float((err - bound).max()):.3g}"
