@@ -23,7 +23,8 @@ import torch
 from fused_moonvit.benchmarks.bench_encoder import _versions
 from fused_moonvit.benchmarks.image_sets import IMAGE_SETS, PADDED_EXACT, PADDED_SETS, budgeted_sets
 from fused_moonvit.benchmarks.image_sets import patches as image_patches
-from fused_moonvit.moonvit.cli import OneLineParser, output_dir, positive_int
+from fused_moonvit.benchmarks.outdir import add_out_argument, out_dir
+from fused_moonvit.moonvit.cli import OneLineParser, positive_int
 
 # First match wins; kernel names are lower-cased.
 CATEGORIES = [
@@ -85,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sets", default="1x224,1x448",
                         help="comma-separated image sets or padded cases of docs/design.md section 4.2 "
                              "(default: %(default)s)")
-    parser.add_argument("--out", type=output_dir, default="benchmarks/results", metavar="DIR",
-                        help="directory for profile.json (default: %(default)s)")
+    add_out_argument(parser, "profile.json", smoke=False)
     parser.add_argument("--iters", type=positive_int, default=30, help="timed calls (default: %(default)s)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -146,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["fused-moonvit", "bench", "profile", *(sys.argv[1:] if argv is None else argv)]), "config": "MoonVitConfig() (Kimi-VL-A3B), random bf16 weights",
         "sets": results,
     }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "profile.json")
+    path = os.path.join(out_dir(args), "profile.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
     for name, r in results.items():

@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--seed", type=int, default=0, help="seed of the random weights without --model")
     enc.set_defaults(func=_encode)
     bench = sub.add_parser("bench", help="run a benchmark (arguments after the name go to it; try --help)")
-    bench.add_argument("which", choices=["encoder", "kernels", "profile"], help="what to benchmark")
+    bench.add_argument("which", choices=["encoder", "kernels", "profile", "fallback"], help="what to benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own arguments")
     bench.set_defaults(func=_bench)
     return parser

@@ -5,6 +5,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,6 +120,33 @@ def test_bench_kernels_writes_into_a_directory(tmp_path, capsys):
     assert main(["bench", "kernels", "--smoke", "--sets", "one", "--out", str(tmp_path / "k")]) == 0
     assert sorted(os.listdir(tmp_path / "k")) == ["kernels.json", "kernels.png"]
     assert json.loads((tmp_path / "k" / "kernels.json").read_text())["results"]
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("bench", [["encoder", "--sets", "1x4x4"], ["kernels", "--sets", "one"], ["fallback"]],
+                         ids=lambda b: b[0])
+def test_bench_smoke_from_the_repository_root_leaves_the_committed_results(tmp_path, bench):
+    """Run as the README suggests, from the repository root: the smoke run writes into a new temporary
+    directory, says so, and the committed results are byte for byte what they were."""
+    import fused_moonvit.benchmarks
+
+    root = Path(fused_moonvit.benchmarks.__file__).resolve().parents[1]
+    committed = root / "benchmarks" / "results"
+    before = _files(committed)
+    assert "encoder.json" in before
+    script = Path(sys.executable).with_name("fused-moonvit")
+    proc = subprocess.run([str(script), "bench", *bench, "--smoke"], cwd=root, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert _files(committed) == before
+    (made,) = tmp_path.iterdir()
+    assert made.name.startswith("fused-moonvit-smoke-")
+    written = sorted(p.name for p in made.iterdir())
+    assert written and all(str(made / name) in proc.stdout.splitlines()[-1] for name in written)
+    assert proc.stdout.splitlines()[-1].startswith(f"wrote {made}{os.sep}")
 
 
 # --- Kimi-K2.5: images, a folder of frames and a video file through the command, against the reference ---

@@ -17,7 +17,10 @@ import torch
 
 from moonvit_fixtures import (KIMI_K25_PREPROCESSOR_JSON, kimi_k25_config_json, kimi_vl_config_json, random_model,
                               tiny_config, tiny_k25_config, write_checkpoint, write_k25_checkpoint)
+from fused_moonvit.benchmarks import outdir
 from fused_moonvit.moonvit import cli
+
+COMMITTED_RESULTS = Path(outdir.__file__).parent / "results"
 
 # The CLI's own main, with building a model turned into a failure that says so: every mistake here must
 # be caught before that point.
@@ -188,7 +191,13 @@ CASES = {
     **{f"bench_{which}_out_is_a_file": (
         lambda d: _file(d / "taken"), ["bench", which, "--out", "{m}"], {},
         [f"fused-moonvit bench {which}: error: argument --out: {{m}} exists and is not a directory"])
-       for which in ("encoder", "kernels", "profile")},
+       for which in ("encoder", "kernels", "profile", "fallback")},
+    # The committed GPU results, named outright: a smoke run refuses them.
+    **{f"bench_{which}_smoke_into_committed_results": (
+        lambda d: COMMITTED_RESULTS, ["bench", which, "--smoke", "--out", "{m}"], {},
+        [f"fused-moonvit bench {which}: error: --out {{m}} is the committed results folder",
+         "leave --out out for a temporary directory"])
+       for which in ("encoder", "kernels", "fallback")},
 }
 
 
