@@ -12,8 +12,10 @@ FUSED_MOONVIT_DEBUG=1, or pass --debug, to see the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -24,6 +26,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEBUG_ENV = "FUSED_MOONVIT_DEBUG"
 KEYS_PER_KIND = 3  # checkpoint keys named per kind of mismatch in the one-line error
 MODEL_DIR_LAYOUT = "config.json plus model.safetensors, or model.safetensors.index.json and its shards"
+# Larger images are refused up front (--max-image-pixels raises it): 250 MP covers the largest camera
+# sensors (200 MP), and one such RGB image decodes to 750 MB.
+MAX_IMAGE_PIXELS = 250_000_000
+# An image's smallest patch grid is one 2x2 merge: a patch limit below it can never be met.
+MIN_IN_TOKEN_LIMIT = MERGE * MERGE
+INTERRUPTED = 130  # the shell's status for a command ended by SIGINT (128 + 2)
 
 
 class UsageError(Exception):
@@ -60,6 +68,33 @@ def positive_int(text: str) -> int:
     return value
 
 
+def in_token_limit(text: str) -> int:
+    """argparse type: a patch limit an image can meet."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {MIN_IN_TOKEN_LIMIT}, got {text!r}") from None
+    if value < MIN_IN_TOKEN_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be >= {MIN_IN_TOKEN_LIMIT}, got {value}: the smallest grid an image "
+                                         f"can have is {MERGE}x{MERGE} patches, so a lower limit can never be met")
+    return value
+
+
+def cannot_write_into(directory: str, make_dir: bool = False) -> str | None:
+    """Why nothing can be created in `directory` (an existing one), or None. Tried by creating, then
+    removing, a file there (a folder with `make_dir`): permission bits say nothing for root, nor about
+    file systems such as /proc that refuse new files whatever the bits."""
+    try:
+        if make_dir:
+            os.rmdir(tempfile.mkdtemp(prefix=".fused-moonvit-probe-", dir=directory))
+        else:
+            with tempfile.NamedTemporaryFile(prefix=".fused-moonvit-probe-", dir=directory):
+                pass
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
+
+
 def output_dir(text: str) -> str:
     """argparse type: a directory that exists or can be created, and can be written into."""
     if os.path.exists(text) and not os.path.isdir(text):
@@ -69,8 +104,9 @@ def output_dir(text: str) -> str:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise argparse.ArgumentTypeError(f"cannot create {text}: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"cannot write into {existing}")
+    why = cannot_write_into(existing, make_dir=existing != os.path.abspath(text))
+    if why:
+        raise argparse.ArgumentTypeError(f"cannot write into {existing} ({why})")
     return text
 
 
@@ -93,22 +129,60 @@ def _device(text: str) -> torch.device:
     return device
 
 
-def _check_images(paths: list[str]) -> None:
+@contextlib.contextmanager
+def _pillow_size_check_off():
+    """Pillow's own decompression-bomb check warns above 89 megapixels and raises above 179, as a raw
+    warning or a traceback mid-run; the command checks every image's size against --max-image-pixels
+    before any work instead (`_check_pixels`)."""
+    from PIL import Image
+
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _check_pixels(path: str, what: str, limit: int) -> None:
+    """Refuses an image above `limit` pixels, from its header alone (nothing is decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            w, h = image.size
+    except OSError:
+        return  # an unreadable file is reported where it is read, with the reader's own message
+    if w * h > limit:
+        raise UsageError(f"{what} is {w}x{h} px ({w * h / 1e6:.0f} megapixels), above the limit of "
+                         f"{limit / 1e6:g} megapixels that guards against decompression bombs; give "
+                         f"--max-image-pixels {w * h} (or more) to encode it")
+
+
+def _check_images(paths: list[str], max_pixels: int) -> None:
     for path in paths:
         if os.path.isdir(path):
             raise UsageError(f"{path} is a directory, not an image file; give the image files in it instead "
                              f"(or --video {path} for a folder of a video's frames)")
         if not os.path.exists(path):
             raise UsageError(f"no such image file: {path}")
+        _check_pixels(path, path, max_pixels)
 
 
-def _check_videos(paths: list[str]) -> None:
-    from .preprocess import PYAV_MISSING, pyav_available
+def _check_videos(paths: list[str], max_pixels: int) -> None:
+    from .preprocess import PYAV_MISSING, frame_files, pyav_available
 
     for path in paths:
         if not os.path.exists(path):
             raise UsageError(f"--video {path}: no such video file or frame folder")
-        if not os.path.isdir(path) and not pyav_available():
+        if os.path.isdir(path):
+            try:
+                frames = frame_files(path)
+            except ValueError:
+                frames = []  # a folder that is not a frame folder is reported, with its reason, where it is read
+            for frame in frames:
+                _check_pixels(frame, f"--video {path}: frame {frame}", max_pixels)
+        elif not pyav_available():
             raise UsageError(f"--video {path}: {PYAV_MISSING}")
 
 
@@ -121,8 +195,11 @@ def _check_out(path: str) -> None:
     if not os.path.isdir(parent):
         what = "is not a directory" if os.path.exists(parent) else "does not exist"
         raise UsageError(f"--out {path}: {parent} {what}; create the directory first or choose another path")
-    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    if os.path.exists(path) and not os.access(path, os.W_OK):
         raise UsageError(f"--out {path}: not writable here (permission denied)")
+    why = cannot_write_into(parent)
+    if why:
+        raise UsageError(f"--out {path}: cannot create a file in {parent} ({why})")
 
 
 def _check_model(model_dir: str, cls):
@@ -261,13 +338,18 @@ def _video_items(paths: list[str], config, inputs, notes: list[str]) -> list[_It
 
 
 def _encode(args: argparse.Namespace) -> int:
+    with _pillow_size_check_off():
+        return _encode_checked(args)
+
+
+def _encode_checked(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     if not args.images and not args.demo and not args.videos:
         raise UsageError("give at least one IMAGE, or --demo for a built-in synthetic image, or --video PATH "
                          "with a Kimi-K2.5 --model")
-    _check_images(args.images)
-    _check_videos(args.videos)
+    _check_images(args.images, args.max_image_pixels)
+    _check_videos(args.videos, args.max_image_pixels)
     _check_out(args.out)
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -374,10 +456,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "without it, Kimi-VL's architecture with seeded random weights")
     enc.add_argument("--out", default="embeddings.safetensors", metavar="FILE",
                      help="output safetensors file, float32 whatever --dtype is (default: %(default)s)")
-    enc.add_argument("--in-token-limit", type=positive_int, metavar="N",
-                     help=f"patch limit per image before downscaling: for Kimi-VL {IN_TOKEN_LIMIT_INSTRUCT} "
+    enc.add_argument("--in-token-limit", type=in_token_limit, metavar="N",
+                     help=f"patch limit per image, as the model's processor applies it: an image whose whole "
+                          f"14-px patches exceed N is scaled down until they fit, then padded to even sides for "
+                          f"the 2x2 merge; at least {MIN_IN_TOKEN_LIMIT}. For Kimi-VL {IN_TOKEN_LIMIT_INSTRUCT} "
                           f"(Kimi-VL-A3B-Instruct, the default) or {IN_TOKEN_LIMIT_THINKING} (-Thinking-2506); for "
                           f"Kimi-K2.5 the image processor's max_patches (default: its setting, 16384)")
+    enc.add_argument("--max-image-pixels", type=positive_int, default=MAX_IMAGE_PIXELS, metavar="N",
+                     help="refuse larger images, as possible decompression bombs (default: %(default)s)")
     enc.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     enc.add_argument("--dtype", choices=sorted(DTYPES),
                      help="the model's dtype (default: bfloat16 on cuda, float32 on cpu); the output is float32")
@@ -405,6 +491,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"fused-moonvit {args.command}: error: {err}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            if debug_requested():
+                raise
+            # The output is written under a temporary name and renamed when complete, so nothing is left.
+            print(f"fused-moonvit {args.command}: interrupted" + ("; nothing was written" if args.command == "encode"
+                                                                   else ""), file=sys.stderr)
+            return INTERRUPTED
     finally:
         if previous is None:
             os.environ.pop(DEBUG_ENV, None)

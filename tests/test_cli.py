@@ -83,7 +83,7 @@ def test_encode_rejects_bad_arguments_before_any_work(tmp_path, capsys):
     assert f"error: {wide}: " in err and "at most 512 patches" in err and "model" not in err
     with pytest.raises(SystemExit):
         main(["encode", "--demo", "--in-token-limit", "0"])
-    assert "must be >= 1, got 0" in capsys.readouterr().err
+    assert "must be >= 4, got 0" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -120,6 +120,53 @@ def test_bench_kernels_writes_into_a_directory(tmp_path, capsys):
     assert main(["bench", "kernels", "--smoke", "--sets", "one", "--out", str(tmp_path / "k")]) == 0
     assert sorted(os.listdir(tmp_path / "k")) == ["kernels.json", "kernels.png"]
     assert json.loads((tmp_path / "k" / "kernels.json").read_text())["results"]
+
+
+def test_huge_image_is_encoded_without_pillows_warning(tmp_path, tiny_model_dir):
+    """192 megapixels, below the command's limit of 250 but above both of Pillow's decompression-bomb
+    thresholds (a warning above 89, a traceback above 179): encoded, with nothing from Pillow on stderr."""
+    Image.new("1", (16000, 12000)).save(tmp_path / "huge.png")
+    out = tmp_path / "emb.safetensors"
+    script = Path(sys.executable).with_name("fused-moonvit")
+    proc = subprocess.run([str(script), "encode", str(tmp_path / "huge.png"), "--model", str(tiny_model_dir),
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "DecompressionBomb" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
+    # 4096 patches' worth, as the processor scales it: sqrt(4096 / (1142 * 857)) of each side
+    assert f"{tmp_path / 'huge.png'}: grid 56x74 patches -> 1036 tokens x 24" in proc.stdout
+    with safe_open(out, framework="pt") as f:
+        assert f.get_tensor("image_0").shape == (1036, 24)
+
+
+def test_ctrl_c_mid_encode_exits_130_with_one_line_and_no_file(tmp_path):
+    """SIGINT while the real-size model encodes a 896x896 image (tens of seconds on a CPU)."""
+    import signal
+    import time
+
+    Image.new("RGB", (896, 896), (40, 90, 200)).save(tmp_path / "photo.png")
+    out = tmp_path / "out" / "emb.safetensors"
+    out.parent.mkdir()
+    script = Path(sys.executable).with_name("fused-moonvit")
+    # As from a terminal: a shell running this test in the background may have left SIGINT ignored.
+    proc = subprocess.Popen([str(script), "encode", str(tmp_path / "photo.png"), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    before = []
+    for line in proc.stderr:
+        before.append(line)
+        if " ready on " in line:
+            break
+    time.sleep(1.0)
+    assert proc.poll() is None, "the encode ended before the interrupt"
+    proc.send_signal(signal.SIGINT)
+    stdout, after = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(before) + after
+    assert "Traceback" not in after and "KeyboardInterrupt" not in after, after
+    # Besides the progress bar's lines, the interrupt says one thing.
+    said = [line for line in after.splitlines() if line.strip() and not line.startswith("encoding:")]
+    assert said == ["fused-moonvit encode: interrupted; nothing was written"], after
+    assert "wrote" not in stdout
+    assert os.listdir(out.parent) == []
 
 
 def _files(folder):

@@ -90,6 +90,14 @@ def _fixed_tokens():
     return cfg
 
 
+def _huge_png(path: Path) -> Path:
+    """A 260-megapixel PNG of one colour: 1 bit per pixel, 32 kB on disk."""
+    from PIL import Image
+
+    Image.new("1", (20000, 13000)).save(path)
+    return path
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir()
     return path
@@ -144,7 +152,23 @@ CASES = {
         lambda d: d / "nope.png", ["encode", "{m}", "--out", "{out}"], {}, ["no such image file: {m}"]),
     "in_token_limit_not_a_number": (
         lambda d: d, ["encode", "--demo", "--in-token-limit", "abc", "--out", "{out}"], {},
-        ["argument --in-token-limit: expected a whole number >= 1, got 'abc'"]),
+        ["argument --in-token-limit: expected a whole number >= 4, got 'abc'"]),
+    "in_token_limit_below_the_smallest_grid": (
+        lambda d: d, ["encode", "--demo", "--in-token-limit", "3", "--out", "{out}"], {},
+        ["argument --in-token-limit: must be >= 4, got 3: the smallest grid an image can have is 2x2 patches"]),
+    # Refused from the header, before Pillow's decompression-bomb check (a traceback above 179 MP) is reached.
+    "image_above_the_pixel_limit": (
+        lambda d: _huge_png(d / "huge.png"), ["encode", "{m}", "--out", "{out}"], {},
+        ["{m} is 20000x13000 px (260 megapixels), above the limit of 250 megapixels",
+         "give --max-image-pixels 260000000 (or more)"]),
+    "frame_above_the_pixel_limit": (
+        lambda d: (_k25_with_frames(d), _huge_png(d / "frames" / "03.png"))[0],
+        ["encode", "--video", "{d}/frames", "--model", "{m}", "--out", "{out}"], {},
+        ["--video {d}/frames: frame {d}/frames/03.png is 20000x13000 px (260 megapixels)"]),
+    # As root, permission bits allow anything; /proc takes no new file whoever asks.
+    "out_where_no_file_can_be_created": (
+        lambda d: d, ["encode", "--demo", "--out", "/proc/emb.safetensors"], {},
+        ["--out /proc/emb.safetensors: cannot create a file in /proc ("]),
     "video_with_kimi_vl_model": (
         lambda d: (_k25_with_frames(d), _tiny_checkpoint(d / "model"))[1],
         ["encode", "--video", "{d}/frames", "--model", "{m}", "--out", "{out}"], {},
@@ -192,6 +216,9 @@ CASES = {
         lambda d: _file(d / "taken"), ["bench", which, "--out", "{m}"], {},
         [f"fused-moonvit bench {which}: error: argument --out: {{m}} exists and is not a directory"])
        for which in ("encoder", "kernels", "profile", "fallback")},
+    "bench_out_where_no_folder_can_be_created": (
+        lambda d: d, ["bench", "encoder", "--smoke", "--out", "/proc/results"], {},
+        ["fused-moonvit bench encoder: error: argument --out: cannot write into /proc ("]),
     # The committed GPU results, named outright: a smoke run refuses them.
     **{f"bench_{which}_smoke_into_committed_results": (
         lambda d: COMMITTED_RESULTS, ["bench", which, "--smoke", "--out", "{m}"], {},
