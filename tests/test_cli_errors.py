@@ -308,3 +308,31 @@ def test_cuda_float32_is_refused_before_any_work(monkeypatch, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         "fused-moonvit encode: error: argument --device: 'cuda:1': this machine has 1 CUDA device(s), cuda:0 to "
         "cuda:0"]
+
+
+# The offline vLLM example, where vLLM cannot be imported (as in the environment of the README's first
+# command), run as `python -m` runs it.
+WITHOUT_VLLM = """
+import runpy
+import sys
+sys.modules["vllm"] = None  # as where vLLM is not installed
+sys.argv[0] = "example_offline"
+runpy.run_module("fused_moonvit.integration.example_offline", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("case", ["no_vllm", "missing_image"])
+def test_offline_example_without_vllm(tmp_path, case):
+    from PIL import Image
+
+    image = tmp_path / "photo.png"
+    if case == "no_vllm":
+        Image.new("RGB", (28, 28)).save(image)
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_VLLM, "--image", str(image)], capture_output=True,
+                          text=True, timeout=300)
+    prog = "python -m fused_moonvit.integration.example_offline: error: "
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [prog + ("vLLM is not installed in this environment; install it with: "
+                                                "pip install 'fused-moonvit[vllm]'" if case == "no_vllm" else
+                                                f"--image {image}: no such image file")], proc.stderr
+    assert proc.stdout == ""
