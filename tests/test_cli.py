@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from moonvit_fixtures import kimi_vl_config_json, random_model, tiny_config, write_checkpoint
-from fused_moonvit.moonvit import build_model, preprocess_image, MoonVitReference
+from fused_moonvit.moonvit import build_model, preprocess_image, MoonVitConfig, MoonVitReference
 from fused_moonvit.benchmarks.bench_encoder import ROWS
 from fused_moonvit.moonvit.cli import main
 
@@ -290,6 +290,35 @@ def test_encode_kimi_k25_video_file(tmp_path, capsys):
         assert sorted(f.keys()) == ["video_0_chunk_0", "video_0_chunk_1"]
         for key, w in zip(["video_0_chunk_0", "video_0_chunk_1"], want):
             _assert_close(f.get_tensor(key), w)
+
+
+def test_demo_video_runs_kimi_k25_offline(tmp_path, capsys):
+    """`--demo --video` without a checkpoint: the demo image and a generated clip through transformers'
+    processors (class defaults) and the real-size Kimi-K2.5 tower with seeded random weights, labelled so."""
+    _, video_proc = _k25_processors()
+    out = tmp_path / "demo.safetensors"
+    assert main(["encode", "--demo", "--video", "--out", str(out)]) == 0
+    printed, err = capsys.readouterr()
+    assert "settings from the processor classes' defaults" in err
+    assert "demo clip: 8 frames of 112x84 px, generated, 2 chunk(s) of up to 4 frames" in err
+    assert "the Kimi-K2.5 MoonViT3d architecture (real size) with seeded random weights (seed 0)" in err
+    assert "demo: grid 16x24 patches -> 96 tokens x 7168" in printed
+    assert "demo clip chunk 1, frame 4 to frame 7: grid 4x6x8 patches -> 12 tokens x 7168" in printed
+    assert printed.splitlines()[-1] == (f"wrote 3 float32 embeddings to {out} (seeded random weights (seed 0), "
+                                        f"a demo: not meaningful)")
+    with safe_open(out, framework="pt") as f:
+        assert sorted(f.keys()) == ["image_0", "video_0_chunk_0", "video_0_chunk_1"]
+        assert f.metadata()["weights"].startswith("seeded random weights")
+        chunk = f.get_tensor("video_0_chunk_0")
+    # The first chunk again: the same clip through the video processor, into the same random model.
+    from fused_moonvit.moonvit.cli import _demo_clip
+    from fused_moonvit.moonvit.config import moonvit3d_fields
+
+    frames, _ = _demo_clip()
+    vid = video_proc(videos=[frames[:4]], do_sample_frames=False, return_tensors="pt")
+    assert vid["video_grid_thw"].tolist() == [[4, 6, 8]]
+    model = build_model(MoonVitReference, config=MoonVitConfig(**moonvit3d_fields({}), text_hidden_size=7168))
+    _assert_close(chunk, model(vid["pixel_values_videos"], vid["video_grid_thw"]))
 
 
 def test_encode_kimi_k25_in_token_limit_and_demo(tmp_path, capsys):

@@ -177,6 +177,12 @@ CASES = {
     "video_without_model": (
         lambda d: _k25_with_frames(d), ["encode", "--video", "{d}/frames", "--out", "{out}"], {},
         ["--video needs a Kimi-K2.5 / K2.6 / K3 model", "without --model the random-weight model is Kimi-VL's"]),
+    "video_without_path_or_demo": (
+        lambda d: d, ["encode", "--video", "--out", "{out}"], {},
+        ["--video needs a PATH", "--demo --video, with no PATH, encodes a built-in generated clip"]),
+    "video_path_beside_the_demo_clip_without_model": (
+        lambda d: _k25_with_frames(d), ["encode", "--demo", "--video", "--video", "{d}/frames", "--out", "{out}"], {},
+        ["--video PATH needs a Kimi-K2.5 / K2.6 / K3 --model DIR", "the built-in clip only"]),
     "video_folder_empty": (
         lambda d: _k25_with_frames(d, frames=0), ["encode", "--video", "{d}/frames", "--model", "{m}", "--out", "{out}"],
         {}, ["--video {d}/frames: frame folder {d}/frames holds no frame images"]),
