@@ -12,10 +12,12 @@ and, for MoonViT3d, video sets), in one run on the same random weights and input
 Every graph row replays one graph of the set's budget: its patch count rounded up to 64, or the padded
 case's budget. Each row times the whole call, host work included: CUDA events around the call on an idle
 GPU, median of `--iters` calls after `--warmup`. Writes DIR/encoder.json and DIR/encoder.png (with
-`--model kimi-k25` or `kimi-k3`: encoder-kimi-k25.json and .png, and so on).
+`--model kimi-k25` or `kimi-k3`: encoder-kimi-k25.json and .png, and so on), DIR being `--out`,
+benchmarks/results by default.
 
 `--smoke` runs on the CPU with a tiny config and tiny sets, one call per path and wall-clock times,
-so that CI can run the script end to end; its figures mean nothing.
+so that CI can run the script end to end; its figures mean nothing, and it writes into a new temporary
+directory unless `--out` names another (never benchmarks/results).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ import torch
 from fused_moonvit.benchmarks.flops import encoder_flops, encoder_flops_breakdown
 from fused_moonvit.benchmarks.image_sets import budgeted_sets
 from fused_moonvit.benchmarks.image_sets import patches as image_patches
-from fused_moonvit.moonvit.cli import DTYPES, OneLineParser, output_dir, positive_int
+from fused_moonvit.benchmarks.outdir import add_out_argument, check_out, out_dir
+from fused_moonvit.moonvit.cli import DTYPES, OneLineParser, positive_int
 from fused_moonvit.moonvit.config import MoonVitConfig, moonvit3d_fields
 
 GEMM_CEILING_TFLOPS = 794.0  # bf16, 8192^3, measured on this project's H200 (docs/design.md section 4.3)
@@ -50,7 +53,7 @@ ROWS = {
 }
 
 # The fused graph's speedup over vLLM's way with the attention vLLM runs (FA3 on Hopper), whole call,
-# real size, bf16 (this round's targets; docs/design.md section 9).
+# real size, bf16 (this round's targets; docs/design.md section 13).
 TARGET_SPEEDUP_VS_VLLM = {"photo16k": 1.25, "chunk16k": 1.25, "1x896": 1.3, "2x896": 1.3, "4chunks-448": 1.3,
                           "16x448": 5.0, "1x448": 4.5}
 
@@ -165,8 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="fused-moonvit bench encoder", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", help="comma-separated image sets and padded cases (default: all, or the "
                                        "smoke sets with --smoke)")
-    parser.add_argument("--out", type=output_dir, default="benchmarks/results", metavar="DIR",
-                        help="directory for encoder.json and encoder.png (default: %(default)s)")
+    add_out_argument(parser, "encoder.json and encoder.png (encoder-MODEL.json and .png with --model)")
     parser.add_argument("--dtype", choices=sorted(DTYPES),
                         help="weights and activations (default: bfloat16; float32 with --smoke)")
     parser.add_argument("--model", choices=list(MODELS), default="kimi-vl",
@@ -288,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    check_out(args, parser)
     cuda = not args.smoke
     if cuda and not torch.cuda.is_available():
         parser.error("the encoder benchmark needs a CUDA device; --smoke checks the script on the CPU")
@@ -437,12 +440,12 @@ def main(argv: list[str] | None = None) -> int:
         "targets": targets,
     }
 
-    os.makedirs(args.out, exist_ok=True)
+    out = out_dir(args)
     stem = "encoder" if args.model == "kimi-vl" else f"encoder-{args.model}"
-    json_path = os.path.join(args.out, f"{stem}.json")
+    json_path = os.path.join(out, f"{stem}.json")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=2)
-    png_path = os.path.join(args.out, f"{stem}.png")
+    png_path = os.path.join(out, f"{stem}.png")
     _plot(results, png_path, f"{args.model} encoder, whole call: {device_name}, {report['dtype']}, "
                              f"{config.num_hidden_layers} layers, torch {torch.__version__}")
     print(_table(results, targets))

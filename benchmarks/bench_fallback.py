@@ -1,6 +1,6 @@
 """What vLLM 0.34's eager fallback costs with the fused encoder, and what the pixel buffer's clear costs.
 
-`python -m fused_moonvit.benchmarks.bench_fallback --out DIR` (CUDA; real MoonVit size, random bf16
+`fused-moonvit bench fallback --out DIR` (CUDA; real MoonVit size, random bf16
 weights) writes DIR/fallback.json with two parts, each timed as whole calls (host work included: CUDA
 events around the call on an idle GPU, median of `--iters` after `--warmup`):
 
@@ -19,7 +19,8 @@ events around the call on an idle GPU, median of `--iters` after `--warmup`):
    and fill.
 
 `--smoke` runs both parts on the CPU with a tiny config, without graphs (the body runs directly) and
-one call per row, so that CI can run the script end to end; its figures mean nothing.
+one call per row, so that CI can run the script end to end; its figures mean nothing, and it writes
+into a new temporary directory unless `--out` names another (never benchmarks/results).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ import time
 import torch
 
 from fused_moonvit.benchmarks.bench_encoder import add_run_arguments, measure
-from fused_moonvit.moonvit.cli import OneLineParser, output_dir
+from fused_moonvit.benchmarks.outdir import add_out_argument, check_out, out_dir
+from fused_moonvit.moonvit.cli import OneLineParser
 from fused_moonvit.moonvit.config import MoonVitConfig
 
 SMOKE_CONFIG = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=48,
@@ -185,10 +187,8 @@ def pixel_copy_rows(encoder, args, timing: dict) -> list[dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python -m fused_moonvit.benchmarks.bench_fallback",
-                           description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=output_dir, default="benchmarks/results", metavar="DIR",
-                        help="directory for fallback.json (default: %(default)s)")
+    parser = OneLineParser(prog="fused-moonvit bench fallback", description=__doc__.split("\n\n")[0])
+    add_out_argument(parser, "fallback.json")
     parser.add_argument("--largest", type=int, default=5120, metavar="TOKENS",
                         help="largest captured budget in output tokens (default: vLLM 0.34's cap, %(default)s)")
     parser.add_argument("--over", type=int, default=64, metavar="TOKENS",
@@ -210,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_out(args, parser)
     if args.smoke:
         args.largest, args.over, args.next_budget, args.small_budgets = 64, 16, 96, [16, 32]
         args.copy_budgets, args.copy_reps = [64], 1
@@ -247,8 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.machine()})",
         "versions": {"torch": torch.__version__, "triton": _triton_version(), "python": platform.python_version()},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", "-m", "fused_moonvit.benchmarks.bench_fallback",
-                               *(sys.argv[1:] if argv is None else argv)]),
+        "command": shlex.join(["fused-moonvit", "bench", "fallback", *(sys.argv[1:] if argv is None else argv)]),
         "smoke": args.smoke,
         "dtype": str(dtype).removeprefix("torch."),
         "config": {k: getattr(config, k) for k in MoonVitConfig._FIELDS},
@@ -259,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "beyond_largest_budget": fallback,
         "pixel_copies": copies,
     }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "fallback.json")
+    path = os.path.join(out_dir(args), "fallback.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
     rows = fallback["rows"]

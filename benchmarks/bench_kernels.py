@@ -2,7 +2,7 @@
 same run.
 
     fused-moonvit bench kernels                      (writes benchmarks/results/kernels.json and kernels.png)
-    fused-moonvit bench kernels --smoke --out /tmp/kernels_smoke
+    fused-moonvit bench kernels --smoke              (CPU check; writes into a new temporary directory)
 
 Rows, for every image set of docs/design.md section 4.2 (bf16, hidden 1152, 16 heads x 72, the 64x64 table):
   pos_embed  ours: interp_pos_embed                vLLM: per-image F.interpolate of the table, cat, x + pe
@@ -33,7 +33,8 @@ the previous call left it. The GPU is kept busy for a second first, so the clock
 row.
 
 --smoke runs on the CPU under the Triton interpreter with tiny sizes and calls each function once: it
-checks the script (JSON and plot included), not the speed.
+checks the script (JSON and plot included), not the speed, and writes into a new temporary directory
+unless --out names another (never benchmarks/results).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fused_moonvit.moonvit.cli import OneLineParser, output_dir, positive_int
+from fused_moonvit.benchmarks.outdir import add_out_argument, check_out, out_dir
+from fused_moonvit.moonvit.cli import OneLineParser, positive_int
 
 FULL = dict(hidden=1152, heads=16, head_dim=72, mlp=4304, table=64, dtype=torch.bfloat16)
 SMOKE = dict(hidden=16, heads=2, head_dim=8, mlp=24, table=8, dtype=torch.float32)
@@ -396,8 +398,7 @@ def plot(results, path):
 
 def main(argv=None) -> int:
     parser = OneLineParser(prog="fused-moonvit bench kernels", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=output_dir, default="benchmarks/results", metavar="DIR",
-                        help="directory for kernels.json and kernels.png (default: %(default)s)")
+    add_out_argument(parser, "kernels.json and kernels.png")
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny sizes, one call each")
     parser.add_argument("--sets", help="comma-separated image sets (default: all of docs/design.md section 4.2)")
     parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated (default: %(default)s)")
@@ -405,6 +406,7 @@ def main(argv=None) -> int:
     parser.add_argument("--copy-tbps", type=float, default=4.2, help="copy ceiling (docs/design.md section 4.3)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    check_out(args, parser)
 
     cuda = not args.smoke
     if cuda and not torch.cuda.is_available():
@@ -454,8 +456,7 @@ def main(argv=None) -> int:
         from triton.testing import do_bench
 
         copy_measured = 2 * src.numel() / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3) / 1e12
-    out = Path(args.out) / "kernels.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir(args)) / "kernels.json"
     meta = dict(
         device=torch.cuda.get_device_name() if cuda
         else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter",

@@ -27,8 +27,9 @@ from fused_moonvit.benchmarks.bench_encoder import MODELS, _versions
 from fused_moonvit.benchmarks.image_sets import (IMAGE_SETS, PADDED_EXACT, PADDED_SETS, USER_IMAGE_SETS, USER_VIDEO_SETS,
                                                  VIDEO_SETS, budgeted_sets)
 from fused_moonvit.benchmarks.image_sets import patches as image_patches
+from fused_moonvit.benchmarks.outdir import add_out_argument, out_dir
 from fused_moonvit.moonvit.attention import BACKENDS
-from fused_moonvit.moonvit.cli import OneLineParser, output_dir, positive_int
+from fused_moonvit.moonvit.cli import OneLineParser, positive_int
 
 # First match wins; kernel names are lower-cased.
 CATEGORIES = [
@@ -92,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sets", default="1x224,1x448",
                         help="comma-separated image sets or padded cases of docs/design.md section 4.2 "
                              "(default: %(default)s)")
-    parser.add_argument("--out", type=output_dir, default="benchmarks/results", metavar="DIR",
-                        help="directory for profile.json (default: %(default)s)")
+    add_out_argument(parser, "profile.json", smoke=False)
     parser.add_argument("--iters", type=positive_int, default=30, help="timed calls (default: %(default)s)")
     parser.add_argument("--model", choices=list(MODELS), default="kimi-vl",
                         help="whose tower, at its real sizes (default: %(default)s)")
@@ -164,9 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         "attention": args.attention or "chosen (choose_attention)",
         "sets": results,
     }
-    os.makedirs(args.out, exist_ok=True)
     stem = "profile" + ("" if args.model == "kimi-vl" else f"-{args.model}") + (f"-{args.attention}" if args.attention else "")
-    path = os.path.join(args.out, f"{stem}.json")
+    path = os.path.join(out_dir(args), f"{stem}.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
     for name, r in results.items():

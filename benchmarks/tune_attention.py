@@ -54,7 +54,7 @@ CASES = {
 HEADS = {72: 16, 128: 12}  # head dim -> heads: Kimi-VL / K2.5 / K2.6, and Kimi-K3
 
 # (block_m, block_n, num_warps, num_stages); Triton 3.6's warp specialisation of the key loop measured no
-# faster on an H100 (docs/design.md section 9)
+# faster on an H100 (docs/design.md section 13)
 TRITON_CONFIGS = [
     (64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 2),
     (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 4, 2),

@@ -6,15 +6,23 @@
 Nothing here names the plugin: installing fused-moonvit next to vLLM is what swaps the encoder in, and
 `FUSED_MOONVIT_DISABLE=1` swaps vLLM's own back. vLLM's log says which one is in use (a line starting
 `fused-moonvit:` from the engine process). Encoder CUDA graphs are on unless `--no-encoder-graphs`.
+
+Without vLLM, or with an image that cannot be read, it says so in one line (exit status 2) before any
+model is loaded.
 """
 
 from __future__ import annotations
 
-import argparse
+import os
+
+from fused_moonvit.moonvit.cli import OneLineParser
+
+VLLM_MISSING = "vLLM is not installed in this environment; install it with: pip install 'fused-moonvit[vllm]'"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="python -m fused_moonvit.integration.example_offline",
+                           description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="moonshotai/Kimi-VL-A3B-Instruct",
                         help="hub name or local directory of a Kimi-VL checkpoint")
     parser.add_argument("--image", action="append", required=True, help="an image file (repeat for several)")
@@ -26,7 +34,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from PIL import Image
-    from vllm import LLM, SamplingParams
+
+    images = []
+    for path in args.image:
+        if not os.path.isfile(path):
+            parser.error(f"--image {path}: no such image file")
+        try:
+            images.append(Image.open(path).convert("RGB"))
+        except OSError as err:
+            parser.error(f"--image {path}: {' '.join(str(err).split())}")
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError as err:
+        if (err.name or "").split(".")[0] != "vllm":
+            raise  # vLLM is there but broken: its own traceback says how
+        parser.error(VLLM_MISSING)
 
     # Budgets count output tokens (a 448x448 image is 256); vLLM packs each step's images into the
     # smallest that fits and runs larger batches eagerly.
@@ -44,12 +66,13 @@ def main(argv: list[str] | None = None) -> None:
         mm_encoder_tp_mode="data",
         compilation_config={} if args.no_encoder_graphs else encoder_graphs,
     )
-    content = [{"type": "image_pil", "image_pil": Image.open(path).convert("RGB")} for path in args.image]
+    content = [{"type": "image_pil", "image_pil": image} for image in images]
     content.append({"type": "text", "text": args.prompt})
     outputs = llm.chat([{"role": "user", "content": content}],
                        SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
     print(outputs[0].outputs[0].text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

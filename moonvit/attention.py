@@ -252,7 +252,7 @@ def packed_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int
 
         # FA3 loads a sequence's last key tile whole and masks the scores, so P is 0 there but P @ V still
         # multiplies the rows past the end: zeroed padding keeps its leftovers (NaN, say) out of the last
-        # item. The rows of the item that follows are read the same way: see docs/design.md section 9.
+        # item. The rows of the item that follows are read the same way: see docs/design.md section 13.
         zero_padding_rows(qkv, cu_seqlens, num_heads * head_dim)
         out = torch.zeros(budget, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
         return fa3_varlen(q, k, v, items, max_seqlen, out).view(budget, num_heads * head_dim)

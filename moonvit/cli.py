@@ -2,7 +2,8 @@
 
 `fused-moonvit encode IMAGE... [--video PATH]... [--model DIR] [--out FILE]` encodes images, and with a
 Kimi-K2.5 / K2.6 / K3 model videos, to embeddings: one tensor per image and per video chunk in a
-safetensors file. Without `--model` Kimi-VL's architecture is built with seeded random weights.
+safetensors file. Without `--model` Kimi-VL's architecture is built with seeded random weights, or
+Kimi-K2.5's for `--demo --video`, which adds a built-in generated clip to the demo image.
 
 A mistake in the arguments (a missing file, a model directory that does not fit, an output path that
 cannot be written) is reported before any model is built: one line on stderr, exit status 2. Set
@@ -12,8 +13,10 @@ FUSED_MOONVIT_DEBUG=1, or pass --debug, to see the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -24,6 +27,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEBUG_ENV = "FUSED_MOONVIT_DEBUG"
 KEYS_PER_KIND = 3  # checkpoint keys named per kind of mismatch in the one-line error
 MODEL_DIR_LAYOUT = "config.json plus model.safetensors, or model.safetensors.index.json and its shards"
+# Larger images are refused up front (--max-image-pixels raises it): 250 MP covers the largest camera
+# sensors (200 MP), and one such RGB image decodes to 750 MB.
+MAX_IMAGE_PIXELS = 250_000_000
+# An image's smallest patch grid is one 2x2 merge: a patch limit below it can never be met.
+MIN_IN_TOKEN_LIMIT = MERGE * MERGE
+INTERRUPTED = 130  # the shell's status for a command ended by SIGINT (128 + 2)
+KIMI_K25_TEXT_HIDDEN = 7168  # Kimi-K2.5's and K2.6's text width: the demo's projector output
+# The demo clip: few and small frames, since the real-size tower runs eagerly on a CPU (two chunks of
+# 4 x 6 x 8 patches, a few seconds each on two cores).
+DEMO_CLIP_FRAMES, DEMO_CLIP_SIZE = 8, (84, 112)
 
 
 class UsageError(Exception):
@@ -60,6 +73,33 @@ def positive_int(text: str) -> int:
     return value
 
 
+def in_token_limit(text: str) -> int:
+    """argparse type: a patch limit an image can meet."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {MIN_IN_TOKEN_LIMIT}, got {text!r}") from None
+    if value < MIN_IN_TOKEN_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be >= {MIN_IN_TOKEN_LIMIT}, got {value}: the smallest grid an image "
+                                         f"can have is {MERGE}x{MERGE} patches, so a lower limit can never be met")
+    return value
+
+
+def cannot_write_into(directory: str, make_dir: bool = False) -> str | None:
+    """Why nothing can be created in `directory` (an existing one), or None. Tried by creating, then
+    removing, a file there (a folder with `make_dir`): permission bits say nothing for root, nor about
+    file systems such as /proc that refuse new files whatever the bits."""
+    try:
+        if make_dir:
+            os.rmdir(tempfile.mkdtemp(prefix=".fused-moonvit-probe-", dir=directory))
+        else:
+            with tempfile.NamedTemporaryFile(prefix=".fused-moonvit-probe-", dir=directory):
+                pass
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
+
+
 def output_dir(text: str) -> str:
     """argparse type: a directory that exists or can be created, and can be written into."""
     if os.path.exists(text) and not os.path.isdir(text):
@@ -69,8 +109,9 @@ def output_dir(text: str) -> str:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise argparse.ArgumentTypeError(f"cannot create {text}: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"cannot write into {existing}")
+    why = cannot_write_into(existing, make_dir=existing != os.path.abspath(text))
+    if why:
+        raise argparse.ArgumentTypeError(f"cannot write into {existing} ({why})")
     return text
 
 
@@ -93,22 +134,60 @@ def _device(text: str) -> torch.device:
     return device
 
 
-def _check_images(paths: list[str]) -> None:
+@contextlib.contextmanager
+def _pillow_size_check_off():
+    """Pillow's own decompression-bomb check warns above 89 megapixels and raises above 179, as a raw
+    warning or a traceback mid-run; the command checks every image's size against --max-image-pixels
+    before any work instead (`_check_pixels`)."""
+    from PIL import Image
+
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _check_pixels(path: str, what: str, limit: int) -> None:
+    """Refuses an image above `limit` pixels, from its header alone (nothing is decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            w, h = image.size
+    except OSError:
+        return  # an unreadable file is reported where it is read, with the reader's own message
+    if w * h > limit:
+        raise UsageError(f"{what} is {w}x{h} px ({w * h / 1e6:.0f} megapixels), above the limit of "
+                         f"{limit / 1e6:g} megapixels that guards against decompression bombs; give "
+                         f"--max-image-pixels {w * h} (or more) to encode it")
+
+
+def _check_images(paths: list[str], max_pixels: int) -> None:
     for path in paths:
         if os.path.isdir(path):
             raise UsageError(f"{path} is a directory, not an image file; give the image files in it instead "
                              f"(or --video {path} for a folder of a video's frames)")
         if not os.path.exists(path):
             raise UsageError(f"no such image file: {path}")
+        _check_pixels(path, path, max_pixels)
 
 
-def _check_videos(paths: list[str]) -> None:
-    from .preprocess import PYAV_MISSING, pyav_available
+def _check_videos(paths: list[str], max_pixels: int) -> None:
+    from .preprocess import PYAV_MISSING, frame_files, pyav_available
 
     for path in paths:
         if not os.path.exists(path):
             raise UsageError(f"--video {path}: no such video file or frame folder")
-        if not os.path.isdir(path) and not pyav_available():
+        if os.path.isdir(path):
+            try:
+                frames = frame_files(path)
+            except ValueError:
+                frames = []  # a folder that is not a frame folder is reported, with its reason, where it is read
+            for frame in frames:
+                _check_pixels(frame, f"--video {path}: frame {frame}", max_pixels)
+        elif not pyav_available():
             raise UsageError(f"--video {path}: {PYAV_MISSING}")
 
 
@@ -121,8 +200,11 @@ def _check_out(path: str) -> None:
     if not os.path.isdir(parent):
         what = "is not a directory" if os.path.exists(parent) else "does not exist"
         raise UsageError(f"--out {path}: {parent} {what}; create the directory first or choose another path")
-    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    if os.path.exists(path) and not os.access(path, os.W_OK):
         raise UsageError(f"--out {path}: not writable here (permission denied)")
+    why = cannot_write_into(parent)
+    if why:
+        raise UsageError(f"--out {path}: cannot create a file in {parent} ({why})")
 
 
 def _check_model(model_dir: str, cls):
@@ -172,6 +254,20 @@ def _demo_image():
     return Image.fromarray(rgb.astype(np.uint8), "RGB")
 
 
+def _demo_clip():
+    """(frames (8, 84, 112, 3) uint8, their names): a disc crossing a gradient, generated here."""
+    import numpy as np
+
+    h, w = DEMO_CLIP_SIZE
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    frames = []
+    for t in range(DEMO_CLIP_FRAMES):
+        cx = w * (0.2 + 0.6 * t / (DEMO_CLIP_FRAMES - 1))
+        disc = ((yy - h / 2) ** 2 + (xx - cx) ** 2 < (h / 4) ** 2).astype(np.float32)
+        frames.append(np.stack([xx / w, yy / h, disc], axis=-1) * 255)
+    return np.stack(frames).astype(np.uint8), [f"frame {t}" for t in range(DEMO_CLIP_FRAMES)]
+
+
 def _model_class(device: torch.device):
     if device.type == "cuda":
         from .fused import FusedMoonVit
@@ -182,11 +278,11 @@ def _model_class(device: torch.device):
     return MoonVitReference
 
 
-def _load_encoder(args: argparse.Namespace, cls, device: torch.device, dtype: torch.dtype):
+def _load_encoder(args: argparse.Namespace, cls, config, device: torch.device, dtype: torch.dtype):
     """(encode, name): the CUDA-graph runner on a GPU, else the eager reference, one image at a time."""
     from .loading import build_model
 
-    model = build_model(cls, args.model, dtype=dtype, device=device, seed=args.seed)
+    model = build_model(cls, args.model, config=config, dtype=dtype, device=device, seed=args.seed)
     if device.type == "cuda":
         from .fused import MoonVitGraphRunner
 
@@ -222,9 +318,9 @@ def _image_items(sources: list, config, inputs, in_token_limit: int | None) -> l
     return items
 
 
-def _video_items(paths: list[str], config, inputs, notes: list[str]) -> list[_Item]:
-    """Every video's frames (a folder's, all of them; a file's, sampled as the video processor samples),
-    cut into chunks and patches by transformers' video processor."""
+def _video_items(paths: list[str | None], config, inputs, notes: list[str]) -> list[_Item]:
+    """Every video's frames (a folder's, all of them; a file's, sampled as the video processor samples;
+    None: the demo clip's), cut into chunks and patches by transformers' video processor."""
     from tqdm import tqdm
 
     from .inputs import check_grid_hws, patch_offsets
@@ -233,7 +329,11 @@ def _video_items(paths: list[str], config, inputs, notes: list[str]) -> list[_It
     items = []
     for v, path in enumerate(paths):
         try:
-            if os.path.isdir(path):
+            if path is None:
+                frames, origin = _demo_clip()
+                path = "demo clip"
+                summary = f"{len(frames)} frames of {frames.shape[2]}x{frames.shape[1]} px, generated"
+            elif os.path.isdir(path):
                 frames, names = read_frame_folder(path)
                 origin = names
                 summary = f"{len(names)} frames from the folder"
@@ -261,13 +361,24 @@ def _video_items(paths: list[str], config, inputs, notes: list[str]) -> list[_It
 
 
 def _encode(args: argparse.Namespace) -> int:
+    with _pillow_size_check_off():
+        return _encode_checked(args)
+
+
+def _encode_checked(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     if not args.images and not args.demo and not args.videos:
         raise UsageError("give at least one IMAGE, or --demo for a built-in synthetic image, or --video PATH "
-                         "with a Kimi-K2.5 --model")
-    _check_images(args.images)
-    _check_videos(args.videos)
+                         "with a Kimi-K2.5 --model, or --demo --video for a built-in clip")
+    # A bare --video stands for the demo clip, which runs first, as the demo image does.
+    demo_clip = None in args.videos
+    args.videos = [v for v in args.videos if v is not None]
+    if demo_clip and not args.demo:
+        raise UsageError("--video needs a PATH (a video file or a folder of its frames); --demo --video, with no "
+                         "PATH, encodes a built-in generated clip")
+    _check_images(args.images, args.max_image_pixels)
+    _check_videos(args.videos, args.max_image_pixels)
     _check_out(args.out)
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -277,18 +388,24 @@ def _encode(args: argparse.Namespace) -> int:
 
     cls = _model_class(device)
     if args.model is None:
-        from .config import MoonVitConfig
+        from .config import MoonVitConfig, moonvit3d_fields
 
-        config = MoonVitConfig()
+        # Random weights of the real architecture: Kimi-K2.5's for the demo clip, else Kimi-VL's.
+        config = (MoonVitConfig(**moonvit3d_fields({}), text_hidden_size=KIMI_K25_TEXT_HIDDEN) if demo_clip
+                  else MoonVitConfig())
     else:
         config = _check_model(args.model, cls)
     moonvit3d = config.tower == "moonvit3d"
-    if args.videos and not moonvit3d:
+    if (args.videos or demo_clip) and not moonvit3d:
         raise UsageError(
             "--video needs a Kimi-K2.5 / K2.6 / K3 model (MoonViT3d): "
             + ("without --model the random-weight model is Kimi-VL's MoonVit, which takes images only; give "
-               "--model DIR of a Kimi-K2.5 checkpoint" if args.model is None else
+               "--model DIR of a Kimi-K2.5 checkpoint (or try --demo --video, a built-in clip through random "
+               "Kimi-K2.5 weights)" if args.model is None else
                f"--model {args.model} is a Kimi-VL / MoonVit directory, whose encoder takes images only"))
+    elif args.videos and args.model is None:
+        raise UsageError("--video PATH needs a Kimi-K2.5 / K2.6 / K3 --model DIR: the random weights of the demo "
+                         "take the built-in clip only (--demo --video)")
 
     # Every input is read and checked before the model is built, so a bad one costs nothing.
     inputs = None
@@ -306,7 +423,7 @@ def _encode(args: argparse.Namespace) -> int:
     sources += [(p, p) for p in args.images]
     notes = []
     items = _image_items(sources, config, inputs, args.in_token_limit)
-    items += _video_items(args.videos, config, inputs, notes)
+    items += _video_items([None] * demo_clip + args.videos, config, inputs, notes)
     # Said once every input has passed, so that a mistake is the command's only line.
     if inputs is not None:
         print(f"note: inputs prepared by transformers' Kimi_K25ImageProcessor and Kimi_K25VideoProcessor, "
@@ -315,19 +432,21 @@ def _encode(args: argparse.Namespace) -> int:
         print(note, file=sys.stderr)
 
     if args.model is None:
-        print(f"note: no --model given: using the Kimi-VL MoonVit architecture with seeded random weights "
+        architecture = ("Kimi-K2.5 MoonViT3d architecture (real size)" if moonvit3d else
+                        "Kimi-VL MoonVit architecture")
+        print(f"note: no --model given: using the {architecture} with seeded random weights "
               f"(seed {args.seed}); the embeddings are not meaningful", file=sys.stderr)
     if device.type != "cuda":
         print(f"note: no CUDA device ({device}): the fused CUDA-graph encoder needs one, so the eager "
               f"reference model runs instead", file=sys.stderr)
     t0 = time.perf_counter()
-    encode, name = _load_encoder(args, cls, device, dtype)
+    encode, name = _load_encoder(args, cls, config, device, dtype)
     print(f"{name} ready on {device} in {str(dtype).removeprefix('torch.')} ({time.perf_counter() - t0:.1f} s)",
           file=sys.stderr)
 
     tensors, metadata = {}, {}
     # One item per call keeps the progress bar honest; the graph runner packs larger calls itself.
-    unit = "item" if args.videos else "image"
+    unit = "item" if args.videos or demo_clip else "image"
     for item in tqdm(items, desc="encoding", unit=unit, file=sys.stderr):
         (out,) = encode(item.pixels.to(device), torch.tensor([item.grid]))
         tensors[item.key] = out.float().cpu().contiguous()
@@ -337,8 +456,11 @@ def _encode(args: argparse.Namespace) -> int:
         tokens = (h // MERGE) * (w // MERGE)
         where = f"{item.label} {item.what}" if item.what else item.label
         tqdm.write(f"{where}: grid {shape} patches -> {tokens} tokens x {out.shape[1]}", file=sys.stdout)
+    random_weights = f"seeded random weights (seed {args.seed}), a demo: not meaningful"
+    metadata["weights"] = random_weights if args.model is None else os.path.abspath(args.model)
     _write_safetensors(tensors, metadata, args.out)
-    print(f"wrote {len(tensors)} float32 embeddings to {args.out}")
+    print(f"wrote {len(tensors)} float32 embeddings to {args.out}" + (f" ({random_weights})" if args.model is None
+                                                                       else ""))
     return 0
 
 
@@ -365,26 +487,33 @@ def build_parser() -> argparse.ArgumentParser:
     enc = sub.add_parser("encode", help="encode images and videos to MoonVit embeddings (one tensor per image "
                                         "or video chunk)")
     enc.add_argument("images", nargs="*", metavar="IMAGE", help="image files (anything Pillow opens)")
-    enc.add_argument("--video", dest="videos", action="append", default=[], metavar="PATH",
+    enc.add_argument("--video", dest="videos", action="append", default=[], nargs="?", const=None, metavar="PATH",
                      help="a video file (decoded with PyAV) or a folder of its frames (image files, sorted by "
-                          "name); needs a Kimi-K2.5 / K2.6 / K3 --model; may be repeated")
-    enc.add_argument("--demo", action="store_true", help="also encode a built-in synthetic 336x224 image")
+                          "name); needs a Kimi-K2.5 / K2.6 / K3 --model; may be repeated. With --demo and no PATH: "
+                          "a built-in generated clip (8 frames of 112x84 px), through random Kimi-K2.5 weights "
+                          "without --model")
+    enc.add_argument("--demo", action="store_true", help="also encode a built-in synthetic 336x224 image (and a "
+                                                         "built-in clip with --video)")
     enc.add_argument("--model", metavar="DIR",
                      help=f"local Kimi-VL, Kimi-K2.5 / K2.6 / K3 or MoonViT model directory ({MODEL_DIR_LAYOUT}); "
                           "without it, Kimi-VL's architecture with seeded random weights")
     enc.add_argument("--out", default="embeddings.safetensors", metavar="FILE",
                      help="output safetensors file, float32 whatever --dtype is (default: %(default)s)")
-    enc.add_argument("--in-token-limit", type=positive_int, metavar="N",
-                     help=f"patch limit per image before downscaling: for Kimi-VL {IN_TOKEN_LIMIT_INSTRUCT} "
+    enc.add_argument("--in-token-limit", type=in_token_limit, metavar="N",
+                     help=f"patch limit per image, as the model's processor applies it: an image whose whole "
+                          f"14-px patches exceed N is scaled down until they fit, then padded to even sides for "
+                          f"the 2x2 merge; at least {MIN_IN_TOKEN_LIMIT}. For Kimi-VL {IN_TOKEN_LIMIT_INSTRUCT} "
                           f"(Kimi-VL-A3B-Instruct, the default) or {IN_TOKEN_LIMIT_THINKING} (-Thinking-2506); for "
                           f"Kimi-K2.5 the image processor's max_patches (default: its setting, 16384)")
+    enc.add_argument("--max-image-pixels", type=positive_int, default=MAX_IMAGE_PIXELS, metavar="N",
+                     help="refuse larger images, as possible decompression bombs (default: %(default)s)")
     enc.add_argument("--device", type=_device, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     enc.add_argument("--dtype", choices=sorted(DTYPES),
                      help="the model's dtype (default: bfloat16 on cuda, float32 on cpu); the output is float32")
     enc.add_argument("--seed", type=int, default=0, help="seed of the random weights without --model")
     enc.set_defaults(func=_encode)
     bench = sub.add_parser("bench", help="run a benchmark (arguments after the name go to it; try --help)")
-    bench.add_argument("which", choices=["encoder", "kernels", "profile"], help="what to benchmark")
+    bench.add_argument("which", choices=["encoder", "kernels", "profile", "fallback"], help="what to benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own arguments")
     bench.set_defaults(func=_bench)
     return parser
@@ -405,6 +534,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"fused-moonvit {args.command}: error: {err}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            if debug_requested():
+                raise
+            # The output is written under a temporary name and renamed when complete, so nothing is left.
+            print(f"fused-moonvit {args.command}: interrupted" + ("; nothing was written" if args.command == "encode"
+                                                                   else ""), file=sys.stderr)
+            return INTERRUPTED
     finally:
         if previous is None:
             os.environ.pop(DEBUG_ENV, None)

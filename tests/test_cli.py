@@ -5,6 +5,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from moonvit_fixtures import kimi_vl_config_json, random_model, tiny_config, write_checkpoint
-from fused_moonvit.moonvit import build_model, preprocess_image, MoonVitReference
+from fused_moonvit.moonvit import build_model, preprocess_image, MoonVitConfig, MoonVitReference
 from fused_moonvit.benchmarks.bench_encoder import ROWS
 from fused_moonvit.moonvit.cli import main
 
@@ -83,7 +84,7 @@ def test_encode_rejects_bad_arguments_before_any_work(tmp_path, capsys):
     assert f"error: {wide}: " in err and "at most 512 patches" in err and "model" not in err
     with pytest.raises(SystemExit):
         main(["encode", "--demo", "--in-token-limit", "0"])
-    assert "must be >= 1, got 0" in capsys.readouterr().err
+    assert "must be >= 4, got 0" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -120,6 +121,80 @@ def test_bench_kernels_writes_into_a_directory(tmp_path, capsys):
     assert main(["bench", "kernels", "--smoke", "--sets", "one", "--out", str(tmp_path / "k")]) == 0
     assert sorted(os.listdir(tmp_path / "k")) == ["kernels.json", "kernels.png"]
     assert json.loads((tmp_path / "k" / "kernels.json").read_text())["results"]
+
+
+def test_huge_image_is_encoded_without_pillows_warning(tmp_path, tiny_model_dir):
+    """192 megapixels, below the command's limit of 250 but above both of Pillow's decompression-bomb
+    thresholds (a warning above 89, a traceback above 179): encoded, with nothing from Pillow on stderr."""
+    Image.new("1", (16000, 12000)).save(tmp_path / "huge.png")
+    out = tmp_path / "emb.safetensors"
+    script = Path(sys.executable).with_name("fused-moonvit")
+    proc = subprocess.run([str(script), "encode", str(tmp_path / "huge.png"), "--model", str(tiny_model_dir),
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "DecompressionBomb" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
+    # 4096 patches' worth, as the processor scales it: sqrt(4096 / (1142 * 857)) of each side
+    assert f"{tmp_path / 'huge.png'}: grid 56x74 patches -> 1036 tokens x 24" in proc.stdout
+    with safe_open(out, framework="pt") as f:
+        assert f.get_tensor("image_0").shape == (1036, 24)
+
+
+def test_ctrl_c_mid_encode_exits_130_with_one_line_and_no_file(tmp_path):
+    """SIGINT while the real-size model encodes a 896x896 image (tens of seconds on a CPU)."""
+    import signal
+    import time
+
+    Image.new("RGB", (896, 896), (40, 90, 200)).save(tmp_path / "photo.png")
+    out = tmp_path / "out" / "emb.safetensors"
+    out.parent.mkdir()
+    script = Path(sys.executable).with_name("fused-moonvit")
+    # As from a terminal: a shell running this test in the background may have left SIGINT ignored.
+    proc = subprocess.Popen([str(script), "encode", str(tmp_path / "photo.png"), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    before = []
+    for line in proc.stderr:
+        before.append(line)
+        if " ready on " in line:
+            break
+    time.sleep(1.0)
+    assert proc.poll() is None, "the encode ended before the interrupt"
+    proc.send_signal(signal.SIGINT)
+    stdout, after = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(before) + after
+    assert "Traceback" not in after and "KeyboardInterrupt" not in after, after
+    # Besides the progress bar's lines, the interrupt says one thing.
+    said = [line for line in after.splitlines() if line.strip() and not line.startswith("encoding:")]
+    assert said == ["fused-moonvit encode: interrupted; nothing was written"], after
+    assert "wrote" not in stdout
+    assert os.listdir(out.parent) == []
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("bench", [["encoder", "--sets", "1x4x4"], ["kernels", "--sets", "one"], ["fallback"]],
+                         ids=lambda b: b[0])
+def test_bench_smoke_from_the_repository_root_leaves_the_committed_results(tmp_path, bench):
+    """Run as the README suggests, from the repository root: the smoke run writes into a new temporary
+    directory, says so, and the committed results are byte for byte what they were."""
+    import fused_moonvit.benchmarks
+
+    root = Path(fused_moonvit.benchmarks.__file__).resolve().parents[1]
+    committed = root / "benchmarks" / "results"
+    before = _files(committed)
+    assert "encoder.json" in before
+    script = Path(sys.executable).with_name("fused-moonvit")
+    proc = subprocess.run([str(script), "bench", *bench, "--smoke"], cwd=root, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert _files(committed) == before
+    (made,) = tmp_path.iterdir()
+    assert made.name.startswith("fused-moonvit-smoke-")
+    written = sorted(p.name for p in made.iterdir())
+    assert written and all(str(made / name) in proc.stdout.splitlines()[-1] for name in written)
+    assert proc.stdout.splitlines()[-1].startswith(f"wrote {made}{os.sep}")
 
 
 # --- Kimi-K2.5: images, a folder of frames and a video file through the command, against the reference ---
@@ -216,6 +291,35 @@ def test_encode_kimi_k25_video_file(tmp_path, capsys):
         assert sorted(f.keys()) == ["video_0_chunk_0", "video_0_chunk_1"]
         for key, w in zip(["video_0_chunk_0", "video_0_chunk_1"], want):
             _assert_close(f.get_tensor(key), w)
+
+
+def test_demo_video_runs_kimi_k25_offline(tmp_path, capsys):
+    """`--demo --video` without a checkpoint: the demo image and a generated clip through transformers'
+    processors (class defaults) and the real-size Kimi-K2.5 tower with seeded random weights, labelled so."""
+    _, video_proc = _k25_processors()
+    out = tmp_path / "demo.safetensors"
+    assert main(["encode", "--demo", "--video", "--out", str(out)]) == 0
+    printed, err = capsys.readouterr()
+    assert "settings from the processor classes' defaults" in err
+    assert "demo clip: 8 frames of 112x84 px, generated, 2 chunk(s) of up to 4 frames" in err
+    assert "the Kimi-K2.5 MoonViT3d architecture (real size) with seeded random weights (seed 0)" in err
+    assert "demo: grid 16x24 patches -> 96 tokens x 7168" in printed
+    assert "demo clip chunk 1, frame 4 to frame 7: grid 4x6x8 patches -> 12 tokens x 7168" in printed
+    assert printed.splitlines()[-1] == (f"wrote 3 float32 embeddings to {out} (seeded random weights (seed 0), "
+                                        f"a demo: not meaningful)")
+    with safe_open(out, framework="pt") as f:
+        assert sorted(f.keys()) == ["image_0", "video_0_chunk_0", "video_0_chunk_1"]
+        assert f.metadata()["weights"].startswith("seeded random weights")
+        chunk = f.get_tensor("video_0_chunk_0")
+    # The first chunk again: the same clip through the video processor, into the same random model.
+    from fused_moonvit.moonvit.cli import _demo_clip
+    from fused_moonvit.moonvit.config import moonvit3d_fields
+
+    frames, _ = _demo_clip()
+    vid = video_proc(videos=[frames[:4]], do_sample_frames=False, return_tensors="pt")
+    assert vid["video_grid_thw"].tolist() == [[4, 6, 8]]
+    model = build_model(MoonVitReference, config=MoonVitConfig(**moonvit3d_fields({}), text_hidden_size=7168))
+    _assert_close(chunk, model(vid["pixel_values_videos"], vid["video_grid_thw"]))
 
 
 def test_encode_kimi_k25_in_token_limit_and_demo(tmp_path, capsys):

@@ -17,7 +17,10 @@ import torch
 
 from moonvit_fixtures import (KIMI_K25_PREPROCESSOR_JSON, kimi_k25_config_json, kimi_vl_config_json, random_model,
                               tiny_config, tiny_k25_config, write_checkpoint, write_k25_checkpoint)
+from fused_moonvit.benchmarks import outdir
 from fused_moonvit.moonvit import cli
+
+COMMITTED_RESULTS = Path(outdir.__file__).parent / "results"
 
 # The CLI's own main, with building a model turned into a failure that says so: every mistake here must
 # be caught before that point.
@@ -87,6 +90,14 @@ def _fixed_tokens():
     return cfg
 
 
+def _huge_png(path: Path) -> Path:
+    """A 260-megapixel PNG of one colour: 1 bit per pixel, 32 kB on disk."""
+    from PIL import Image
+
+    Image.new("1", (20000, 13000)).save(path)
+    return path
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir()
     return path
@@ -141,7 +152,23 @@ CASES = {
         lambda d: d / "nope.png", ["encode", "{m}", "--out", "{out}"], {}, ["no such image file: {m}"]),
     "in_token_limit_not_a_number": (
         lambda d: d, ["encode", "--demo", "--in-token-limit", "abc", "--out", "{out}"], {},
-        ["argument --in-token-limit: expected a whole number >= 1, got 'abc'"]),
+        ["argument --in-token-limit: expected a whole number >= 4, got 'abc'"]),
+    "in_token_limit_below_the_smallest_grid": (
+        lambda d: d, ["encode", "--demo", "--in-token-limit", "3", "--out", "{out}"], {},
+        ["argument --in-token-limit: must be >= 4, got 3: the smallest grid an image can have is 2x2 patches"]),
+    # Refused from the header, before Pillow's decompression-bomb check (a traceback above 179 MP) is reached.
+    "image_above_the_pixel_limit": (
+        lambda d: _huge_png(d / "huge.png"), ["encode", "{m}", "--out", "{out}"], {},
+        ["{m} is 20000x13000 px (260 megapixels), above the limit of 250 megapixels",
+         "give --max-image-pixels 260000000 (or more)"]),
+    "frame_above_the_pixel_limit": (
+        lambda d: (_k25_with_frames(d), _huge_png(d / "frames" / "03.png"))[0],
+        ["encode", "--video", "{d}/frames", "--model", "{m}", "--out", "{out}"], {},
+        ["--video {d}/frames: frame {d}/frames/03.png is 20000x13000 px (260 megapixels)"]),
+    # As root, permission bits allow anything; /proc takes no new file whoever asks.
+    "out_where_no_file_can_be_created": (
+        lambda d: d, ["encode", "--demo", "--out", "/proc/emb.safetensors"], {},
+        ["--out /proc/emb.safetensors: cannot create a file in /proc ("]),
     "video_with_kimi_vl_model": (
         lambda d: (_k25_with_frames(d), _tiny_checkpoint(d / "model"))[1],
         ["encode", "--video", "{d}/frames", "--model", "{m}", "--out", "{out}"], {},
@@ -150,6 +177,12 @@ CASES = {
     "video_without_model": (
         lambda d: _k25_with_frames(d), ["encode", "--video", "{d}/frames", "--out", "{out}"], {},
         ["--video needs a Kimi-K2.5 / K2.6 / K3 model", "without --model the random-weight model is Kimi-VL's"]),
+    "video_without_path_or_demo": (
+        lambda d: d, ["encode", "--video", "--out", "{out}"], {},
+        ["--video needs a PATH", "--demo --video, with no PATH, encodes a built-in generated clip"]),
+    "video_path_beside_the_demo_clip_without_model": (
+        lambda d: _k25_with_frames(d), ["encode", "--demo", "--video", "--video", "{d}/frames", "--out", "{out}"], {},
+        ["--video PATH needs a Kimi-K2.5 / K2.6 / K3 --model DIR", "the built-in clip only"]),
     "video_folder_empty": (
         lambda d: _k25_with_frames(d, frames=0), ["encode", "--video", "{d}/frames", "--model", "{m}", "--out", "{out}"],
         {}, ["--video {d}/frames: frame folder {d}/frames holds no frame images"]),
@@ -188,7 +221,16 @@ CASES = {
     **{f"bench_{which}_out_is_a_file": (
         lambda d: _file(d / "taken"), ["bench", which, "--out", "{m}"], {},
         [f"fused-moonvit bench {which}: error: argument --out: {{m}} exists and is not a directory"])
-       for which in ("encoder", "kernels", "profile")},
+       for which in ("encoder", "kernels", "profile", "fallback")},
+    "bench_out_where_no_folder_can_be_created": (
+        lambda d: d, ["bench", "encoder", "--smoke", "--out", "/proc/results"], {},
+        ["fused-moonvit bench encoder: error: argument --out: cannot write into /proc ("]),
+    # The committed GPU results, named outright: a smoke run refuses them.
+    **{f"bench_{which}_smoke_into_committed_results": (
+        lambda d: COMMITTED_RESULTS, ["bench", which, "--smoke", "--out", "{m}"], {},
+        [f"fused-moonvit bench {which}: error: --out {{m}} is the committed results folder",
+         "leave --out out for a temporary directory"])
+       for which in ("encoder", "kernels", "fallback")},
 }
 
 
@@ -272,3 +314,31 @@ def test_cuda_float32_is_refused_before_any_work(monkeypatch, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         "fused-moonvit encode: error: argument --device: 'cuda:1': this machine has 1 CUDA device(s), cuda:0 to "
         "cuda:0"]
+
+
+# The offline vLLM example, where vLLM cannot be imported (as in the environment of the README's first
+# command), run as `python -m` runs it.
+WITHOUT_VLLM = """
+import runpy
+import sys
+sys.modules["vllm"] = None  # as where vLLM is not installed
+sys.argv[0] = "example_offline"
+runpy.run_module("fused_moonvit.integration.example_offline", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("case", ["no_vllm", "missing_image"])
+def test_offline_example_without_vllm(tmp_path, case):
+    from PIL import Image
+
+    image = tmp_path / "photo.png"
+    if case == "no_vllm":
+        Image.new("RGB", (28, 28)).save(image)
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_VLLM, "--image", str(image)], capture_output=True,
+                          text=True, timeout=300)
+    prog = "python -m fused_moonvit.integration.example_offline: error: "
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [prog + ("vLLM is not installed in this environment; install it with: "
+                                                "pip install 'fused-moonvit[vllm]'" if case == "no_vllm" else
+                                                f"--image {image}: no such image file")], proc.stderr
+    assert proc.stdout == ""

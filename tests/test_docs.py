@@ -94,7 +94,8 @@ def _design_sections() -> set[str]:
 
 def test_design_notes_have_numbered_sections():
     sections = _design_sections()
-    assert {"1", "2", "3", "4", "2.1", "2.2", "2.3", "2.4", "3.2", "3.5", "4.2"} <= sections, sorted(sections)
+    assert {"1", "2", "3", "4", "2.1", "2.2", "2.3", "2.4", "3.2", "3.5", "4.2", "8", "9", "9.1", "10", "11",
+            "12"} <= sections, sorted(sections)
 
 
 def test_pointers_into_the_design_notes_name_real_sections():
@@ -114,3 +115,79 @@ def test_no_pointer_outside_the_repository(path):
     text = (ROOT / path).read_text()
     for outside in ("DESIGN.md", "../shared", "/work/"):
         assert outside not in text, (path, outside)
+
+
+# --- The README, for its readers -------------------------------------------------------------------------
+
+README_SECTIONS = ["Two commands", "Supported models", "Using it in vLLM", "Python API", "Benchmarks", "How it works",
+                   "Troubleshooting", "More", "License"]
+MODELS = ["Kimi-VL-A3B-Instruct", "Kimi-VL-A3B-Thinking", "-Thinking-2506", "Kimi-K2.5", "Kimi-K2.6", "Kimi-K3",
+          "Kimi-K3.1"]
+# Where the messages a user meets come from: the code, and the CI's vLLM override file.
+SOURCES = [*(p for folder in ("moonvit", "kernels", "integration", "benchmarks") for p in (ROOT / folder).glob("*.py")),
+           *(ROOT / ".ci").iterdir()]
+
+
+def _sections(path: str) -> dict[str, str]:
+    """Level-2 heading -> its text, in order."""
+    parts = re.split(r"^## (.+)$", (ROOT / path).read_text(), flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def test_readme_sections_in_reading_order():
+    assert list(_sections("README.md")) == README_SECTIONS
+
+
+def test_readme_opens_with_every_supported_model():
+    intro = (ROOT / "README.md").read_text().split("\n## ")[0]
+    for model in ("Kimi-VL", "Kimi-K2.5", "K2.6", "K3", "K3.1", "vLLM"):
+        assert model in intro, model
+
+
+def test_supported_models_table_names_every_model_and_what_it_runs():
+    (table,) = _tables_in(_sections("README.md")["Supported models"])
+    header, _, *rows = table
+    assert [c.strip() for c in _cells(header)] == ["model", "checkpoint architecture", "images", "video chunks",
+                                                   "vLLM releases", "encoder CUDA graphs", "refused"]
+    models = " ".join(_cells(row)[0] for row in rows)
+    for model in MODELS:
+        assert model in models, model
+    assert all(all(c.strip() for c in _cells(row)) for row in rows), "an empty cell"
+
+
+def test_speedups_over_vllm_only_in_the_benchmarks_section():
+    """A figure against vLLM belongs next to its table, device and date."""
+    for name, text in _sections("README.md").items():
+        claims = re.findall(r"faster than|\b\d+(?:\.\d+)?x\b", text)
+        if name == "Benchmarks":
+            assert claims and len(_tables_in(text)) == 1
+            prose = [p for p in text.strip().split("\n\n") if not p.startswith("|")]
+            assert len(prose) <= 2 and "benchmarks/results/" in text
+        else:
+            assert not claims, (name, claims)
+    assert "Targets of this round" not in (ROOT / "README.md").read_text()
+
+
+def test_troubleshooting_quotes_messages_the_code_prints():
+    (table,) = _tables_in(_sections("README.md")["Troubleshooting"])
+    sources = "\n".join(p.read_text() for p in SOURCES if p.is_file())
+    quoted = 0
+    for row in table[2:]:
+        for span in re.findall(r"`([^`]+)`", _cells(row)[0]):
+            for fragment in (f.strip() for f in span.split("...")):
+                if len(fragment) >= 12:
+                    quoted += 1
+                    assert fragment in sources, fragment
+    assert quoted >= 10
+
+
+def _tables_in(text: str) -> list[list[str]]:
+    """The source lines of each table in `text`."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
