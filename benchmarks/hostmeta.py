@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fused_moonvit.moonvit.attention import backend_available, fa3_varlen, varlen_attention
+from fused_moonvit.moonvit.attention import backend_unavailable_reason, fa3_varlen, varlen_attention
 from fused_moonvit.moonvit.fused import capture_graph
 from fused_moonvit.kernels.limits import MAX_GRID_SIDE, check_budget, check_int
 from fused_moonvit.moonvit.inputs import check_inputs, patch_offsets
@@ -53,9 +53,9 @@ def rope_table(head_dim: int, theta: float, side: int = MAX_GRID_SIDE, device=No
 def check_vllm_attention(attention: str, device: torch.device) -> str:
     if attention not in VLLM_ATTENTION:
         raise ValueError(f"attention must be one of {', '.join(VLLM_ATTENTION)}, got {attention!r}")
-    if attention == "fa3" and not backend_available("fa3", device):
-        raise RuntimeError(f"vLLM's FA3 cannot run on {device} here (Hopper, with vLLM installed or "
-                           "FUSED_MOONVIT_FA3_LIB set)")
+    reason = backend_unavailable_reason(attention, device)
+    if reason is not None:
+        raise RuntimeError(f"vLLM's FA3 cannot run on {device} here: {reason}")
     return attention
 
 

@@ -104,38 +104,40 @@ def _fa3_op():
                                "its vllm/vllm_flash_attn/_vllm_fa3_C.abi3.so")
         torch.ops.load_library(path)
     op = torch.ops._vllm_fa3_C.fwd.default
-    return op, [(a.name, a.type, a.has_default_value()) for a in op._schema.arguments]
+    return op, op._schema.arguments
 
 
 @lru_cache(maxsize=None)
-def fa3_available(device_cls: str) -> bool:
-    """vLLM's FA3 runs on this device class (Hopper) and its library loads."""
+def fa3_unavailable_reason(device_cls: str) -> str | None:
+    """Why vLLM's FA3 cannot run on this device class here, or None: it needs Hopper and its library."""
     if device_cls != "sm90":
-        return False
+        return f"FA3 runs on Hopper (sm90) only, this is {device_cls}"
     try:
         _fa3_op()
-    except (RuntimeError, OSError, FileNotFoundError):
-        return False
-    return True
+    except (RuntimeError, OSError) as exc:  # not found, not a file, or a library that does not load
+        return str(exc)
+    return None
 
 
 def fa3_varlen(q, k, v, cu_seqlens, max_seqlen: int, out: torch.Tensor) -> torch.Tensor:
     """vLLM 0.34's FA3 call for ViT attention (non-causal, no window, FA3's own split heuristics), written
     into `out`. The op's arguments are passed by name from its schema, so an added optional one is None."""
-    op, schema = _fa3_op()
+    op, arguments = _fa3_op()
     given = dict(q=q, k=k, v=v, out=out, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
                  max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, softmax_scale=q.shape[-1] ** -0.5,
                  is_causal=False, window_size_left=-1, window_size_right=-1, softcap=0.0,
                  is_rotary_interleaved=True, num_splits=0, sm_margin=0, cp_world_size=1, cp_rank=0)
     args = []
-    for name, kind, has_default in schema:
-        if name in given:
-            args.append(given[name])
-        elif isinstance(kind, torch.OptionalType) or has_default:
+    for a in arguments:
+        if a.name in given:
+            args.append(given[a.name])
+        elif a.has_default_value():
+            args.append(a.default_value)
+        elif isinstance(a.type, torch.OptionalType):
             args.append(None)
         else:
-            raise RuntimeError(f"vLLM's FA3 op takes an argument {name!r} ({kind}) this project does not know; "
-                               f"force another attention backend with {ATTENTION_ENV}")
+            raise RuntimeError(f"vLLM's FA3 op takes an argument {a.name!r} ({a.type}) this project does not "
+                               f"know; force another attention backend with {ATTENTION_ENV}")
     op(*args)
     return out
 
@@ -168,11 +170,14 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 # ---- the choice ----------------------------------------------------------------------------------------
 
+def backend_unavailable_reason(backend: str, device: torch.device | str) -> str | None:
+    """Why `backend` cannot run on `device` here, or None. The Triton kernel (interpreted on a CPU) and
+    fa2 (SDPA per sequence on a CPU) run anywhere."""
+    return fa3_unavailable_reason(device_class(device)) if backend == "fa3" else None
+
+
 def backend_available(backend: str, device: torch.device | str) -> bool:
-    cls = device_class(device)
-    if backend == "fa3":
-        return fa3_available(cls)
-    return True  # triton (the interpreter on a CPU) and fa2 (SDPA per sequence on a CPU) run anywhere
+    return backend_unavailable_reason(backend, device) is None
 
 
 def forced_attention_backend(backend: str | None) -> str | None:
@@ -222,10 +227,9 @@ def choose_attention(budget: int, device: torch.device | str, head_dim: int,
     row = next((r for r in rows if budget <= r["max_budget"]), rows[-1] if rows else None)
     ranking = row["ranking"] if row is not None else [{"backend": "fa3"}, {"backend": "triton"}]
     if forced is not None:
-        if not backend_available(forced, device):
-            raise RuntimeError(f"attention backend {forced!r} cannot run on {device} ({cls}) here"
-                               + (f": install vLLM or set {FA3_LIB_ENV}" if forced == "fa3" and cls == "sm90"
-                                  else ""))
+        reason = backend_unavailable_reason(forced, device)
+        if reason is not None:
+            raise RuntimeError(f"attention backend {forced!r} cannot run on {device} here: {reason}")
         ranking = [e for e in ranking if e["backend"] == forced] or [{"backend": forced}]
     for entry in ranking:
         if entry["backend"] == "triton":

@@ -152,6 +152,12 @@ def test_fa3_library_env_must_name_a_file(monkeypatch, tmp_path):
         attention.fa3_library_path()
 
 
+def test_forcing_fa3_off_hopper_says_why():
+    with pytest.raises(RuntimeError, match=r"attention backend 'fa3' cannot run on cpu here: FA3 runs on Hopper "
+                                           r"\(sm90\) only, this is cpu"):
+        choose_attention(1024, "cpu", 72, "fa3")
+
+
 def test_committed_table_is_well_formed():
     """Every row names known backends, in budget order per (device class, head dim), with Triton tiles
     that `AttentionConfig` accepts."""
