@@ -36,7 +36,8 @@ from fused_moonvit.benchmarks.flops import encoder_flops, encoder_flops_breakdow
 from fused_moonvit.benchmarks.image_sets import budgeted_sets
 from fused_moonvit.benchmarks.image_sets import patches as image_patches
 from fused_moonvit.moonvit.cli import DTYPES, OneLineParser, output_dir, positive_int
-from fused_moonvit.moonvit.config import MoonVitConfig, moonvit3d_fields
+from fused_moonvit.moonvit.config import MoonVitConfig
+from fused_moonvit.moonvit.families import FAMILIES
 
 GEMM_CEILING_TFLOPS = 794.0  # bf16, 8192^3, measured on this project's H200 (docs/design.md section 4.3)
 
@@ -60,19 +61,8 @@ SMOKE_SETS = {
 SMOKE_PADDED = {"3mix-in-512": (SMOKE_SETS["3mix"], 512)}
 SMOKE_VIDEO_SETS = {"video-mix": [(1, 4, 6), (4, 4, 4), (2, 6, 2)]}
 
-# The towers --model picks, at their real sizes. Kimi-K2.5 / K2.6: vLLM's defaults for a MoonViT3d
-# vision_config (what its checkpoints hold), a 7168-wide text model. Kimi-K3: vLLM's KimiK3VisionConfig
-# defaults; its text width is not public, so K2.5's stands in (it sizes the projector's last GEMM only).
-K3_VISION = dict(vt_num_attention_heads=12, vt_hidden_size=1024, vt_intermediate_size=4096, qkv_hidden_size=1536,
-                 norm_type="rmsnorm", attn_bias=False, linear_bias=False, patch_embed_proj_bias=False,
-                 pos_emb_interpolation_mode="bilinear", mm_projector_type="patchmergerv2",
-                 activation_func="gelu_pytorch_tanh")
-MODELS = {
-    "kimi-vl": {},
-    "kimi-k25": dict(moonvit3d_fields({}), text_hidden_size=7168),
-    "kimi-k3": dict(moonvit3d_fields(K3_VISION), text_hidden_size=7168),
-}
-
+# The towers --model picks, at their real sizes: each family's benchmark configuration.
+MODELS = {name: dict(family.benchmark) for name, family in FAMILIES.items()}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -282,7 +282,10 @@ def _encode(args: argparse.Namespace) -> int:
         config = MoonVitConfig()
     else:
         config = _check_model(args.model, cls)
-    moonvit3d = config.tower == "moonvit3d"
+    from .families import family_of
+
+    family = family_of(config)
+    moonvit3d = family.inputs == "kimi_k25"  # transformers' Kimi-K2.5 processors: images and videos
     if args.videos and not moonvit3d:
         raise UsageError(
             "--video needs a Kimi-K2.5 / K2.6 / K3 model (MoonViT3d): "

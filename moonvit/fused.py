@@ -30,7 +30,7 @@ from fused_moonvit.kernels.rope2d import apply_rope_2d, rope_cos_sin_table
 from .attention import check_attention_dtype, choose_attention, forced_attention_backend, packed_attention
 from .config import MoonVitConfig
 from .inputs import check_inputs, patch_offsets
-from .modules import MoonVitModules, norm_eps, rope_frequencies
+from .modules import MoonVitModules, norm_args, rope_frequencies
 
 
 class FusedMoonVit(MoonVitModules):
@@ -110,7 +110,7 @@ class FusedMoonVit(MoonVitModules):
                              time_table=embed.time_table(pixel_values.device), mode=cfg.pos_emb_interpolation)
         blocks = tower.encoder.blocks
         dtype = pixel_values.dtype
-        h = add_layer_norm(x, None, **_norm_args(blocks[0].norm0, dtype))
+        h = add_layer_norm(x, None, **norm_args(blocks[0].norm0, dtype))
         for i, block in enumerate(blocks):
             qkv = block.wqkv(h)
             apply_rope_2d(qkv, meta, cos_sin, num_heads=heads, head_dim=head_dim)
@@ -118,21 +118,15 @@ class FusedMoonVit(MoonVitModules):
             # The add-and-norm kernel adds the residual (and wo's bias) in one rounding, updates x in place
             # and normalises it for the next step. Where the bias goes was measured on the H200: cuBLAS
             # runs wo (1152 -> 1152) fastest without a bias epilogue, fc1 (4304 -> 1152) with one.
-            h = add_layer_norm(x, F.linear(attn, block.wo.weight), **_norm_args(block.norm1, dtype),
+            h = add_layer_norm(x, F.linear(attn, block.wo.weight), **norm_args(block.norm1, dtype),
                                bias=block.wo.bias)
             g = self._fc0_gelu(h, block.mlp.fc0)
             norm = blocks[i + 1].norm0 if i + 1 < len(blocks) else tower.encoder.final_layernorm
-            h = add_layer_norm(x, block.mlp.fc1(g), **_norm_args(norm, dtype))
+            h = add_layer_norm(x, block.mlp.fc1(g), **norm_args(norm, dtype))
 
-        projector = self.projector
-        pre_norm = getattr(projector, "pre_norm", None)
-        merged = merge_patches(h, meta, max_frames=cfg.max_frames, **({} if pre_norm is None else dict(
-            ln_weight=pre_norm.weight, ln_bias=pre_norm.bias, eps=pre_norm.eps)))
-        if projector is None:
-            return merged
-        out = projector.second(F.gelu(projector.first(merged)))
-        post_norm = getattr(projector, "post_norm", None)
-        return out if post_norm is None else add_layer_norm(out, None, **_norm_args(post_norm, dtype))
+        if self.projector is None:
+            return merge_patches(h, meta, max_frames=cfg.max_frames)
+        return self.projector.fused_forward(h, meta, cfg.max_frames)
 
     def _fc0_gelu(self, h: torch.Tensor, fc0: torch.nn.Linear) -> torch.Tensor:
         """gelu_tanh(fc0(h)). On CUDA, bias and GELU run in cuBLASLt's epilogue (its GELU is the tanh
@@ -148,13 +142,6 @@ class FusedMoonVit(MoonVitModules):
                 self._zero_biases[key] = torch.zeros(fc0.out_features, dtype=h.dtype, device=h.device)
             bias = self._zero_biases[key]
         return torch._addmm_activation(bias, h, fc0.weight.t(), use_gelu=True)
-
-
-def _norm_args(norm: torch.nn.Module, dtype: torch.dtype) -> dict:
-    """`add_layer_norm`'s arguments for a LayerNorm or RMSNorm module; an RMSNorm without eps uses
-    torch's default (`modules.norm_eps`)."""
-    rms = isinstance(norm, torch.nn.RMSNorm)
-    return dict(weight=norm.weight, ln_bias=None if rms else norm.bias, eps=norm_eps(norm, dtype), rms=rms)
 
 
 def capture_graph(fn, *, device: torch.device | str, pool=None, warmup: int = 1):
