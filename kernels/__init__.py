@@ -19,7 +19,6 @@ import importlib
 
 _EXPORTS = {
     "attention": ["AttentionConfig", "varlen_attention_fwd", "varlen_attention_reference"],
-    "gemm": ["GemmConfig", "linear", "linear_reference"],
     "layernorm": ["LayerNormConfig", "add_layer_norm", "add_layer_norm_reference"],
     "limits": ["MAX_GRID_SIDE", "check_budget"],
     "patch_merge": ["merge_patches", "merge_patches_reference"],
