@@ -25,17 +25,17 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import sys
 import time
 from collections.abc import Callable
 
 import torch
 
+from fused_moonvit.benchmarks.common import SMOKE_CONFIG, add_run_arguments, measure, versions
 from fused_moonvit.benchmarks.flops import encoder_flops, encoder_flops_breakdown
 from fused_moonvit.benchmarks.image_sets import budgeted_sets
 from fused_moonvit.benchmarks.image_sets import patches as image_patches
-from fused_moonvit.moonvit.cli import DTYPES, OneLineParser, output_dir, positive_int
+from fused_moonvit.moonvit.arguments import DTYPES, OneLineParser, output_dir
 from fused_moonvit.moonvit.config import MoonVitConfig
 from fused_moonvit.moonvit.families import FAMILIES
 
@@ -52,8 +52,6 @@ ROWS = {
 TARGET_MS = {"1x224": 1.3, "1x448": 3.0, "2x896": 26.0, "16x448": 35.0}
 TARGET_SPEEDUP_VS_HOST_METADATA = {"4x448": 3.0, "16x448": 3.0}
 
-SMOKE_CONFIG = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=48,
-                    init_pos_emb_height=16, init_pos_emb_width=16, text_hidden_size=24)
 SMOKE_SETS = {
     "1x4x4": [(4, 4)],
     "3mix": [(4, 6), (2, 2), (20, 8)],  # 20 rows > the 16-row table: upsampling on one axis
@@ -70,34 +68,6 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
         raise RuntimeError(f"output shape {tuple(out.shape)} differs from the reference's {tuple(ref.shape)}")
     ref = ref.double()
     return ((out.double() - ref).norm() / ref.norm()).item()
-
-
-def measure(fn: Callable[[], object], *, cuda: bool, iters: int, warmup: int) -> dict:
-    """Times whole calls of `fn`. On CUDA the events bracket the call from an idle GPU, so the elapsed
-    time covers host work and device work alike; `host_ms` is the time until the call returned."""
-    if not cuda:
-        t0 = time.perf_counter()
-        fn()
-        ms = (time.perf_counter() - t0) * 1e3
-        return {"ms": ms, "ms_min": ms, "ms_max": ms, "host_ms": ms, "samples_ms": [ms],
-                "timing": "wall clock, one call"}
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    device_ms, host_ms = [], []
-    for _ in range(iters):
-        start.record()
-        t0 = time.perf_counter()
-        fn()
-        t1 = time.perf_counter()
-        end.record()
-        end.synchronize()
-        device_ms.append(start.elapsed_time(end))
-        host_ms.append((t1 - t0) * 1e3)
-    return {"ms": statistics.median(device_ms), "ms_min": min(device_ms), "ms_max": max(device_ms),
-            "host_ms": statistics.median(host_ms), "samples_ms": device_ms,
-            "timing": f"CUDA events, median of {iters} after {warmup} warm-up calls"}
 
 
 def vllm_call(host_graph, ref, pixels: torch.Tensor, grids: list) -> Callable[[], torch.Tensor]:
@@ -144,15 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, smoke: str) -> None:
-    """The arguments every whole-encoder benchmark takes: model depth, timing, seed, and --smoke."""
-    parser.add_argument("--layers", type=positive_int, metavar="N", help="override num_hidden_layers, for quick runs")
-    parser.add_argument("--iters", type=positive_int, default=20, help="timed calls per row (default %(default)s)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
-    parser.add_argument("--smoke", action="store_true", help=smoke)
-
-
 def _image_sets(args, parser) -> dict[str, tuple[list[tuple[int, int]], int]]:
     """name -> (grids, budget): the exact sets at their patch count rounded up to 64, and the padded cases."""
     if args.smoke:
@@ -172,17 +133,6 @@ def _image_sets(args, parser) -> dict[str, tuple[list[tuple[int, int]], int]]:
         parser.error(f"unknown image set(s) {', '.join(unknown) or '(none given)'}; "
                      f"choose from {', '.join(available)}")
     return {n: available[n] for n in names}
-
-
-def _versions() -> dict[str, str | None]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
-            "python": platform.python_version()}
 
 
 def _targets(results: list[dict], applies: bool) -> list[dict]:
@@ -373,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "encoder",
         "device": device_name,
-        "versions": _versions(),
+        "versions": versions(),
         "date": date,
         "command": shlex.join(["fused-moonvit", "bench", "encoder", *argv]),
         "bench_args": argv,

@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fused_moonvit.moonvit.cli import OneLineParser, output_dir, positive_int
+from fused_moonvit.moonvit.arguments import OneLineParser, output_dir, positive_int
 
 FULL = dict(hidden=1152, heads=16, head_dim=72, mlp=4304, table=64, dtype=torch.bfloat16)
 SMOKE = dict(hidden=16, heads=2, head_dim=8, mlp=24, table=8, dtype=torch.float32)
@@ -118,7 +118,7 @@ class Timer:
 
     @staticmethod
     def _capture(fn, calls):
-        from fused_moonvit.moonvit.fused import capture_graph
+        from fused_moonvit.moonvit.runner import capture_graph
 
         graph, _, _ = capture_graph(lambda: [fn() for _ in range(calls)], device=torch.cuda.current_device())
         graph.replay()

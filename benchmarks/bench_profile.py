@@ -20,10 +20,10 @@ from collections import defaultdict
 
 import torch
 
-from fused_moonvit.benchmarks.bench_encoder import _versions
+from fused_moonvit.benchmarks.common import versions
 from fused_moonvit.benchmarks.image_sets import IMAGE_SETS, PADDED_EXACT, PADDED_SETS, budgeted_sets
 from fused_moonvit.benchmarks.image_sets import patches as image_patches
-from fused_moonvit.moonvit.cli import OneLineParser, output_dir, positive_int
+from fused_moonvit.moonvit.arguments import OneLineParser, output_dir, positive_int
 
 # First match wins; kernel names are lower-cased.
 CATEGORIES = [
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                                                          / results[exact]["attention_share_of_kernels"])
 
     report = {
-        "benchmark": "profile", "device": torch.cuda.get_device_name(), "versions": _versions(),
+        "benchmark": "profile", "device": torch.cuda.get_device_name(), "versions": versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["fused-moonvit", "bench", "profile", *(sys.argv[1:] if argv is None else argv)]), "config": "MoonVitConfig() (Kimi-VL-A3B), random bf16 weights",
         "sets": results,

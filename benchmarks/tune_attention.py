@@ -23,7 +23,7 @@ import torch
 from fused_moonvit.benchmarks.flops import attention_flops
 from fused_moonvit.benchmarks.image_sets import IMAGE_SETS, patches
 from fused_moonvit.moonvit.inputs import patch_offsets
-from fused_moonvit.moonvit.cli import OneLineParser, output_dir
+from fused_moonvit.moonvit.arguments import OneLineParser, output_dir
 
 MIX8 = IMAGE_SETS["mix8"]
 CASES = {
@@ -55,7 +55,7 @@ SLOTS = 64
 def graph_time_us(fn) -> float:
     from triton.testing import do_bench
 
-    from fused_moonvit.moonvit.fused import capture_graph
+    from fused_moonvit.moonvit.runner import capture_graph
 
     graph, _, _ = capture_graph(lambda: [fn() for _ in range(CALLS)], device=torch.cuda.current_device())
     return do_bench(graph.replay, warmup=20, rep=150, return_mode="median") * 1e3 / CALLS

@@ -5,7 +5,7 @@ import torch
 
 from moonvit_fixtures import K3_OPTIONS, random_model, random_pixels, rel_err, tiny_config, tiny_k25_config
 from fused_moonvit.moonvit import FusedMoonVit, MoonVitGraphRunner
-from fused_moonvit.moonvit.fused import default_budgets
+from fused_moonvit.moonvit.runner import default_budgets
 
 IMAGE_SETS = [
     [(4, 6)],

@@ -16,7 +16,7 @@ import pytest
 import torch
 from packaging.version import Version
 
-from moonvit_fixtures import random_model, random_pixels, rel_err, tiny_config
+from moonvit_fixtures import random_model, random_pixels, tiny_config
 from vllm_manager import captured_manager
 from vllm_peer import MAX_MODEL_LEN, assert_matches, build, init_vllm_cpu, vllm_config, write_tiny_kimi_vl_dir
 
