@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                 # in at capture, and on the CPU every call runs the forward again.
                 fused.attention_backend = attention
                 try:
-                    runner = MoonVitGraphRunner(fused, budgets=[budget], max_images=max_images)
+                    runner = MoonVitGraphRunner(fused, budgets=[budget], max_items=max_images)
                     if cuda:
                         runner.capture(progress=False)
                     outputs[key] = torch.cat(runner.encode(pixels, grid))

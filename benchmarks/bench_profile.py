@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for index, name in enumerate(names):
         grids, budget = available[name]
-        runner = MoonVitGraphRunner(model, budgets=[budget], max_images=16)
+        runner = MoonVitGraphRunner(model, budgets=[budget], max_items=16)
         runner.capture(progress=False)
         patches = image_patches(grids)
         gen = torch.Generator().manual_seed(index)

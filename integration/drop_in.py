@@ -33,7 +33,7 @@ from vllm.model_executor.models.interfaces import SupportsEncoderCudaGraph
 from vllm.v1.worker import encoder_cudagraph_defs
 
 from fused_moonvit.integration import encoder_graph
-from fused_moonvit.integration.encoder_graph import PATCHES_PER_TOKEN
+from fused_moonvit.kernels.limits import MERGE_PATCHES
 from fused_moonvit.kernels.plan import grid_thw_list
 from fused_moonvit.moonvit.config import MoonVitConfig
 from fused_moonvit.moonvit.families import UNSUPPORTED, Family
@@ -222,7 +222,7 @@ def encode_data_parallel(encode: Callable[[torch.Tensor, list[list[int]]], torch
     for count in counts:
         starts.append(starts[-1] + count)
     per_rank = [order[starts[r]:starts[r + 1]] for r in range(world)]
-    tokens = [h * w // PATCHES_PER_TOKEN for _, h, w in items]
+    tokens = [h * w // MERGE_PATCHES for _, h, w in items]
     rank_tokens = [sum(tokens[i] for i in share) for share in per_rank]
     width = max(rank_tokens, default=0)
 
@@ -315,7 +315,7 @@ class FusedEncoderDropIn:
         if self.use_data_parallel:
             return encode_data_parallel(self.encode, pixel_values, grid, self.fused_encoder.config.output_size,
                                         self.fused_encoder.dtype)
-        return list(self.encode(pixel_values, grid).split([h * w // PATCHES_PER_TOKEN for *_, h, w in grid]))
+        return list(self.encode(pixel_values, grid).split([h * w // MERGE_PATCHES for *_, h, w in grid]))
 
     # -- input normalisation --
 
@@ -378,7 +378,7 @@ class FusedEncoderDropIn:
 
     def get_encoder_cudagraph_item_specs(self, mm_kwargs: dict[str, Any]):
         return [make(encoder_cudagraph_defs.EncoderItemSpec, input_size=t * h * w,
-                     output_tokens=h * w // PATCHES_PER_TOKEN)
+                     output_tokens=h * w // MERGE_PATCHES)
                 for t, h, w in grid_thw_list(self.grid_of(mm_kwargs))]
 
     def select_encoder_cudagraph_items(self, mm_kwargs: dict[str, Any], indices: list[int]) -> dict[str, Any]:

@@ -19,7 +19,9 @@ import time
 import torch
 
 from .arguments import DEBUG_ENV, DTYPES, OneLineParser, UsageError, debug_requested, positive_int
-from .preprocess import IN_TOKEN_LIMIT_INSTRUCT, IN_TOKEN_LIMIT_THINKING, MERGE_SIZE as MERGE
+from fused_moonvit.kernels.limits import MERGE_SIDE
+
+from .preprocess import IN_TOKEN_LIMIT_INSTRUCT, IN_TOKEN_LIMIT_THINKING
 
 KEYS_PER_KIND = 3  # checkpoint keys named per kind of mismatch in the one-line error
 MODEL_DIR_LAYOUT = "config.json plus model.safetensors, or model.safetensors.index.json and its shards"
@@ -288,7 +290,7 @@ def _encode(args: argparse.Namespace) -> int:
         metadata[item.key] = f"{item.label}: {item.what}" if item.what else item.label
         t, h, w = item.grid
         shape = f"{h}x{w}" if not item.what else f"{t}x{h}x{w}"
-        tokens = (h // MERGE) * (w // MERGE)
+        tokens = (h // MERGE_SIDE) * (w // MERGE_SIDE)
         where = f"{item.label} {item.what}" if item.what else item.label
         tqdm.write(f"{where}: grid {shape} patches -> {tokens} tokens x {out.shape[1]}", file=sys.stdout)
     _write_safetensors(tensors, metadata, args.out)

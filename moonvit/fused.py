@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_moonvit.kernels.layernorm import add_layer_norm
-from fused_moonvit.kernels.limits import check_budget
+from fused_moonvit.kernels.limits import MERGE_PATCHES, check_budget
 from fused_moonvit.kernels.patch_merge import merge_patches
 from fused_moonvit.kernels.plan import (build_plan, expand_plan, new_device_plan, new_token_meta, plan_cu_seqlens,
                                         upload_plan)
@@ -65,7 +65,7 @@ class FusedMoonVit(MoonVitModules):
         plan = build_plan(grid, pixel_values.shape[0], grid.shape[0])
         device_plan = upload_plan(plan, new_device_plan(grid.shape[0], self.device), budget=pixel_values.shape[0])
         longest = int(grid.prod(dim=1).max())
-        outputs = int((grid[:, 1] * grid[:, 2]).sum()) // 4
+        outputs = int((grid[:, 1] * grid[:, 2]).sum()) // MERGE_PATCHES
         return self.forward_static(pixel_values.to(device=self.device, dtype=self.dtype), device_plan,
                                    max_seqlen=longest)[:outputs]
 

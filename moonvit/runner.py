@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fused_moonvit.kernels.limits import check_budget, check_int
+from fused_moonvit.kernels.limits import MERGE_PATCHES, check_budget, check_int
 from fused_moonvit.kernels.plan import build_plan, grid_thw_list, new_device_plan, new_token_meta, upload_plan
 
 from .attention import check_attention_dtype, forced_attention_backend
@@ -61,7 +61,7 @@ class MoonVitGraphRunner:
     """Runs a `FusedMoonVit` as one CUDA graph per patch budget, all graphs in one memory pool.
 
     `encode` packs the items (images, and video chunks of t frames) of a call, in order, greedily into
-    chunks of at most the largest budget and `max_images` items, and replays the smallest graph that holds
+    chunks of at most the largest budget and `max_items` items, and replays the smallest graph that holds
     each chunk. An item larger than the largest budget runs eagerly on its own. Each call's host work is
     O(items): one plan build and upload per chunk. On the CPU there are no graphs: the same chunks run through the fused eager forward.
 
@@ -72,7 +72,7 @@ class MoonVitGraphRunner:
     the device in the middle of a call (a warning says so).
     """
 
-    def __init__(self, model: FusedMoonVit, budgets: Sequence[int] | None = None, max_images: int = 64,
+    def __init__(self, model: FusedMoonVit, budgets: Sequence[int] | None = None, max_items: int = 64,
                  warn_on_lazy_capture: bool = True):
         self.model = model.eval()
         forced_attention_backend(model.attention_backend)  # a bad $FUSED_MOONVIT_ATTENTION fails here
@@ -80,14 +80,14 @@ class MoonVitGraphRunner:
         if not budgets:
             raise ValueError("budgets must name at least one patch budget")
         self.budgets = sorted({check_budget(b, "each budget") for b in budgets})
-        self.max_images = check_int("max_images", max_images, 1)
+        self.max_items = check_int("max_items", max_items, 1)
         self.device = model.device
         check_attention_dtype(self.device, model.dtype)
         model.rope_table(self.device)  # built here, never inside a capture
         model.vision_tower.patch_embed.time_table(self.device)
         p = model.config.patch_size
         self.pixels = torch.zeros(self.budgets[-1], 3, p, p, dtype=model.dtype, device=self.device)
-        self.device_plan = new_device_plan(self.max_images, self.device)
+        self.device_plan = new_device_plan(self.max_items, self.device)
         self.token_meta = {b: new_token_meta(b, self.device) for b in self.budgets}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
@@ -118,7 +118,7 @@ class MoonVitGraphRunner:
             self._pool = torch.cuda.graph_pool_handle()
         self._claim_buffers()
         # An all-padding plan: capture must not depend on what the images will be.
-        upload_plan(build_plan([], budget, self.max_images), self.device_plan, budget=budget)
+        upload_plan(build_plan([], budget, self.max_items), self.device_plan, budget=budget)
         pixels, meta = self.pixels[:budget], self.token_meta[budget]
         graph, out, grown = capture_graph(lambda: self.model.forward_static(pixels, self.device_plan, meta),
                                           device=self.device, pool=self._pool)
@@ -160,7 +160,7 @@ class MoonVitGraphRunner:
                 chunks.append((i, i + 1, None))
                 start = i + 1
                 continue
-            if i - start == self.max_images or patches + t * h * w > largest:
+            if i - start == self.max_items or patches + t * h * w > largest:
                 close(i)
             patches += t * h * w
         close(len(grid))
@@ -180,7 +180,7 @@ class MoonVitGraphRunner:
                     out = self.model(pixels, chunk_grid)
                 else:
                     out = self._run(budget, pixels, chunk_grid)
-                results += list(out.split([h * w // 4 for _, h, w in chunk_grid]))
+                results += list(out.split([h * w // MERGE_PATCHES for _, h, w in chunk_grid]))
         return results
 
     def _run(self, budget: int, pixels: torch.Tensor, grid: list[list[int]]) -> torch.Tensor:
@@ -191,12 +191,12 @@ class MoonVitGraphRunner:
                               stacklevel=3)
                 self._warned_lazy_capture = True
             self._capture_one(budget)  # before the upload: capture runs an all-padding plan
-        plan = build_plan(grid, budget, self.max_images)
+        plan = build_plan(grid, budget, self.max_items)
         self._claim_buffers()
         upload_plan(plan, self.device_plan, budget=budget)
         # Not non-blocking from host memory: a caller could refill a pinned buffer before the copy ran.
         self.pixels[:pixels.shape[0]].copy_(pixels, non_blocking=pixels.device.type != "cpu")
-        n_out = sum(h * w for _, h, w in grid) // 4
+        n_out = sum(h * w for _, h, w in grid) // MERGE_PATCHES
         if not self.uses_graphs:
             return self.model.forward_static(self.pixels[:budget], self.device_plan, self.token_meta[budget])[:n_out]
         self.graphs[budget].replay()

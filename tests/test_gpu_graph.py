@@ -24,7 +24,7 @@ def models():
     fused = FusedMoonVit(cfg)
     fused.load_state_dict(ref32.state_dict())
     fused = fused.to("cuda", torch.bfloat16).eval()
-    runner = MoonVitGraphRunner(fused, budgets=[1024, 4096, 8192], max_images=16)
+    runner = MoonVitGraphRunner(fused, budgets=[1024, 4096, 8192], max_items=16)
     runner.capture(progress=False)
     yield ref32, ref16, runner
     write_gpu_figures("FUSED_MOONVIT_GPU_FIGURES", FIGURES)
