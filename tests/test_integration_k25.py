@@ -26,7 +26,7 @@ except ModuleNotFoundError as err:
     pytest.skip("this vLLM has no Kimi-K2.5 model (vllm.model_executor.models.kimi_k25)", allow_module_level=True)
 
 from moonvit_fixtures import random_model, rel_err, tiny_config
-from vllm_manager import captured_manager
+from vllm_manager import captured_manager, poison
 from vllm_peer import (MAX_MODEL_LEN, assert_matches, build, init_vllm_cpu, kimi_k25_config_json, vllm_config,
                        write_tiny_kimi_k25_dir)
 
@@ -482,14 +482,6 @@ STALE_ROW_SETS = [
     ("after_poison", [(2, 6, 10)], [(16, (2,))]),  # 120 of 128 rows
     ("mix_after_poison", [(1, 2, 40), (3, 4, 4), (1, 4, 4)], [(32, (2,))]),  # 28 tokens, 144 of 256 rows
 ]
-
-
-def poison(manager, seed):
-    g = torch.Generator().manual_seed(seed)
-    for graph in manager._get_graph_set("default").values():
-        graph.input_buffers["pixel_values"].fill_(float("nan"))
-        plan = graph.input_buffers[PLAN_KEY]
-        plan.copy_(torch.randint(-(2**20), 2**20, plan.shape, generator=g, dtype=torch.int32))
 
 
 def test_stale_rows_and_nan_in_captured_buffers(manager, stock):

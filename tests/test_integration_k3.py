@@ -22,8 +22,8 @@ import torch
 if importlib.util.find_spec("vllm.models.kimi_k3") is None:
     pytest.skip("this vLLM has no Kimi-K3 model (vllm.models.kimi_k3)", allow_module_level=True)
 
-from moonvit_fixtures import K3_OPTIONS, random_model, tiny_k25_config
-from vllm_manager import captured_manager
+from moonvit_fixtures import K3_OPTIONS, random_model, rel_err, tiny_k25_config
+from vllm_manager import captured_manager, poison
 from vllm_peer import (KimiK3LanguageStandIn, assert_matches, build, init_vllm_cpu, kimi_k3_config_json, vllm_config,
                        write_tiny_kimi_k3_dir)
 
@@ -45,11 +45,15 @@ ITEM_SETS = {
 }
 
 
-def mm_kwargs(items, seed=0):
+MEAN, STD = [0.5, 0.45, 0.4], [0.25, 0.3, 0.28]
+
+
+def mm_kwargs(items, seed=0, raw=False):
     g = torch.Generator().manual_seed(seed)
     n = sum(t * h * w for t, h, w in items)
-    return {"pixel_values": torch.randn(n, 3, 14, 14, generator=g),
-            "grid_thws": torch.tensor(items, dtype=torch.long).view(-1, 3)}
+    pixels = (torch.randint(0, 256, (n, 3, 14, 14), dtype=torch.uint8, generator=g) if raw
+              else torch.randn(n, 3, 14, 14, generator=g))
+    return {"pixel_values": pixels, "grid_thws": torch.tensor(items, dtype=torch.long).view(-1, 3)}
 
 
 def stock_class():
@@ -196,6 +200,22 @@ def test_embeddings_match_stock(ours, reference, item_set):
     assert_matches(got, reference[item_set])
 
 
+def test_raw_pixels_are_normalised_as_vllm_does(tmp_path_factory, checkpoint):
+    """K3 takes raw uint8 pixels where the checkpoint gives a mean and std (vLLM normalises them on the
+    device); ours applies vLLM's normalisation module before the fused encoder."""
+    raw_dir = write_tiny_kimi_k3_dir(tmp_path_factory.mktemp("tiny_kimi_k3_raw"), VISION, image_mean=MEAN,
+                                     image_std=STD)
+    stock, ours = build(stock_class(), raw_dir, checkpoint), build(ours_class(), raw_dir, checkpoint)
+    assert ours.pixel_input_dtype == torch.uint8
+    kwargs = mm_kwargs(ITEM_SETS["mix"], seed=7, raw=True)
+    with torch.inference_mode():
+        want = stock.embed_multimodal(**kwargs)
+        assert_matches(ours.embed_multimodal(**kwargs), want)
+        # The normalisation matters: the same pixels, read as already normalised, give other embeddings.
+        unnormalised = ours.fused_encoder(kwargs["pixel_values"].float(), kwargs["grid_thws"])
+    assert rel_err(unnormalised[: want[0].shape[0]], want[0]) > 0.1
+
+
 def test_data_parallel_mode_matches_stock(model_dir, checkpoint, reference):
     model = build(ours_class(), model_dir, checkpoint, mm_encoder_tp_mode="data")
     assert model.use_data_parallel
@@ -227,14 +247,6 @@ def manager(ours, model_dir):
         encoder_cudagraph_max_vision_items_per_batch=MANAGER_SLOTS))
     with pytest.MonkeyPatch.context() as monkeypatch:
         yield captured_manager(ours, config, monkeypatch)
-
-
-def poison(manager, seed):
-    g = torch.Generator().manual_seed(seed)
-    for graph in manager._get_graph_set("default").values():
-        graph.input_buffers["pixel_values"].fill_(float("nan"))
-        plan = graph.input_buffers[PLAN_KEY]
-        plan.copy_(torch.randint(-(2**20), 2**20, plan.shape, generator=g, dtype=torch.int32))
 
 
 # Replayed in this order through one manager, every captured buffer poisoned (NaN pixels, a random plan)

@@ -17,7 +17,7 @@ import torch
 from packaging.version import Version
 
 from moonvit_fixtures import random_model, random_pixels, tiny_config
-from vllm_manager import captured_manager
+from vllm_manager import captured_manager, poison
 from vllm_peer import MAX_MODEL_LEN, assert_matches, build, init_vllm_cpu, vllm_config, write_tiny_kimi_vl_dir
 
 from fused_moonvit.integration.encoder_graph import PADDING_LOGICS, PLAN_KEY
@@ -413,14 +413,6 @@ STALE_ROW_SETS = [
     ("after_poison", [(10, 12)], [32]),  # 30 tokens: 8 padding rows
     ("thin_after_poison", [(2, 40), (40, 2), (4, 4)], [64]),  # 44 tokens
 ]
-
-
-def poison(manager, seed):
-    g = torch.Generator().manual_seed(seed)
-    for graph in manager._get_graph_set("default").values():
-        graph.input_buffers["pixel_values"].fill_(float("nan"))
-        plan = graph.input_buffers[PLAN_KEY]
-        plan.copy_(torch.randint(-(2**20), 2**20, plan.shape, generator=g, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("data_parallel", [False, True], ids=["local", "dp"])

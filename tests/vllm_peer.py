@@ -210,11 +210,18 @@ def write_tiny_kimi_k25_dir(directory, vision: MoonVitConfig, max_position_embed
     preprocessor_config.json whose `media_proc_cfg` holds them, as Kimi-K2.5's does: vLLM then
     normalises raw uint8 pixels on the device, (x / 255 - mean) / std per channel)."""
     (directory / "config.json").write_text(json.dumps(kimi_k25_config_json(vision, max_position_embeddings)))
+    write_media_normalisation(directory, vision, image_mean, image_std)
+    return directory
+
+
+def write_media_normalisation(directory, vision: MoonVitConfig, image_mean: list[float] | None,
+                              image_std: list[float] | None) -> None:
+    """With a mean and std, the preprocessor_config.json (its `media_proc_cfg`) Kimi-K2.5's and K3's
+    checkpoints ship, from which vLLM normalises raw uint8 pixels on the device."""
     if image_mean is not None:
         (directory / "preprocessor_config.json").write_text(json.dumps(
             {"media_proc_cfg": {"image_mean": image_mean, "image_std": image_std, "patch_size": vision.patch_size,
                                 "merge_kernel_size": list(vision.merge_kernel_size)}}))
-    return directory
 
 
 def kimi_k3_config_json(vision: MoonVitConfig, max_position_embeddings: int = 256) -> dict:
@@ -240,11 +247,14 @@ def kimi_k3_config_json(vision: MoonVitConfig, max_position_embeddings: int = 25
 
 
 def write_tiny_kimi_k3_dir(directory, vision: MoonVitConfig, max_position_embeddings: int = 256,
-                           architecture: str = "KimiK3ForConditionalGeneration"):
-    """A local Kimi-K3 model directory (config.json only), naming `architecture` (K3's, or K3.1's)."""
+                           architecture: str = "KimiK3ForConditionalGeneration", image_mean: list[float] | None = None,
+                           image_std: list[float] | None = None):
+    """A local Kimi-K3 model directory naming `architecture` (K3's, or K3.1's): config.json, and with
+    `image_mean`/`image_std` the preprocessor config from which vLLM normalises raw pixels."""
     config = kimi_k3_config_json(vision, max_position_embeddings)
     config["architectures"] = [architecture]
     (directory / "config.json").write_text(json.dumps(config))
+    write_media_normalisation(directory, vision, image_mean, image_std)
     return directory
 
 
