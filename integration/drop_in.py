@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import inspect
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -254,8 +255,13 @@ def _mapper_keeping_encoder_names(mapper, halves: Iterable[str]):
     return dataclasses.replace(mapper, orig_to_new_prefix=kept)
 
 
+def vllm_class(family: Family) -> type:
+    """vLLM's class a family's drop-in replaces, where its declaration says it lives."""
+    return getattr(importlib.import_module(family.vllm.module), family.vllm.class_name)
+
+
 class FusedEncoderDropIn:
-    """Mixin for a vLLM Kimi model class: `class Ours(FusedEncoderDropIn, VllmClass)`, whose body names
+    """Mixin for a vLLM Kimi model class: `class Ours(FusedEncoderDropIn, vllm_class(FAMILY))`, whose body names
     its `family` only; everything else is derived from the family's declaration when the class is made:
     the parent, the weight mapper, and the parent's eager hook (`family.vllm.eager_hook`), which becomes
     `encode_items`."""
@@ -268,8 +274,9 @@ class FusedEncoderDropIn:
         super().__init_subclass__(**kwargs)
         declared = cls.family.vllm
         bases = cls.__bases__
-        if bases[0] is not FusedEncoderDropIn or len(bases) != 2 or bases[1].__name__ != declared.class_name:
-            raise TypeError(f"{cls.__name__} must be declared as (FusedEncoderDropIn, {declared.class_name})")
+        if bases != (FusedEncoderDropIn, vllm_class(cls.family)):
+            raise TypeError(f"{cls.__name__} must be declared as (FusedEncoderDropIn, vllm_class(family)), "
+                            f"vLLM's {declared.module}.{declared.class_name} being the second base")
         cls.vllm_class = bases[1]
         mapper = getattr(cls.vllm_class, "hf_to_vllm_mapper", None)
         if mapper is not None:

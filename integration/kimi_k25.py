@@ -23,13 +23,11 @@ from the family's declaration (`families.KIMI_K25`):
 
 from __future__ import annotations
 
-from vllm.model_executor.models import kimi_k25 as vllm_kimi_k25
-
-from fused_moonvit.integration.drop_in import FusedEncoderDropIn
+from fused_moonvit.integration.drop_in import FusedEncoderDropIn, vllm_class
 from fused_moonvit.moonvit.families import KIMI_K25
 
 
-class FusedKimiK25ForConditionalGeneration(FusedEncoderDropIn, vllm_kimi_k25.KimiK25ForConditionalGeneration):
+class FusedKimiK25ForConditionalGeneration(FusedEncoderDropIn, vllm_class(KIMI_K25)):
     """vLLM's Kimi-K2.5 / K2.6 with the fused MoonViT3d encoder as its vision tower and projector."""
 
     family = KIMI_K25

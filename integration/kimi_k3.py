@@ -15,13 +15,11 @@ up vLLM's FlashAttention-4 kernels for it), is answered by `drop_in.EncoderAtten
 
 from __future__ import annotations
 
-from vllm.models import kimi_k3 as vllm_kimi_k3
-
-from fused_moonvit.integration.drop_in import FusedEncoderDropIn
+from fused_moonvit.integration.drop_in import FusedEncoderDropIn, vllm_class
 from fused_moonvit.moonvit.families import KIMI_K3
 
 
-class FusedKimiK3ForConditionalGeneration(FusedEncoderDropIn, vllm_kimi_k3.KimiK3ForConditionalGeneration):
+class FusedKimiK3ForConditionalGeneration(FusedEncoderDropIn, vllm_class(KIMI_K3)):
     """vLLM's Kimi-K3 / K3.1 with the fused MoonViT3d encoder as its vision tower and projector."""
 
     family = KIMI_K3

@@ -12,13 +12,11 @@ encoder CUDA-graph protocol) is `drop_in.FusedEncoderDropIn`'s, from the family'
 
 from __future__ import annotations
 
-from vllm.model_executor.models import kimi_vl as vllm_kimi_vl
-
-from fused_moonvit.integration.drop_in import FusedEncoderDropIn
+from fused_moonvit.integration.drop_in import FusedEncoderDropIn, vllm_class
 from fused_moonvit.moonvit.families import KIMI_VL
 
 
-class FusedKimiVLForConditionalGeneration(FusedEncoderDropIn, vllm_kimi_vl.KimiVLForConditionalGeneration):
+class FusedKimiVLForConditionalGeneration(FusedEncoderDropIn, vllm_class(KIMI_VL)):
     """vLLM's Kimi-VL with the fused MoonVit encoder as its vision tower and projector."""
 
     family = KIMI_VL
