@@ -28,19 +28,20 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import sys
 import time
 from collections.abc import Callable
 
 import torch
 
+from fused_moonvit.benchmarks.common import SMOKE_CONFIG, add_run_arguments, measure, versions
 from fused_moonvit.benchmarks.flops import encoder_flops, encoder_flops_breakdown
 from fused_moonvit.benchmarks.image_sets import budgeted_sets
 from fused_moonvit.benchmarks.image_sets import patches as image_patches
 from fused_moonvit.benchmarks.outdir import add_out_argument, check_out, out_dir
-from fused_moonvit.moonvit.cli import DTYPES, OneLineParser, positive_int
-from fused_moonvit.moonvit.config import MoonVitConfig, moonvit3d_fields
+from fused_moonvit.moonvit.arguments import DTYPES, OneLineParser
+from fused_moonvit.moonvit.config import MoonVitConfig
+from fused_moonvit.moonvit.families import FAMILIES
 
 GEMM_CEILING_TFLOPS = 794.0  # bf16, 8192^3, measured on this project's H200 (docs/design.md section 4.3)
 
@@ -57,8 +58,6 @@ ROWS = {
 TARGET_SPEEDUP_VS_VLLM = {"photo16k": 1.25, "chunk16k": 1.25, "1x896": 1.3, "2x896": 1.3, "4chunks-448": 1.3,
                           "16x448": 5.0, "1x448": 4.5}
 
-SMOKE_CONFIG = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=48,
-                    init_pos_emb_height=16, init_pos_emb_width=16, text_hidden_size=24)
 SMOKE_SETS = {
     "1x4x4": [(4, 4)],
     "3mix": [(4, 6), (2, 2), (20, 8)],  # 20 rows > the 16-row table: upsampling on one axis
@@ -66,19 +65,8 @@ SMOKE_SETS = {
 SMOKE_PADDED = {"3mix-in-512": (SMOKE_SETS["3mix"], 512)}
 SMOKE_VIDEO_SETS = {"video-mix": [(1, 4, 6), (4, 4, 4), (2, 6, 2)]}
 
-# The towers --model picks, at their real sizes. Kimi-K2.5 / K2.6: vLLM's defaults for a MoonViT3d
-# vision_config (what its checkpoints hold), a 7168-wide text model. Kimi-K3: vLLM's KimiK3VisionConfig
-# defaults; its text width is not public, so K2.5's stands in (it sizes the projector's last GEMM only).
-K3_VISION = dict(vt_num_attention_heads=12, vt_hidden_size=1024, vt_intermediate_size=4096, qkv_hidden_size=1536,
-                 norm_type="rmsnorm", attn_bias=False, linear_bias=False, patch_embed_proj_bias=False,
-                 pos_emb_interpolation_mode="bilinear", mm_projector_type="patchmergerv2",
-                 activation_func="gelu_pytorch_tanh")
-MODELS = {
-    "kimi-vl": {},
-    "kimi-k25": dict(moonvit3d_fields({}), text_hidden_size=7168),
-    "kimi-k3": dict(moonvit3d_fields(K3_VISION), text_hidden_size=7168),
-}
-
+# The towers --model picks, at their real sizes: each family's benchmark configuration.
+MODELS = {name: dict(family.benchmark) for name, family in FAMILIES.items()}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -86,34 +74,6 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
         raise RuntimeError(f"output shape {tuple(out.shape)} differs from the reference's {tuple(ref.shape)}")
     ref = ref.double()
     return ((out.double() - ref).norm() / ref.norm()).item()
-
-
-def measure(fn: Callable[[], object], *, cuda: bool, iters: int, warmup: int) -> dict:
-    """Times whole calls of `fn`. On CUDA the events bracket the call from an idle GPU, so the elapsed
-    time covers host work and device work alike; `host_ms` is the time until the call returned."""
-    if not cuda:
-        t0 = time.perf_counter()
-        fn()
-        ms = (time.perf_counter() - t0) * 1e3
-        return {"ms": ms, "ms_min": ms, "ms_max": ms, "host_ms": ms, "samples_ms": [ms],
-                "timing": "wall clock, one call"}
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    device_ms, host_ms = [], []
-    for _ in range(iters):
-        start.record()
-        t0 = time.perf_counter()
-        fn()
-        t1 = time.perf_counter()
-        end.record()
-        end.synchronize()
-        device_ms.append(start.elapsed_time(end))
-        host_ms.append((t1 - t0) * 1e3)
-    return {"ms": statistics.median(device_ms), "ms_min": min(device_ms), "ms_max": max(device_ms),
-            "host_ms": statistics.median(host_ms), "samples_ms": device_ms,
-            "timing": f"CUDA events, median of {iters} after {warmup} warm-up calls"}
 
 
 def vllm_call(host_graph, eager, pixels: torch.Tensor, grids: list) -> Callable[[], torch.Tensor]:
@@ -180,15 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, smoke: str) -> None:
-    """The arguments every whole-encoder benchmark takes: model depth, timing, seed, and --smoke."""
-    parser.add_argument("--layers", type=positive_int, metavar="N", help="override num_hidden_layers, for quick runs")
-    parser.add_argument("--iters", type=positive_int, default=20, help="timed calls per row (default %(default)s)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
-    parser.add_argument("--smoke", action="store_true", help=smoke)
-
-
 def _image_sets(args, parser) -> dict[str, tuple[list[tuple[int, int]], int]]:
     """name -> (grids, budget): the exact sets at their patch count rounded up to 64, and the padded cases."""
     if args.smoke:
@@ -209,17 +160,6 @@ def _image_sets(args, parser) -> dict[str, tuple[list[tuple[int, int]], int]]:
         parser.error(f"unknown image set(s) {', '.join(unknown) or '(none given)'}; "
                      f"choose from {', '.join(available)}")
     return {n: available[n] for n in names}
-
-
-def _versions() -> dict[str, str | None]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
-            "python": platform.python_version()}
 
 
 def _targets(results: list[dict], applies: bool) -> list[dict]:
@@ -373,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                 # in at capture, and on the CPU every call runs the forward again.
                 fused.attention_backend = attention
                 try:
-                    runner = MoonVitGraphRunner(fused, budgets=[budget], max_images=max_images)
+                    runner = MoonVitGraphRunner(fused, budgets=[budget], max_items=max_images)
                     if cuda:
                         runner.capture(progress=False)
                     run_row(key, lambda: torch.cat(runner.encode(pixels, grid)), budget=budget,
@@ -418,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "encoder",
         "device": device_name,
-        "versions": _versions(),
+        "versions": versions(),
         "date": date,
         "command": shlex.join(["fused-moonvit", "bench", "encoder", *argv]),
         "bench_args": argv,

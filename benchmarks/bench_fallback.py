@@ -36,13 +36,11 @@ import time
 
 import torch
 
-from fused_moonvit.benchmarks.bench_encoder import add_run_arguments, measure
+from fused_moonvit.benchmarks.common import SMOKE_CONFIG, add_run_arguments, measure
 from fused_moonvit.benchmarks.outdir import add_out_argument, check_out, out_dir
-from fused_moonvit.moonvit.cli import OneLineParser
+from fused_moonvit.moonvit.arguments import OneLineParser
 from fused_moonvit.moonvit.config import MoonVitConfig
 
-SMOKE_CONFIG = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=48,
-                    init_pos_emb_height=16, init_pos_emb_width=16, text_hidden_size=24)
 IMAGE_SIDE = 64  # patches: 1024-token images (896x896 pixels) fill the batch, a smaller one tops it up
 SMOKE_IMAGE_SIDE = 8
 
@@ -76,16 +74,12 @@ class Graphs:
                 self._capture(budget, pool)
 
     def _capture(self, budget: int, pool) -> None:
+        from fused_moonvit.moonvit.runner import capture_graph
+
         # As vLLM's manager does: one eager run (Triton compiles, cuBLAS settles), then the capture.
-        self.eg.graph_forward(self.encoder, dict(self.buffers[budget]))
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()  # so that the growth below is the capture's own
-        before = torch.cuda.memory_reserved()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            self.outputs[budget] = self.eg.graph_forward(self.encoder, dict(self.buffers[budget]))
-        torch.cuda.synchronize()
-        self.graphs[budget], self.pool_growth[budget] = graph, torch.cuda.memory_reserved() - before
+        buffers = self.buffers[budget]
+        self.graphs[budget], self.outputs[budget], self.pool_growth[budget] = capture_graph(
+            lambda: self.eg.graph_forward(self.encoder, dict(buffers)), device=self.encoder.device, pool=pool)
 
     def run(self, budget: int, pixel_values: torch.Tensor, grid: list[list[int]]) -> torch.Tensor:
         """One replay's whole call: replay values, the padding logics' copies, the replay, the valid rows

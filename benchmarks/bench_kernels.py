@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_moonvit.benchmarks.outdir import add_out_argument, check_out, out_dir
-from fused_moonvit.moonvit.cli import OneLineParser, positive_int
+from fused_moonvit.moonvit.arguments import OneLineParser, positive_int
 
 FULL = dict(hidden=1152, heads=16, head_dim=72, mlp=4304, table=64, dtype=torch.bfloat16)
 SMOKE = dict(hidden=16, heads=2, head_dim=8, mlp=24, table=8, dtype=torch.float32)
@@ -122,7 +122,7 @@ class Timer:
 
     @staticmethod
     def _capture(fn, calls):
-        from fused_moonvit.moonvit.fused import capture_graph
+        from fused_moonvit.moonvit.runner import capture_graph
 
         graph, _, _ = capture_graph(lambda: [fn() for _ in range(calls)], device=torch.cuda.current_device())
         graph.replay()

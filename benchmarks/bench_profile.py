@@ -23,13 +23,14 @@ from collections import defaultdict
 
 import torch
 
-from fused_moonvit.benchmarks.bench_encoder import MODELS, _versions
+from fused_moonvit.benchmarks.bench_encoder import MODELS
+from fused_moonvit.benchmarks.common import versions
 from fused_moonvit.benchmarks.image_sets import (IMAGE_SETS, PADDED_EXACT, PADDED_SETS, USER_IMAGE_SETS, USER_VIDEO_SETS,
                                                  VIDEO_SETS, budgeted_sets)
 from fused_moonvit.benchmarks.image_sets import patches as image_patches
 from fused_moonvit.benchmarks.outdir import add_out_argument, out_dir
+from fused_moonvit.moonvit.arguments import OneLineParser, positive_int
 from fused_moonvit.moonvit.attention import BACKENDS
-from fused_moonvit.moonvit.cli import OneLineParser, positive_int
 
 # First match wins; kernel names are lower-cased.
 CATEGORIES = [
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for index, name in enumerate(names):
         grids, budget = available[name]
-        runner = MoonVitGraphRunner(model, budgets=[budget], max_images=16)
+        runner = MoonVitGraphRunner(model, budgets=[budget], max_items=16)
         runner.capture(progress=False)
         patches = image_patches(grids)
         gen = torch.Generator().manual_seed(index)
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                                                          / results[exact]["attention_share_of_kernels"])
 
     report = {
-        "benchmark": "profile", "device": torch.cuda.get_device_name(), "versions": _versions(),
+        "benchmark": "profile", "device": torch.cuda.get_device_name(), "versions": versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["fused-moonvit", "bench", "profile", *(sys.argv[1:] if argv is None else argv)]), "model": args.model, "config": "random bf16 weights, real size",
         "attention": args.attention or "chosen (choose_attention)",

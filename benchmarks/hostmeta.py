@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_moonvit.moonvit.attention import backend_unavailable_reason, fa3_varlen, varlen_attention
-from fused_moonvit.moonvit.fused import capture_graph
+from fused_moonvit.moonvit.runner import capture_graph
 from fused_moonvit.kernels.limits import MAX_GRID_SIDE, check_budget, check_int
 from fused_moonvit.moonvit.inputs import check_inputs, patch_offsets
 from fused_moonvit.moonvit.modules import rope_frequencies

@@ -9,7 +9,7 @@ import argparse
 import os
 import tempfile
 
-from fused_moonvit.moonvit.cli import output_dir
+from fused_moonvit.moonvit.arguments import output_dir
 
 RESULTS = "benchmarks/results"
 # The committed folder as installed (an editable install points into the repository) and as seen from

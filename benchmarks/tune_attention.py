@@ -29,9 +29,9 @@ import torch
 
 from fused_moonvit.benchmarks.flops import attention_flops
 from fused_moonvit.benchmarks.image_sets import IMAGE_SETS, USER_IMAGE_SETS, USER_VIDEO_SETS, patches
+from fused_moonvit.moonvit.arguments import OneLineParser, output_dir
 from fused_moonvit.moonvit.attention import (TABLE_PATH, AttentionChoice, backend_available, device_class,
                                              packed_attention)
-from fused_moonvit.moonvit.cli import OneLineParser, output_dir
 
 MIX8 = IMAGE_SETS["mix8"]
 CASES = {
@@ -68,7 +68,7 @@ MAX_REL_ERR = 1e-2  # bf16: every backend lands near 2e-3 (P rounded to bf16 bef
 def graph_time_us(fn) -> float:
     from triton.testing import do_bench
 
-    from fused_moonvit.moonvit.fused import capture_graph
+    from fused_moonvit.moonvit.runner import capture_graph
 
     graph, _, _ = capture_graph(lambda: [fn() for _ in range(CALLS)], device=torch.cuda.current_device())
     us = do_bench(graph.replay, warmup=20, rep=120, return_mode="median") * 1e3 / CALLS

@@ -11,16 +11,18 @@ before vLLM's class (`class Ours(FusedEncoderDropIn, vLLMsKimiClass)`), and the 
 - vLLM's `SupportsEncoderCudaGraph`: the buffers, replay values, padding logics and graph body are
   `encoder_graph`'s; the mixin adapts them to the installed release's protocol by feature detection (the
   dataclasses' fields and the protocol methods' parameter names), not by version checks.
-- Data parallelism (`mm_encoder_tp_mode="data"`) for items of any frame count: `encode_data_parallel`.
+- The eager path: the parent's eager hook encodes the parsed items (`encode_items`), with data
+  parallelism (`mm_encoder_tp_mode="data"`) for items of any frame count: `encode_data_parallel`.
 
-The subclasses (`kimi_vl.py`, `kimi_k25.py`) say which parent, which constructor names, which config, and
-where the grid sits in the multimodal kwargs.
+The subclasses (`kimi_vl.py`, `kimi_k25.py`, `kimi_k3.py`) name their family (`moonvit/families.py`) and
+vLLM's class; which constructors, which config, which hook and where the grid sits are the family's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import inspect
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -32,12 +34,12 @@ from vllm.model_executor.models.interfaces import SupportsEncoderCudaGraph
 from vllm.v1.worker import encoder_cudagraph_defs
 
 from fused_moonvit.integration import encoder_graph
-from fused_moonvit.integration.encoder_graph import PATCHES_PER_TOKEN
+from fused_moonvit.kernels.limits import MERGE_PATCHES
 from fused_moonvit.kernels.plan import grid_thw_list
 from fused_moonvit.moonvit.config import MoonVitConfig
+from fused_moonvit.moonvit.families import UNSUPPORTED, Family
 from fused_moonvit.moonvit.fused import FusedMoonVit
 
-UNSUPPORTED = "set FUSED_MOONVIT_DISABLE=1 to use vLLM's own encoder"
 
 # The manager pops this key off `select_encoder_cudagraph_items`' result: the capture-axis keys of the batch.
 AXIS_KEYS_KWARG = getattr(encoder_cudagraph_defs, "ENCODER_CUDAGRAPH_AXIS_KEYS_KWARG", None)
@@ -101,6 +103,19 @@ def refuse_sharded_encoder(vllm_config: VllmConfig) -> None:
             "its share of the items; or set FUSED_MOONVIT_DISABLE=1 to use vLLM's own encoder.")
 
 
+@dataclasses.dataclass(frozen=True)
+class EncoderAttentionFacts:
+    """What vLLM's model classes read of a tower block's `attn` (vLLM's `MMEncoderAttention`), answered for
+    the fused encoder, which sets one on each block: Kimi-K3's `__init__` reads
+    `vision_tower.encoder.blocks[0].attn` to decide whether to warm up vLLM's FlashAttention-4 kernels for
+    its tower. The fused encoder runs none of vLLM's attention backends, so there is nothing to warm up."""
+
+    num_heads: int
+    head_size: int
+    is_flash_attn_backend: bool = False
+    _fa_version: int | None = None
+
+
 class FusedTowerConstructors:
     """Stand-ins for the constructors a vLLM model's `__init__` builds its tower with (`halves`: the
     constructor's name in the parent's module -> the attribute it assigns the result to, which is the
@@ -152,6 +167,9 @@ class FusedTowerConstructors:
                              f"its {attribute} quantized ({type(quant_config).__name__}); {UNSUPPORTED}")
         if self.encoder is None:
             self.encoder = self.build_encoder(self.config)
+            facts = EncoderAttentionFacts(self.config.num_attention_heads, self.config.head_dim)
+            for block in self.encoder.vision_tower.encoder.blocks:
+                block.attn = facts  # a plain attribute: not a module, no parameters
         if input_norm is not None:
             self.input_norm = input_norm
             self.encoder.vision_tower.patch_embed.input_norm = input_norm
@@ -205,7 +223,7 @@ def encode_data_parallel(encode: Callable[[torch.Tensor, list[list[int]]], torch
     for count in counts:
         starts.append(starts[-1] + count)
     per_rank = [order[starts[r]:starts[r + 1]] for r in range(world)]
-    tokens = [h * w // PATCHES_PER_TOKEN for _, h, w in items]
+    tokens = [h * w // MERGE_PATCHES for _, h, w in items]
     rank_tokens = [sum(tokens[i] for i in share) for share in per_rank]
     width = max(rank_tokens, default=0)
 
@@ -229,37 +247,51 @@ def encode_data_parallel(encode: Callable[[torch.Tensor, list[list[int]]], torch
 
 # -- the mixin --
 
+def _mapper_keeping_encoder_names(mapper, halves: Iterable[str]):
+    """vLLM's weight-name mapper without its renames of encoder names (Kimi-K2.5's and K3's rename the
+    projector's `proj.0`/`proj.2`, which ours keeps); every other rule stays."""
+    prefixes = tuple(f"{half}." for half in halves)
+    kept = {k: v for k, v in mapper.orig_to_new_prefix.items() if not k.startswith(prefixes)}
+    return dataclasses.replace(mapper, orig_to_new_prefix=kept)
+
+
+def vllm_class(family: Family) -> type:
+    """vLLM's class a family's drop-in replaces, where its declaration says it lives."""
+    return getattr(importlib.import_module(family.vllm.module), family.vllm.class_name)
+
+
 class FusedEncoderDropIn:
-    """Mixin for a vLLM Kimi model class: `class Ours(FusedEncoderDropIn, VllmClass)`. Subclasses set
-    the class attributes and implement `moonvit_config` and `build_encoder`."""
+    """Mixin for a vLLM Kimi model class: `class Ours(FusedEncoderDropIn, vllm_class(FAMILY))`, whose body names
+    its `family` only; everything else is derived from the family's declaration when the class is made:
+    the parent, the weight mapper, and the parent's eager hook (`family.vllm.eager_hook`), which becomes
+    `encode_items`."""
 
-    # The vLLM class whose __init__ builds the model.
+    family: ClassVar[Family]
+    # vLLM's class, whose __init__ builds the model: the base after this mixin.
     vllm_class: ClassVar[type]
-    # Constructor name in the vLLM class's module -> the attribute it assigns (the checkpoint's prefix).
-    tower_constructors: ClassVar[dict[str, str]]
-    # Where the grid sits in the multimodal kwargs, and the protocol's modalities.
-    grid_key: ClassVar[str]
-    graph_modalities: ClassVar[list[str]]
-    # Whether items may have several frames: graphs are then captured per frame factor.
-    video_items: ClassVar[bool] = False
 
-    @classmethod
-    def moonvit_config(cls, hf_config) -> MoonVitConfig:
-        raise NotImplementedError
-
-    @classmethod
-    def build_encoder(cls, config: MoonVitConfig) -> FusedMoonVit:
-        raise NotImplementedError
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        declared = cls.family.vllm
+        bases = cls.__bases__
+        if bases != (FusedEncoderDropIn, vllm_class(cls.family)):
+            raise TypeError(f"{cls.__name__} must be declared as (FusedEncoderDropIn, vllm_class(family)), "
+                            f"vLLM's {declared.module}.{declared.class_name} being the second base")
+        cls.vllm_class = bases[1]
+        mapper = getattr(cls.vllm_class, "hf_to_vllm_mapper", None)
+        if mapper is not None:
+            cls.hf_to_vllm_mapper = _mapper_keeping_encoder_names(mapper, declared.tower_constructors.values())
+        setattr(cls, declared.eager_hook, FusedEncoderDropIn.encode_items)
 
     def __init__(self, vllm_config: VllmConfig, prefix: str = "") -> None:
         refuse_sharded_encoder(vllm_config)
-        parent = self.vllm_class
-        constructors = FusedTowerConstructors(self.moonvit_config(vllm_config.model_config.hf_config), prefix,
-                                              self.tower_constructors, parent.__name__, self.build_encoder)
+        parent, halves = self.vllm_class, self.family.vllm.tower_constructors
+        constructors = FusedTowerConstructors(self.family.moonvit_config(vllm_config.model_config.hf_config), prefix,
+                                              halves, parent.__name__, lambda config: FusedMoonVit(config))
         parent_init_with(parent, constructors)(self, vllm_config=vllm_config, prefix=prefix)
-        if sorted(constructors.built) != sorted(self.tower_constructors.values()):
+        if sorted(constructors.built) != sorted(halves.values()):
             raise RuntimeError(f"vLLM's {parent.__name__}.__init__ built {constructors.built} of the tower, "
-                               f"not each of {list(self.tower_constructors.values())} once; this vLLM release is "
+                               f"not each of {list(halves.values())} once; this vLLM release is "
                                f"not supported ({UNSUPPORTED})")
         # Kept off the module tree, as vLLM's own StageMissingLayer keeps its wrapped module: its two
         # halves are already registered under the checkpoint's names, and a second registration would
@@ -268,6 +300,29 @@ class FusedEncoderDropIn:
         # Registered in the tower already (FusedTowerConstructors); this is a plain reference.
         self.__dict__["_input_norm"] = constructors.input_norm
         self._frame_factors = self._graph_frame_factors()
+        mapper = getattr(self, "hf_to_vllm_mapper", None)
+        renamed = [] if mapper is None else sorted(
+            name for name in self._encoder_parameter_names() if mapper.map_name(name) != name)
+        if renamed:
+            raise RuntimeError(f"this vLLM's weight-name mapper for {parent.__name__} renames encoder parameters "
+                               f"({renamed[:3]}...), which the fused encoder keeps under the checkpoint's names; "
+                               f"this vLLM release is not supported ({UNSUPPORTED})")
+
+    def _encoder_parameter_names(self) -> set[str]:
+        return {f"{half}.{name}" for half in self.family.vllm.tower_constructors.values()
+                for name, _ in getattr(self.fused_encoder, half).named_parameters()}
+
+    # -- eager path (embed_multimodal) --
+
+    def encode_items(self, parsed) -> list[torch.Tensor]:
+        """The parent's eager hook (`family.vllm.eager_hook`): per item, (h/2 * w/2, text hidden), from
+        the parent's parsed input (pixels, and the grid under `family.vllm.grid_key`); across the
+        tensor-parallel group in data-parallel mode."""
+        pixel_values, grid = parsed["pixel_values"], self.grid_of(parsed)
+        if self.use_data_parallel:
+            return encode_data_parallel(self.encode, pixel_values, grid, self.fused_encoder.config.output_size,
+                                        self.fused_encoder.dtype)
+        return list(self.encode(pixel_values, grid).split([h * w // MERGE_PATCHES for *_, h, w in grid]))
 
     # -- input normalisation --
 
@@ -292,10 +347,8 @@ class FusedEncoderDropIn:
     # -- weights --
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        halves = self.tower_constructors.values()
-        prefixes = tuple(f"{half}." for half in halves)
-        encoder_names = {f"{half}.{name}" for half in halves
-                         for name, _ in getattr(self.fused_encoder, half).named_parameters()}
+        prefixes = tuple(f"{half}." for half in self.family.vllm.tower_constructors.values())
+        encoder_names = self._encoder_parameter_names()
 
         def checked(weights):
             for name, tensor in weights:
@@ -313,17 +366,17 @@ class FusedEncoderDropIn:
         """None for an images-only model (one graph per budget); else the frame factors of the graphs:
         one capture axis where vLLM has them, else the largest factor alone (every budget then holds
         4 x max_frames patches per output token)."""
-        if not self.video_items:
+        if self.family.tower != "moonvit3d":
             return None
         factors = encoder_graph.frame_factors(self.fused_encoder.config.max_frames)
         return factors if axes_supported() else factors[-1:]
 
     def grid_of(self, mm_kwargs: Mapping[str, Any]) -> list[list[int]]:
-        grid = mm_kwargs[self.grid_key]
+        grid = mm_kwargs[self.family.vllm.grid_key]
         return [[int(v) for v in row] for row in (grid.tolist() if isinstance(grid, torch.Tensor) else grid)]
 
     def get_encoder_cudagraph_config(self):
-        candidates = dict(modalities=list(self.graph_modalities), buffer_keys=list(encoder_graph.BUFFER_KEYS),
+        candidates = dict(modalities=list(self.family.vllm.modalities), buffer_keys=list(encoder_graph.BUFFER_KEYS),
                           out_hidden_size=self.fused_encoder.config.output_size,
                           padding_logics=dict(encoder_graph.PADDING_LOGICS))
         if self._frame_factors is not None and axes_supported():
@@ -332,7 +385,7 @@ class FusedEncoderDropIn:
 
     def get_encoder_cudagraph_item_specs(self, mm_kwargs: dict[str, Any]):
         return [make(encoder_cudagraph_defs.EncoderItemSpec, input_size=t * h * w,
-                     output_tokens=h * w // PATCHES_PER_TOKEN)
+                     output_tokens=h * w // MERGE_PATCHES)
                 for t, h, w in grid_thw_list(self.grid_of(mm_kwargs))]
 
     def select_encoder_cudagraph_items(self, mm_kwargs: dict[str, Any], indices: list[int]) -> dict[str, Any]:
@@ -340,9 +393,9 @@ class FusedEncoderDropIn:
         pixel_values, selected = encoder_graph.select_items(mm_kwargs["pixel_values"], grid, indices)
         # The grid stays on the host (vLLM keeps it on the CPU), so that building the replay plan from it
         # never waits on the device.
-        width = len(grid[0]) if grid else (3 if self.video_items else 2)
+        width = len(grid[0]) if grid else (3 if self.family.tower == "moonvit3d" else 2)
         out = {"pixel_values": pixel_values,
-               self.grid_key: torch.tensor(selected, dtype=torch.long).view(-1, width)}
+               self.family.vllm.grid_key: torch.tensor(selected, dtype=torch.long).view(-1, width)}
         if self._frame_factors is not None and axes_supported():
             out[AXIS_KEYS_KWARG] = (encoder_graph.frame_factor(selected, self._frame_factors),)
         return out

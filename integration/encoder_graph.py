@@ -40,15 +40,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from fused_moonvit.kernels.limits import MERGE_PATCHES
 from fused_moonvit.kernels.plan import (build_plan, extend_padding_sequence, grid_thw_list, new_device_plan,
-                                        plan_max_images, upload_plan)
+                                        plan_max_items, upload_plan)
 from fused_moonvit.moonvit.fused import FusedMoonVit
 from fused_moonvit.moonvit.inputs import patch_offsets
 
 PIXELS_KEY = "pixel_values"
 PLAN_KEY = "moonvit_plan"
 BUFFER_KEYS = (PIXELS_KEY, PLAN_KEY)
-PATCHES_PER_TOKEN = 4  # the 2x2 merge
 
 # Maps the pixel buffer (rows, 3, p, p), in its own dtype, to the model's pixels.
 Normalize = Callable[[torch.Tensor], torch.Tensor]
@@ -64,7 +64,7 @@ def patch_budget(token_budget: int, frames: int | None = None) -> int:
     if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1:
         raise ValueError(f"token_budget must be a positive int, got {token_budget!r}")
     _check_frames(frames)
-    return PATCHES_PER_TOKEN * token_budget * (frames or 1)
+    return MERGE_PATCHES * token_budget * (frames or 1)
 
 
 def frame_factors(max_frames: int) -> tuple[int, ...]:
@@ -109,7 +109,7 @@ def capture_buffers(encoder: FusedMoonVit, token_budget: int, slots: int, device
     encoder.rope_table(device)  # built now: its first build copies from the host, which a capture forbids
     encoder.vision_tower.patch_embed.time_table(device)  # likewise, for MoonViT3d's time embedding
     plan = upload_plan(build_plan([], patches, slots), new_device_plan(slots, device), budget=patches)
-    rows = (PATCHES_PER_TOKEN * token_budget,) if frames is None else (PATCHES_PER_TOKEN * token_budget, frames)
+    rows = (MERGE_PATCHES * token_budget,) if frames is None else (MERGE_PATCHES * token_budget, frames)
     return {PIXELS_KEY: torch.zeros(*rows, 3, p, p, device=device, dtype=dtype), PLAN_KEY: plan}
 
 
@@ -136,7 +136,7 @@ def replay_values(encoder: FusedMoonVit, pixel_values: torch.Tensor, grid: Seque
     rows = pixel_values.shape[0]
     # Its budget is the pixel rows (rounded up to the merge): build_plan checks every item and that they
     # need no more rows than that; fewer is caught below.
-    plan = build_plan(grid, max(-(-rows // PATCHES_PER_TOKEN), 1) * PATCHES_PER_TOKEN, slots)
+    plan = build_plan(grid, max(-(-rows // MERGE_PATCHES), 1) * MERGE_PATCHES, slots)
     max_frames = encoder.config.max_frames
     for i, (t, h, w) in enumerate(grid_thw_list(grid)):
         if t > max_frames:
@@ -167,8 +167,8 @@ def copy_plan(buffer: torch.Tensor, plan: torch.Tensor) -> None:
     """Padding logic for the plan buffer: the whole plan, whose layout depends on its slot count, so the
     replay's must be the graph's."""
     if plan.shape != buffer.shape:
-        raise ValueError(f"the replay plan has {plan_max_images(plan)} item slots but the graph was captured "
-                         f"with {plan_max_images(buffer)}")
+        raise ValueError(f"the replay plan has {plan_max_items(plan)} item slots but the graph was captured "
+                         f"with {plan_max_items(buffer)}")
     buffer.copy_(plan)
 
 
@@ -186,7 +186,7 @@ def graph_forward(encoder: FusedMoonVit, buffers: dict[str, torch.Tensor],
     if normalize is not None:
         pixels = normalize(pixels)
     extend_padding_sequence(plan, pixels.shape[0])
-    return encoder.forward_static(pixels, plan)[: pixel_buffer.shape[0] // PATCHES_PER_TOKEN]
+    return encoder.forward_static(pixels, plan)[: pixel_buffer.shape[0] // MERGE_PATCHES]
 
 
 def select_items(pixel_values: torch.Tensor, grid: Sequence[Sequence[int]],

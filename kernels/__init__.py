@@ -19,14 +19,13 @@ import importlib
 
 _EXPORTS = {
     "attention": ["AttentionConfig", "varlen_attention_fwd", "varlen_attention_reference"],
-    "gemm": ["GemmConfig", "linear", "linear_reference"],
     "layernorm": ["LayerNormConfig", "add_layer_norm", "add_layer_norm_reference"],
     "limits": ["MAX_GRID_SIDE", "check_budget"],
     "patch_merge": ["merge_patches", "merge_patches_reference"],
-    "plan": ["META_COL", "META_HEIGHT", "META_IMAGE", "META_MERGE_FRAMES", "META_MERGE_SRC",
+    "plan": ["META_COL", "META_HEIGHT", "META_ITEM", "META_MERGE_FRAMES", "META_MERGE_SRC",
              "META_MERGE_STRIDE", "META_MERGE_WIDTH", "META_ROW", "META_ROWS", "META_TIME", "META_WIDTH",
              "build_plan", "expand_plan", "expand_plan_reference", "extend_padding_sequence", "grid_thw_list", "new_device_plan",
-             "new_token_meta", "plan_cu_outputs", "plan_cu_seqlens", "plan_images", "plan_max_images", "plan_numel",
+             "new_token_meta", "plan_cu_outputs", "plan_cu_seqlens", "plan_items", "plan_max_items", "plan_numel",
              "upload_plan"],
     "pos_embed": ["interp_pos_embed", "interp_pos_embed_reference"],
     "rope2d": ["apply_rope_2d", "apply_rope_2d_reference", "rope_cos_sin_table"],

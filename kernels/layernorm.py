@@ -8,9 +8,6 @@ x + y + bias in fp32 and rounds once (the residual stream, written back in place
 stored value: `F.layer_norm` semantics (biased variance, eps inside the square root), statistics in
 fp32, affine in fp32, one rounding of the output. Without y it is a plain LayerNorm.
 
-y can also be the fp32 split-K partial products of the projection (`fused_moonvit.kernels.gemm`), which
-are summed here in fp32: the projection is then never rounded before the add.
-
 RMSNorm (Kimi-K3's MoonViT3d) is `torch.nn.functional.rms_norm`: x / sqrt(mean(x^2) + eps) * weight,
 statistics in fp32, no bias.
 
@@ -63,7 +60,7 @@ def normalize_rows(x, w_ptr, b_ptr, c, c_live, eps, C: tl.constexpr, RMS: tl.con
 @triton.jit
 def _add_layer_norm_kernel(
     x_ptr, y_ptr, bias_ptr, w_ptr, b_ptr, out_ptr, num_rows, eps,
-    C: tl.constexpr, HAS_Y: tl.constexpr, Y_PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr,
+    C: tl.constexpr, HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -73,8 +70,7 @@ def _add_layer_norm_kernel(
     offs = r.to(tl.int64)[:, None] * C + c[None, :]
     x = tl.load(x_ptr + offs, mask=live, other=0.0).to(tl.float32)
     if HAS_Y:
-        for part in tl.static_range(Y_PARTS):
-            x += tl.load(y_ptr + part * num_rows * C + offs, mask=live, other=0.0).to(tl.float32)
+        x += tl.load(y_ptr + offs, mask=live, other=0.0).to(tl.float32)
         if HAS_BIAS:
             x += tl.load(bias_ptr + c, mask=c_live, other=0.0).to(tl.float32)[None, :]
         # The residual stream is what is stored; the norm reads back exactly that.
@@ -89,9 +85,7 @@ def _check(x, y, bias, weight, ln_bias, out, rms):
     check_tensor("x", x, dtypes=FLOAT_DTYPES, shape=(None, None))
     rows, channels = x.shape
     dev = x.device
-    if y is not None and y.dim() == 3:
-        check_tensor("y", y, dtypes=(torch.float32,), shape=(None, rows, channels), device=dev)
-    elif y is not None:
+    if y is not None:
         check_tensor("y", y, dtypes=(x.dtype,), shape=(rows, channels), device=dev)
     elif bias is not None:
         raise ValueError("bias is added with y; give y too, or fold the bias into x")
@@ -123,8 +117,7 @@ def add_layer_norm(
     rms, RMSNorm(x) (which has no bias: ln_bias None).
 
     x: (N, C) residual stream, fp32/bf16/fp16, contiguous; updated in place when y is given.
-    y: (N, C) of x's dtype (a projection's output without its bias), or the fp32 (S, N, C) split-K partial
-       products of `fused_moonvit.kernels.gemm.linear`, summed here, or None for a plain LayerNorm of x.
+    y: (N, C) of x's dtype (a projection's output without its bias), or None for a plain LayerNorm of x.
     weight, ln_bias: (C,) the norm's affine parameters (an RMSNorm's weight alone, ln_bias None).
     eps: the norm's epsilon.
     bias: optional (C,) added with y (the projection's bias).
@@ -140,8 +133,7 @@ def add_layer_norm(
     _add_layer_norm_kernel[(triton.cdiv(rows, block_r),)](
         x, x if y is None else y, x if bias is None else bias, weight, weight if ln_bias is None else ln_bias,
         out, rows, eps,
-        C=channels, HAS_Y=y is not None, Y_PARTS=y.shape[0] if y is not None and y.dim() == 3 else 1,
-        HAS_BIAS=bias is not None, RMS=rms, BLOCK_R=block_r, BLOCK_C=block_c,
+        C=channels, HAS_Y=y is not None, HAS_BIAS=bias is not None, RMS=rms, BLOCK_R=block_r, BLOCK_C=block_c,
         num_warps=cfg.num_warps,
     )
     return out
@@ -161,7 +153,7 @@ def add_layer_norm_reference(
     _check(x, y, bias, weight, ln_bias, None, rms)
     r = x.double()
     if y is not None:
-        r = r + (y.double().sum(0) if y.dim() == 3 else y.double()) + (0.0 if bias is None else bias.double())
+        r = r + y.double() + (0.0 if bias is None else bias.double())
     residual = r.to(x.dtype)
     if rms:
         out = torch.nn.functional.rms_norm(residual.double(), (x.shape[1],), weight.double(), eps)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import operator
 
 MAX_GRID_SIDE = 512  # patches per image side: the processor's limit and the RoPE table's extent
-MERGE_PATCHES = 4  # patch rows per merged output token (the 2x2 merge)
+MERGE_SIDE = 2  # the merge takes MERGE_SIDE x MERGE_SIDE patches into one output token
+MERGE_PATCHES = MERGE_SIDE * MERGE_SIDE  # patch rows per merged output token
 _INT32_MAX = 2**31 - 1
 
 

@@ -26,7 +26,7 @@ Plan layout (flat int32, `plan_numel(S) = 6 * S + 3` entries):
 
 Token metadata layout (`token_meta`, int32 (META_ROWS, B), one row per field):
 
-    META_IMAGE         item slot of token x, or -1 for a padding token
+    META_ITEM         item slot of token x, or -1 for a padding token
     META_ROW           patch row of token x inside its frame (0 for padding)
     META_COL           patch column of token x inside its frame (0 for padding)
     META_HEIGHT        h of the token's item (0 for padding)
@@ -53,11 +53,11 @@ import triton
 import triton.language as tl
 
 from ._checks import check_launchable, check_tensor
-from .limits import MAX_GRID_SIDE, check_budget, check_int
+from .limits import MAX_GRID_SIDE, MERGE_PATCHES, check_budget, check_int
 
-IMAGE_FIELDS = 4
+ITEM_FIELDS = 4
 
-META_IMAGE = 0
+META_ITEM = 0
 META_ROW = 1
 META_COL = 2
 META_HEIGHT = 3
@@ -70,8 +70,8 @@ META_MERGE_STRIDE = 9
 META_ROWS = 10
 
 # Triton kernels may read module globals only when they are constexpr objects.
-_IMAGE_FIELDS = tl.constexpr(IMAGE_FIELDS)
-_IMAGE = tl.constexpr(META_IMAGE)
+_ITEM_FIELDS = tl.constexpr(ITEM_FIELDS)
+_ITEM = tl.constexpr(META_ITEM)
 _ROW = tl.constexpr(META_ROW)
 _COL = tl.constexpr(META_COL)
 _HEIGHT = tl.constexpr(META_HEIGHT)
@@ -83,34 +83,34 @@ _MERGE_FRAMES = tl.constexpr(META_MERGE_FRAMES)
 _MERGE_STRIDE = tl.constexpr(META_MERGE_STRIDE)
 
 
-def plan_numel(max_images: int) -> int:
-    """Number of int32 entries in the plan for `max_images` sequence slots."""
-    return (max_images + 2) + (max_images + 1) + IMAGE_FIELDS * max_images
+def plan_numel(max_items: int) -> int:
+    """Number of int32 entries in the plan for `max_items` sequence slots."""
+    return (max_items + 2) + (max_items + 1) + ITEM_FIELDS * max_items
 
 
-def plan_max_images(plan: torch.Tensor) -> int:
+def plan_max_items(plan: torch.Tensor) -> int:
     """The slot count S a plan (host or device) was built for, from its size alone."""
     n = plan.numel()
-    if n < plan_numel(1) or (n - 3) % (IMAGE_FIELDS + 2):
+    if n < plan_numel(1) or (n - 3) % (ITEM_FIELDS + 2):
         raise ValueError(f"plan must have 6 * S + 3 entries for some S >= 1, got {n}")
-    return (n - 3) // (IMAGE_FIELDS + 2)
+    return (n - 3) // (ITEM_FIELDS + 2)
 
 
 def plan_cu_seqlens(plan: torch.Tensor) -> torch.Tensor:
     """The (S + 2,) int32 cu_seqlens view of a plan: S item slots, then the padding sequence."""
-    return plan[: plan_max_images(plan) + 2]
+    return plan[: plan_max_items(plan) + 2]
 
 
 def plan_cu_outputs(plan: torch.Tensor) -> torch.Tensor:
     """The (S + 1,) int32 running merged-token counts of a plan."""
-    s = plan_max_images(plan)
+    s = plan_max_items(plan)
     return plan[s + 2 : 2 * s + 3]
 
 
-def plan_images(plan: torch.Tensor) -> torch.Tensor:
+def plan_items(plan: torch.Tensor) -> torch.Tensor:
     """The (S, 4) view of a plan's item rows: patch offset, t, h, w."""
-    s = plan_max_images(plan)
-    return plan[2 * s + 3 :].view(s, IMAGE_FIELDS)
+    s = plan_max_items(plan)
+    return plan[2 * s + 3 :].view(s, ITEM_FIELDS)
 
 
 def grid_thw_list(grid: torch.Tensor | Sequence[Sequence[int]]) -> list[list[int]]:
@@ -130,7 +130,7 @@ def grid_thw_list(grid: torch.Tensor | Sequence[Sequence[int]]) -> list[list[int
 
 
 def build_plan(
-    grid_hws: torch.Tensor | Sequence[Sequence[int]], budget: int, max_images: int
+    grid_hws: torch.Tensor | Sequence[Sequence[int]], budget: int, max_items: int
 ) -> torch.Tensor:
     """Validate the items (images and video chunks) of one call and lay out their plan (see the module
     docstring).
@@ -138,17 +138,17 @@ def build_plan(
     grid_hws: CPU integer tensor (n, 2) of image (h, w), or (n, 3) of item (t, h, w), in patches (lists
         work too).
     budget: B, the patch rows of the graph; a multiple of 4 so that B / 4 merged rows exist.
-    max_images: S, the graph's sequence slots.
+    max_items: S, the graph's sequence slots.
 
     Returns a (6 * S + 3,) int32 CPU tensor, pinned when CUDA is available so `upload_plan` can copy it
     asynchronously. A fresh tensor each call: PyTorch's pinned-memory cache does not reuse a block
     until the copies that read it have run, so the caller may drop it right after `upload_plan`.
     """
     budget = check_budget(budget)
-    max_images = check_int("max_images", max_images, 1)
+    max_items = check_int("max_items", max_items, 1)
     grids = grid_thw_list(grid_hws)
-    if len(grids) > max_images:
-        raise ValueError(f"got {len(grids)} items but max_images is {max_images}")
+    if len(grids) > max_items:
+        raise ValueError(f"got {len(grids)} items but max_items is {max_items}")
 
     cu, cu_out = [0], [0]
     images = []
@@ -162,20 +162,20 @@ def build_plan(
                 raise ValueError(f"item {i}: {side} must be even for the 2x2 merge, got {v}")
         images += [cu[-1], t, h, w]
         cu.append(cu[-1] + t * h * w)
-        cu_out.append(cu_out[-1] + h * w // 4)
+        cu_out.append(cu_out[-1] + h * w // MERGE_PATCHES)
     total = cu[-1]
     if total > budget:
         raise ValueError(f"items hold {total} patches in total, more than the budget {budget}")
-    unused = max_images - len(grids)
+    unused = max_items - len(grids)
     cu += [total] * unused + [budget]
     cu_out += [cu_out[-1]] * unused
     images += [total, 0, 0, 0] * unused
     return torch.tensor(cu + cu_out + images, dtype=torch.int32, pin_memory=torch.cuda.is_available())
 
 
-def new_device_plan(max_images: int, device: torch.device | str) -> torch.Tensor:
+def new_device_plan(max_items: int, device: torch.device | str) -> torch.Tensor:
     """A static device buffer for `upload_plan`."""
-    return torch.zeros(plan_numel(check_int("max_images", max_images, 1)), dtype=torch.int32, device=device)
+    return torch.zeros(plan_numel(check_int("max_items", max_items, 1)), dtype=torch.int32, device=device)
 
 
 def upload_plan(plan: torch.Tensor, device_plan: torch.Tensor, budget: int | None = None) -> torch.Tensor:
@@ -190,7 +190,7 @@ def upload_plan(plan: torch.Tensor, device_plan: torch.Tensor, budget: int | Non
         raise ValueError(f"plan must be the CPU tensor from build_plan, got device {plan.device}")
     check_tensor("device_plan", device_plan, dtypes=(torch.int32,), shape=(plan.numel(),))
     if budget is not None:
-        planned = int(plan[plan_max_images(plan) + 1])
+        planned = int(plan[plan_max_items(plan) + 1])
         if planned != budget:
             raise ValueError(f"the plan was built for a budget of {planned} patches, but the buffer has {budget}")
     return device_plan.copy_(plan, non_blocking=True)
@@ -240,14 +240,14 @@ def _expand_plan_kernel(plan_ptr, meta_ptr, budget, num_slots, SEARCH_STEPS: tl.
     seq = _find_sequence(plan_ptr, x, num_slots, SEARCH_STEPS)
     valid = live & (seq < num_slots)
     start = tl.load(plan_ptr + seq, mask=valid, other=0)
-    h = tl.load(items_ptr + _IMAGE_FIELDS * seq + 2, mask=valid, other=0)
-    w = tl.load(items_ptr + _IMAGE_FIELDS * seq + 3, mask=valid, other=0)
-    frames = tl.load(items_ptr + _IMAGE_FIELDS * seq + 1, mask=valid, other=0)
+    h = tl.load(items_ptr + _ITEM_FIELDS * seq + 2, mask=valid, other=0)
+    w = tl.load(items_ptr + _ITEM_FIELDS * seq + 3, mask=valid, other=0)
+    frames = tl.load(items_ptr + _ITEM_FIELDS * seq + 1, mask=valid, other=0)
     local = x - start
     w_div = tl.maximum(w, 1)
     hw = tl.maximum(h * w, 1)
     in_frame = local % hw
-    tl.store(meta_ptr + _IMAGE * budget + x, tl.where(valid, seq, -1), mask=live)
+    tl.store(meta_ptr + _ITEM * budget + x, tl.where(valid, seq, -1), mask=live)
     tl.store(meta_ptr + _ROW * budget + x, tl.where(valid, in_frame // w_div, 0), mask=live)
     tl.store(meta_ptr + _COL * budget + x, tl.where(valid, in_frame % w_div, 0), mask=live)
     tl.store(meta_ptr + _HEIGHT * budget + x, h, mask=live)
@@ -260,9 +260,9 @@ def _expand_plan_kernel(plan_ptr, meta_ptr, budget, num_slots, SEARCH_STEPS: tl.
     mseq = _find_sequence(cu_out_ptr, tl.where(o_live, x, 0), num_slots, SEARCH_STEPS)
     mvalid = o_live & (mseq < num_slots)
     mstart = tl.load(plan_ptr + mseq, mask=mvalid, other=0)
-    mt = tl.load(items_ptr + _IMAGE_FIELDS * mseq + 1, mask=mvalid, other=0)
-    mh = tl.load(items_ptr + _IMAGE_FIELDS * mseq + 2, mask=mvalid, other=0)
-    mw = tl.load(items_ptr + _IMAGE_FIELDS * mseq + 3, mask=mvalid, other=0)
+    mt = tl.load(items_ptr + _ITEM_FIELDS * mseq + 1, mask=mvalid, other=0)
+    mh = tl.load(items_ptr + _ITEM_FIELDS * mseq + 2, mask=mvalid, other=0)
+    mw = tl.load(items_ptr + _ITEM_FIELDS * mseq + 3, mask=mvalid, other=0)
     mout = tl.load(cu_out_ptr + mseq, mask=mvalid, other=0)
     half_w = tl.maximum(mw // 2, 1)
     lo = x - mout
@@ -284,7 +284,7 @@ def expand_plan(device_plan: torch.Tensor, token_meta: torch.Tensor) -> torch.Te
     reading the plan would sync with the device (`upload_plan(..., budget=B)` checks it on the host).
     """
     check_tensor("device_plan", device_plan, dtypes=(torch.int32,), shape=(None,))
-    num_slots = plan_max_images(device_plan)
+    num_slots = plan_max_items(device_plan)
     check_tensor("token_meta", token_meta, dtypes=(torch.int32,), shape=(META_ROWS, None), device=device_plan.device)
     budget = check_budget(token_meta.shape[1], "token_meta's column count B")
     interpreted = check_launchable(_expand_plan_kernel, device_plan.device)
@@ -300,7 +300,7 @@ def expand_plan_reference(plan: torch.Tensor, budget: int) -> torch.Tensor:
     """Plain-PyTorch `expand_plan`: the same int32 (META_ROWS, B) table, without Triton."""
     cu = plan_cu_seqlens(plan).long()
     cu_out = plan_cu_outputs(plan).long()
-    items = plan_images(plan).long()
+    items = plan_items(plan).long()
     num_slots = items.shape[0]
     out = torch.empty(META_ROWS, budget, dtype=torch.int32, device=plan.device)
 
@@ -314,14 +314,14 @@ def expand_plan_reference(plan: torch.Tensor, budget: int) -> torch.Tensor:
     local = x - cu[seq]
     hw = (h * w).clamp(min=1)
     in_frame = local % hw
-    out[META_IMAGE] = torch.where(valid, seq, -1)
+    out[META_ITEM] = torch.where(valid, seq, -1)
     out[META_ROW] = torch.where(valid, in_frame // w.clamp(min=1), 0)
     out[META_COL] = torch.where(valid, in_frame % w.clamp(min=1), 0)
     out[META_HEIGHT] = h
     out[META_WIDTH] = w
     out[META_TIME] = torch.where(valid & (frames > 1), local // hw + 1, 0)
 
-    o = x[x < budget // 4]
+    o = x[x < budget // MERGE_PATCHES]
     mseq = (torch.searchsorted(cu_out, o, right=True) - 1).clamp(max=num_slots)
     mvalid = mseq < num_slots
     msafe = mseq.clamp(max=num_slots - 1)

@@ -27,8 +27,12 @@ __all__ = [
 def __getattr__(name: str):
     # The fused classes pull in Triton; import them only when asked for, so that the reference path
     # (and TRITON_INTERPRET set later by a CPU user) are unaffected by merely importing this package.
-    if name in ("FusedMoonVit", "MoonVitGraphRunner"):
-        from . import fused
+    if name == "FusedMoonVit":
+        from .fused import FusedMoonVit
 
-        return getattr(fused, name)
+        return FusedMoonVit
+    if name == "MoonVitGraphRunner":
+        from .runner import MoonVitGraphRunner
+
+        return MoonVitGraphRunner
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,9 +20,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from .families import FAMILIES
+
 TOWER_PREFIX = "vision_tower."
-# Every projector prefix a checkpoint of the family may hold (MoonVitConfig.projector_name values).
-PROJECTOR_PREFIXES = ("multi_modal_projector.", "mm_projector.")
+# Every projector prefix a checkpoint may hold: the families' (MoonVitConfig.projector_name values).
+PROJECTOR_PREFIXES = tuple(dict.fromkeys(f"{family.projector_name}." for family in FAMILIES.values()))
 ENCODER_PREFIXES = (TOWER_PREFIX, *PROJECTOR_PREFIXES)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -16,61 +16,28 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
 import time
 
 import torch
 
-from .preprocess import IN_TOKEN_LIMIT_INSTRUCT, IN_TOKEN_LIMIT_THINKING, MERGE_SIZE as MERGE
+from .arguments import (DEBUG_ENV, DTYPES, OneLineParser, UsageError, cannot_write_into, debug_requested,
+                        positive_int)
+from fused_moonvit.kernels.limits import MERGE_SIDE
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEBUG_ENV = "FUSED_MOONVIT_DEBUG"
+from .preprocess import IN_TOKEN_LIMIT_INSTRUCT, IN_TOKEN_LIMIT_THINKING
+
 KEYS_PER_KIND = 3  # checkpoint keys named per kind of mismatch in the one-line error
 MODEL_DIR_LAYOUT = "config.json plus model.safetensors, or model.safetensors.index.json and its shards"
 # Larger images are refused up front (--max-image-pixels raises it): 250 MP covers the largest camera
 # sensors (200 MP), and one such RGB image decodes to 750 MB.
 MAX_IMAGE_PIXELS = 250_000_000
 # An image's smallest patch grid is one 2x2 merge: a patch limit below it can never be met.
-MIN_IN_TOKEN_LIMIT = MERGE * MERGE
+MIN_IN_TOKEN_LIMIT = MERGE_SIDE * MERGE_SIDE
 INTERRUPTED = 130  # the shell's status for a command ended by SIGINT (128 + 2)
 KIMI_K25_TEXT_HIDDEN = 7168  # Kimi-K2.5's and K2.6's text width: the demo's projector output
 # The demo clip: few and small frames, since the real-size tower runs eagerly on a CPU (two chunks of
 # 4 x 6 x 8 patches, a few seconds each on two cores).
 DEMO_CLIP_FRAMES, DEMO_CLIP_SIZE = 8, (84, 112)
-
-
-class UsageError(Exception):
-    """A mistake in the command's arguments, reported as one line with exit status 2."""
-
-
-def debug_requested() -> bool:
-    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, `PROG: error: MESSAGE`, with exit status 2 (the usage is in
-    --help). Every parser takes --debug, which shows tracebacks instead."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                          help=f"show tracebacks instead of one-line errors (or set {DEBUG_ENV}=1)")
-
-    def error(self, message: str):
-        if debug_requested():
-            raise UsageError(f"{self.prog}: {message}")
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def in_token_limit(text: str) -> int:
@@ -81,38 +48,8 @@ def in_token_limit(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number >= {MIN_IN_TOKEN_LIMIT}, got {text!r}") from None
     if value < MIN_IN_TOKEN_LIMIT:
         raise argparse.ArgumentTypeError(f"must be >= {MIN_IN_TOKEN_LIMIT}, got {value}: the smallest grid an image "
-                                         f"can have is {MERGE}x{MERGE} patches, so a lower limit can never be met")
+                                         f"can have is {MERGE_SIDE}x{MERGE_SIDE} patches, so a lower limit can never be met")
     return value
-
-
-def cannot_write_into(directory: str, make_dir: bool = False) -> str | None:
-    """Why nothing can be created in `directory` (an existing one), or None. Tried by creating, then
-    removing, a file there (a folder with `make_dir`): permission bits say nothing for root, nor about
-    file systems such as /proc that refuse new files whatever the bits."""
-    try:
-        if make_dir:
-            os.rmdir(tempfile.mkdtemp(prefix=".fused-moonvit-probe-", dir=directory))
-        else:
-            with tempfile.NamedTemporaryFile(prefix=".fused-moonvit-probe-", dir=directory):
-                pass
-    except OSError as err:
-        return err.strerror or str(err)
-    return None
-
-
-def output_dir(text: str) -> str:
-    """argparse type: a directory that exists or can be created, and can be written into."""
-    if os.path.exists(text) and not os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
-    existing = os.path.abspath(text)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise argparse.ArgumentTypeError(f"cannot create {text}: {existing} is a file")
-    why = cannot_write_into(existing, make_dir=existing != os.path.abspath(text))
-    if why:
-        raise argparse.ArgumentTypeError(f"cannot write into {existing} ({why})")
-    return text
 
 
 def _device(text: str) -> torch.device:
@@ -284,7 +221,7 @@ def _load_encoder(args: argparse.Namespace, cls, config, device: torch.device, d
 
     model = build_model(cls, args.model, config=config, dtype=dtype, device=device, seed=args.seed)
     if device.type == "cuda":
-        from .fused import MoonVitGraphRunner
+        from .runner import MoonVitGraphRunner
 
         # One command, then exit: each budget is captured when an image first needs it, on purpose.
         return MoonVitGraphRunner(model, warn_on_lazy_capture=False).encode, "fused CUDA-graph encoder"
@@ -395,7 +332,10 @@ def _encode_checked(args: argparse.Namespace) -> int:
                   else MoonVitConfig())
     else:
         config = _check_model(args.model, cls)
-    moonvit3d = config.tower == "moonvit3d"
+    from .families import family_of
+
+    family = family_of(config)
+    moonvit3d = family.inputs == "kimi_k25"  # transformers' Kimi-K2.5 processors: images and videos
     if (args.videos or demo_clip) and not moonvit3d:
         raise UsageError(
             "--video needs a Kimi-K2.5 / K2.6 / K3 model (MoonViT3d): "
@@ -453,7 +393,7 @@ def _encode_checked(args: argparse.Namespace) -> int:
         metadata[item.key] = f"{item.label}: {item.what}" if item.what else item.label
         t, h, w = item.grid
         shape = f"{h}x{w}" if not item.what else f"{t}x{h}x{w}"
-        tokens = (h // MERGE) * (w // MERGE)
+        tokens = (h // MERGE_SIDE) * (w // MERGE_SIDE)
         where = f"{item.label} {item.what}" if item.what else item.label
         tqdm.write(f"{where}: grid {shape} patches -> {tokens} tokens x {out.shape[1]}", file=sys.stdout)
     random_weights = f"seeded random weights (seed {args.seed}), a demo: not meaningful"

@@ -124,6 +124,9 @@ class MoonVitConfig(_HFConfig):
             raise ValueError(f"head_dim {self.head_dim} must be a multiple of 4 for the 2D RoPE")
         if self.text_hidden_size is not None and self.text_hidden_size < 1:
             raise ValueError(f"MoonVitConfig.text_hidden_size must be >= 1 or None, got {self.text_hidden_size}")
+        if self.tower == "moonvit" and self.projector_type != "patchmerger":
+            raise ValueError(f"Kimi-VL's MoonVit (tower='moonvit') has the 'patchmerger' projector only, got "
+                             f"{self.projector_type!r}; use tower='moonvit3d' for Kimi-K3's")
         if self.merge_kernel_size != [2, 2]:
             raise ValueError(f"only a 2x2 merge is supported, got merge_kernel_size={self.merge_kernel_size}")
 
@@ -138,8 +141,10 @@ class MoonVitConfig(_HFConfig):
 
     @property
     def projector_name(self) -> str:
-        """The projector's attribute, and the checkpoint's prefix for it."""
-        return "mm_projector" if self.tower == "moonvit3d" else "multi_modal_projector"
+        """The projector's attribute, and the checkpoint's prefix for it (the family's)."""
+        from .families import family_of  # families.py builds on this module
+
+        return family_of(self).projector_name
 
     @property
     def max_frames(self) -> int:
@@ -183,9 +188,12 @@ class MoonVitConfig(_HFConfig):
             text = raw.get("text_config") or {}
             if "hidden_size" not in text:
                 raise ValueError(f"{cfg_path}: a Kimi-VL or Kimi-K2.5 config needs text_config.hidden_size")
-            if raw.get("model_type") in MOONVIT3D_MODEL_TYPES or _is_moonvit3d(vision):
+            from .families import family_of_model_type  # families.py builds on this module
+
+            family = family_of_model_type(raw.get("model_type"))
+            if family is not None or _is_moonvit3d(vision):
                 try:
-                    vision = moonvit3d_fields(vision)
+                    vision = (family.vision_fields if family is not None else moonvit3d_fields)(vision)
                 except ValueError as err:
                     raise ValueError(f"{cfg_path}: {err}") from None
             vision["text_hidden_size"] = text["hidden_size"]
@@ -200,7 +208,6 @@ class MoonVitConfig(_HFConfig):
             raise ValueError(f"{cfg_path}: {err}") from None
 
 
-MOONVIT3D_MODEL_TYPES = ("kimi_k25", "kimi_k3")
 # Vision-config fields only MoonViT3d has; a vision_config with any of them is read as MoonViT3d.
 _MOONVIT3D_MARKERS = ("pos_emb_time", "init_pos_emb_time", "vt_hidden_size", "mm_projector_type", "merge_type")
 # Options MoonViT3d's code defines with one supported value (vLLM 0.34 and transformers 5.22 raise on others).

@@ -1,5 +1,5 @@
-"""`FusedMoonVit`: the static-shape MoonVit forward of docs/design.md section 3, and `MoonVitGraphRunner`,
-which captures it as one CUDA graph per token budget.
+"""`FusedMoonVit`: the static-shape MoonVit forward of docs/design.md section 3 (`runner.py` captures it as
+one CUDA graph per token budget).
 
 The forward works on a budget of B patch rows. A small int32 plan (one row per item slot plus cu_seqlens
 and output offsets, built on the host in O(items)) is uploaded once; an item is an image or, for
@@ -12,25 +12,21 @@ trailing padding sequence whose outputs are finite and discarded.
 
 from __future__ import annotations
 
-import threading
-import warnings
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 
 from fused_moonvit.kernels.layernorm import add_layer_norm
-from fused_moonvit.kernels.limits import check_budget, check_int
+from fused_moonvit.kernels.limits import MERGE_PATCHES, check_budget
 from fused_moonvit.kernels.patch_merge import merge_patches
-from fused_moonvit.kernels.plan import (build_plan, expand_plan, grid_thw_list, new_device_plan, new_token_meta,
-                                        plan_cu_seqlens, upload_plan)
+from fused_moonvit.kernels.plan import (build_plan, expand_plan, new_device_plan, new_token_meta, plan_cu_seqlens,
+                                        upload_plan)
 from fused_moonvit.kernels.pos_embed import interp_pos_embed
 from fused_moonvit.kernels.rope2d import apply_rope_2d, rope_cos_sin_table
 
 from .attention import check_attention_dtype, choose_attention, forced_attention_backend, packed_attention
 from .config import MoonVitConfig
-from .inputs import check_inputs, patch_offsets
-from .modules import MoonVitModules, norm_eps, rope_frequencies
+from .inputs import check_inputs
+from .modules import MoonVitModules, norm_args, rope_frequencies
 
 
 class FusedMoonVit(MoonVitModules):
@@ -70,7 +66,7 @@ class FusedMoonVit(MoonVitModules):
         plan = build_plan(grid, pixel_values.shape[0], grid.shape[0])
         device_plan = upload_plan(plan, new_device_plan(grid.shape[0], self.device), budget=pixel_values.shape[0])
         longest = int(grid.prod(dim=1).max())
-        outputs = int((grid[:, 1] * grid[:, 2]).sum()) // 4
+        outputs = int((grid[:, 1] * grid[:, 2]).sum()) // MERGE_PATCHES
         return self.forward_static(pixel_values.to(device=self.device, dtype=self.dtype), device_plan,
                                    max_seqlen=longest)[:outputs]
 
@@ -111,7 +107,7 @@ class FusedMoonVit(MoonVitModules):
                              time_table=embed.time_table(pixel_values.device), mode=cfg.pos_emb_interpolation)
         blocks = tower.encoder.blocks
         dtype = pixel_values.dtype
-        h = add_layer_norm(x, None, **_norm_args(blocks[0].norm0, dtype))
+        h = add_layer_norm(x, None, **norm_args(blocks[0].norm0, dtype))
         for i, block in enumerate(blocks):
             qkv = block.wqkv(h)
             apply_rope_2d(qkv, meta, cos_sin, num_heads=heads, head_dim=head_dim)
@@ -119,21 +115,15 @@ class FusedMoonVit(MoonVitModules):
             # The add-and-norm kernel adds the residual (and wo's bias) in one rounding, updates x in place
             # and normalises it for the next step. Where the bias goes was measured on the H200: cuBLAS
             # runs wo (1152 -> 1152) fastest without a bias epilogue, fc1 (4304 -> 1152) with one.
-            h = add_layer_norm(x, F.linear(attn, block.wo.weight), **_norm_args(block.norm1, dtype),
+            h = add_layer_norm(x, F.linear(attn, block.wo.weight), **norm_args(block.norm1, dtype),
                                bias=block.wo.bias)
             g = self._fc0_gelu(h, block.mlp.fc0)
             norm = blocks[i + 1].norm0 if i + 1 < len(blocks) else tower.encoder.final_layernorm
-            h = add_layer_norm(x, block.mlp.fc1(g), **_norm_args(norm, dtype))
+            h = add_layer_norm(x, block.mlp.fc1(g), **norm_args(norm, dtype))
 
-        projector = self.projector
-        pre_norm = getattr(projector, "pre_norm", None)
-        merged = merge_patches(h, meta, max_frames=cfg.max_frames, **({} if pre_norm is None else dict(
-            ln_weight=pre_norm.weight, ln_bias=pre_norm.bias, eps=pre_norm.eps)))
-        if projector is None:
-            return merged
-        out = projector.second(F.gelu(projector.first(merged)))
-        post_norm = getattr(projector, "post_norm", None)
-        return out if post_norm is None else add_layer_norm(out, None, **_norm_args(post_norm, dtype))
+        if self.projector is None:
+            return merge_patches(h, meta, max_frames=cfg.max_frames)
+        return self.projector.fused_forward(h, meta, cfg.max_frames)
 
     def _fc0_gelu(self, h: torch.Tensor, fc0: torch.nn.Linear) -> torch.Tensor:
         """gelu_tanh(fc0(h)). On CUDA, bias and GELU run in cuBLASLt's epilogue (its GELU is the tanh
@@ -149,205 +139,3 @@ class FusedMoonVit(MoonVitModules):
                 self._zero_biases[key] = torch.zeros(fc0.out_features, dtype=h.dtype, device=h.device)
             bias = self._zero_biases[key]
         return torch._addmm_activation(bias, h, fc0.weight.t(), use_gelu=True)
-
-
-def _norm_args(norm: torch.nn.Module, dtype: torch.dtype) -> dict:
-    """`add_layer_norm`'s arguments for a LayerNorm or RMSNorm module; an RMSNorm without eps uses
-    torch's default (`modules.norm_eps`)."""
-    rms = isinstance(norm, torch.nn.RMSNorm)
-    return dict(weight=norm.weight, ln_bias=None if rms else norm.bias, eps=norm_eps(norm, dtype), rms=rms)
-
-
-def capture_graph(fn, *, device: torch.device | str, pool=None, warmup: int = 1):
-    """(graph, output, pool growth in bytes): `fn` warmed up on a side stream (Triton compiles, cuBLAS
-    picks its kernels, the allocator settles), then captured on `device`."""
-    with torch.cuda.device(device):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        # torch.cuda.graph empties the cache as it starts anyway; doing it first makes `before` the
-        # memory in use, so the difference is what the capture itself took.
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_reserved()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            out = fn()
-        torch.cuda.synchronize()
-        return graph, out, torch.cuda.memory_reserved() - before
-
-
-LADDER_STEP = 64  # patches: the default ladder's budgets are multiples of this, below its top
-
-
-def default_budgets(max_budget: int = 16384, min_budget: int = 64) -> list[int]:
-    """A ladder of patch budgets from min_budget to max_budget, each at most ~1.25x the one below once
-    past 1024 (so padding stays under 25% there) and at most twice it below, rounded up to multiples of
-    `LADDER_STEP`."""
-    min_budget, max_budget = check_budget(min_budget, "min_budget"), check_budget(max_budget, "max_budget")
-    if max_budget < min_budget:
-        raise ValueError(f"max_budget {max_budget} is below min_budget {min_budget}")
-    budgets = [min_budget]
-    while budgets[-1] < max_budget:
-        step = budgets[-1] if budgets[-1] < 1024 else budgets[-1] // 4
-        budgets.append(min(max_budget, -(-(budgets[-1] + step) // LADDER_STEP) * LADDER_STEP))
-    return budgets
-
-
-class MoonVitGraphRunner:
-    """Runs a `FusedMoonVit` as one CUDA graph per patch budget, all graphs in one memory pool.
-
-    `encode` packs the items (images, and video chunks of t frames) of a call, in order, greedily into
-    chunks of at most the largest budget and `max_images` items, and replays the smallest graph that holds
-    each chunk. An item larger than the largest budget runs eagerly on its own. Each call's host work is
-    O(items): one plan build and upload per chunk. On the CPU there are no graphs: the same chunks run through the fused eager forward.
-
-    All budgets share one pixel buffer and one plan buffer. `encode` is safe to call from several threads
-    (calls take turns) and from several CUDA streams: each call's uploads wait, on the device, for the
-    last replay that read the buffers, whichever stream it ran on, and its outputs are copies. Call
-    `capture()` before serving: a budget not captured yet is captured on first use, which synchronizes
-    the device in the middle of a call (a warning says so).
-    """
-
-    def __init__(self, model: FusedMoonVit, budgets: Sequence[int] | None = None, max_images: int = 64,
-                 warn_on_lazy_capture: bool = True):
-        self.model = model.eval()
-        budgets = default_budgets() if budgets is None else list(budgets)
-        if not budgets:
-            raise ValueError("budgets must name at least one patch budget")
-        self.budgets = sorted({check_budget(b, "each budget") for b in budgets})
-        self.max_images = check_int("max_images", max_images, 1)
-        self.device = model.device
-        check_attention_dtype(self.device, model.dtype)
-        # A bad $FUSED_MOONVIT_ATTENTION, or a forced backend that cannot run here, fails here.
-        for budget in self.budgets:
-            self.attention_choice(budget)
-        model.rope_table(self.device)  # built here, never inside a capture
-        model.vision_tower.patch_embed.time_table(self.device)
-        p = model.config.patch_size
-        self.pixels = torch.zeros(self.budgets[-1], 3, p, p, dtype=model.dtype, device=self.device)
-        self.device_plan = new_device_plan(self.max_images, self.device)
-        self.token_meta = {b: new_token_meta(b, self.device) for b in self.budgets}
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.memory: dict[int, int] = {}
-        self._pool = None
-        self._lock = threading.Lock()
-        self._buffers_released: torch.cuda.Event | None = None
-        # A server should capture up front; a one-shot command (the CLI) captures on first use on purpose.
-        self._warned_lazy_capture = not warn_on_lazy_capture
-
-    def attention_choice(self, budget: int):
-        """The attention backend (and tiles) the graph of `budget` runs, as `forward_static` chooses it."""
-        return choose_attention(budget, self.device, self.model.config.head_dim, self.model.attention_backend)
-
-    @property
-    def uses_graphs(self) -> bool:
-        return self.device.type == "cuda"
-
-    def capture(self, progress: bool = True) -> None:
-        """Captures every budget's graph (largest first, so the smaller ones reuse the pool's memory)."""
-        if not self.uses_graphs:
-            raise RuntimeError(f"CUDA graphs need a CUDA model; this one is on {self.device}")
-        from tqdm import tqdm
-
-        with self._lock:
-            todo = [b for b in reversed(self.budgets) if b not in self.graphs]
-            for budget in tqdm(todo, desc="capturing encoder graphs", unit="graph", disable=not progress):
-                self._capture_one(budget)
-
-    def _capture_one(self, budget: int) -> None:
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        self._claim_buffers()
-        # An all-padding plan: capture must not depend on what the images will be.
-        upload_plan(build_plan([], budget, self.max_images), self.device_plan, budget=budget)
-        pixels, meta = self.pixels[:budget], self.token_meta[budget]
-        graph, out, grown = capture_graph(lambda: self.model.forward_static(pixels, self.device_plan, meta),
-                                          device=self.device, pool=self._pool)
-        self.graphs[budget], self.outputs[budget], self.memory[budget] = graph, out, grown
-
-    def _claim_buffers(self) -> None:
-        # Device-side ordering: what the current stream does next waits for the last work that read the
-        # shared buffers, even if that ran on another stream.
-        if self.uses_graphs and self._buffers_released is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._buffers_released)
-
-    def _release_buffers(self) -> None:
-        if self.uses_graphs:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self.device))
-            self._buffers_released = event
-
-    def graph_memory(self) -> dict[int, int]:
-        """Bytes the shared pool grew by when each budget's graph was captured."""
-        return dict(self.memory)
-
-    def plan_chunks(self, grid) -> list[tuple[int, int, int | None]]:
-        """Splits items ((h, w) images or (t, h, w) rows), in order, into (first, end, budget) chunks;
-        budget None means run eagerly."""
-        grid = grid_thw_list(grid)
-        largest = self.budgets[-1]
-        chunks: list[tuple[int, int, int | None]] = []
-        start, patches = 0, 0
-
-        def close(end: int) -> None:
-            nonlocal start, patches
-            if end > start:
-                chunks.append((start, end, next(b for b in self.budgets if b >= patches)))
-            start, patches = end, 0
-
-        for i, (t, h, w) in enumerate(grid):
-            if t * h * w > largest:
-                close(i)
-                chunks.append((i, i + 1, None))
-                start = i + 1
-                continue
-            if i - start == self.max_images or patches + t * h * w > largest:
-                close(i)
-            patches += t * h * w
-        close(len(grid))
-        return chunks
-
-    @torch.no_grad()
-    def encode(self, pixel_values: torch.Tensor, grid_hws) -> list[torch.Tensor]:
-        """Per-item outputs, (h/2*w/2, output_size) each, for any number of items of any size."""
-        grid = check_inputs(pixel_values, grid_hws, self.model.config.patch_size, self.model.config.max_frames).tolist()
-        offsets = patch_offsets(grid)
-        results: list[torch.Tensor] = []
-        with self._lock:
-            for first, end, budget in self.plan_chunks(grid):
-                pixels = pixel_values[offsets[first]:offsets[end]]
-                chunk_grid = grid[first:end]
-                if budget is None:
-                    out = self.model(pixels, chunk_grid)
-                else:
-                    out = self._run(budget, pixels, chunk_grid)
-                results += list(out.split([h * w // 4 for _, h, w in chunk_grid]))
-        return results
-
-    def _run(self, budget: int, pixels: torch.Tensor, grid: list[list[int]]) -> torch.Tensor:
-        if self.uses_graphs and budget not in self.graphs:
-            if not self._warned_lazy_capture:
-                warnings.warn(f"MoonVitGraphRunner: capturing the {budget}-patch graph on first use, which "
-                              "synchronizes the device mid-call; call runner.capture() before serving",
-                              stacklevel=3)
-                self._warned_lazy_capture = True
-            self._capture_one(budget)  # before the upload: capture runs an all-padding plan
-        plan = build_plan(grid, budget, self.max_images)
-        self._claim_buffers()
-        upload_plan(plan, self.device_plan, budget=budget)
-        # Not non-blocking from host memory: a caller could refill a pinned buffer before the copy ran.
-        self.pixels[:pixels.shape[0]].copy_(pixels, non_blocking=pixels.device.type != "cpu")
-        n_out = sum(h * w for _, h, w in grid) // 4
-        if not self.uses_graphs:
-            return self.model.forward_static(self.pixels[:budget], self.device_plan, self.token_meta[budget])[:n_out]
-        self.graphs[budget].replay()
-        # The pool is shared, so the next replay may reuse this memory: copy the valid rows out.
-        out = self.outputs[budget][:n_out].clone()
-        self._release_buffers()
-        return out
-

@@ -1,5 +1,6 @@
 """The MoonVit encoder's parameters as modules, under the checkpoint's names (Kimi-VL's, or Kimi-K2.5's
-for MoonViT3d, whose projector is `mm_projector` with `proj.0` and `proj.2` for its linears).
+and K3's for MoonViT3d, whose projector is `mm_projector` with `proj.0` and `proj.2` for its linears);
+which projector a config gets is its family's (families.py).
 
 Every model class here (the eager `MoonVitReference`, the fused `FusedMoonVit`) is built on
 `MoonVitModules`, so any one's state dict loads into any other; each class supplies its own forward.
@@ -109,6 +110,18 @@ class VisionTower(nn.Module):
         self.encoder = Encoder(config)
 
 
+def norm_args(norm: nn.Module, dtype: torch.dtype) -> dict:
+    """`kernels.layernorm.add_layer_norm`'s arguments for a LayerNorm or RMSNorm module; an RMSNorm
+    without eps uses torch's default (`norm_eps`)."""
+    rms = isinstance(norm, nn.RMSNorm)
+    return dict(weight=norm.weight, ln_bias=None if rms else norm.bias, eps=norm_eps(norm, dtype), rms=rms)
+
+
+# Each projector owns its fused forward, `fused_forward(h, token_meta, max_frames)`: the final-norm
+# output (B, C) of the fused tower and its expanded plan -> (B/4, text width). The kernels are imported
+# there, on the first fused call, so that the eager reference never imports Triton (see __init__.py).
+
+
 class Projector(nn.Module):
     """Kimi-VL's projector: pre-norm LayerNorm of each sub-token, then Linear, GELU (erf), Linear."""
 
@@ -119,49 +132,64 @@ class Projector(nn.Module):
         self.linear_1 = nn.Linear(merged, merged)
         self.linear_2 = nn.Linear(merged, config.text_hidden_size)
 
-    @property
-    def first(self) -> nn.Linear:
-        return self.linear_1
-
-    @property
-    def second(self) -> nn.Linear:
-        return self.linear_2
-
     def forward(self, merged: torch.Tensor) -> torch.Tensor:
         """(M, 4, C) sub-tokens -> (M, text_hidden_size)."""
         x = self.pre_norm(merged).flatten(1)
         return self.linear_2(F.gelu(self.linear_1(x)))
 
+    def fused_forward(self, h: torch.Tensor, token_meta: torch.Tensor, max_frames: int) -> torch.Tensor:
+        from fused_moonvit.kernels.patch_merge import merge_patches
 
-class Projector3d(nn.Module):
-    """MoonViT3d's projector, under the Kimi-K2.5 checkpoint's names (`proj.0`, `proj.2`).
+        norm = self.pre_norm  # fused into the merge's gather
+        merged = merge_patches(h, token_meta, ln_weight=norm.weight, ln_bias=norm.bias, eps=norm.eps,
+                               max_frames=max_frames)
+        return self.linear_2(F.gelu(self.linear_1(merged)))
 
-    "patchmerger" (K2.5 / K2.6): as Kimi-VL's, pre-norm LayerNorm(eps 1e-5) of each sub-token, then
-    Linear, GELU (erf), Linear, with biases. "patchmergerv2" (K3): no pre-norm, the linears without
-    biases, then RMSNorm(text width, eps=projector_ln_eps)."""
+
+class PatchMerger(nn.Module):
+    """Kimi-K2.5 / K2.6's MoonViT3d projector ("patchmerger"), under the checkpoint's names (`proj.0`,
+    `proj.2`): as Kimi-VL's, pre-norm LayerNorm of each sub-token, then Linear, GELU (erf), Linear."""
 
     def __init__(self, config: MoonVitConfig):
         super().__init__()
         merged = config.merged_hidden_size
-        v2 = config.projector_type == "patchmergerv2"
-        self.pre_norm = None if v2 else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.proj = nn.Sequential(nn.Linear(merged, merged, bias=not v2), nn.GELU(),
-                                  nn.Linear(merged, config.text_hidden_size, bias=not v2))
-        self.post_norm = nn.RMSNorm(config.text_hidden_size, eps=config.projector_ln_eps) if v2 else None
-
-    @property
-    def first(self) -> nn.Linear:
-        return self.proj[0]
-
-    @property
-    def second(self) -> nn.Linear:
-        return self.proj[2]
+        self.pre_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.proj = nn.Sequential(nn.Linear(merged, merged), nn.GELU(), nn.Linear(merged, config.text_hidden_size))
 
     def forward(self, merged: torch.Tensor) -> torch.Tensor:
         """(M, 4, C) sub-tokens -> (M, text_hidden_size)."""
-        x = merged if self.pre_norm is None else self.pre_norm(merged)
-        x = self.proj(x.flatten(1))
-        return x if self.post_norm is None else self.post_norm(x)
+        return self.proj(self.pre_norm(merged).flatten(1))
+
+    def fused_forward(self, h: torch.Tensor, token_meta: torch.Tensor, max_frames: int) -> torch.Tensor:
+        from fused_moonvit.kernels.patch_merge import merge_patches
+
+        norm = self.pre_norm  # fused into the merge's gather
+        merged = merge_patches(h, token_meta, ln_weight=norm.weight, ln_bias=norm.bias, eps=norm.eps,
+                               max_frames=max_frames)
+        return self.proj[2](self.proj[1](self.proj[0](merged)))
+
+
+class PatchMergerV2(nn.Module):
+    """Kimi-K3's projector ("patchmergerv2"), under the checkpoint's names: no pre-norm, Linear, GELU
+    (erf), Linear without biases, then RMSNorm(text width, eps=projector_ln_eps)."""
+
+    def __init__(self, config: MoonVitConfig):
+        super().__init__()
+        merged = config.merged_hidden_size
+        self.proj = nn.Sequential(nn.Linear(merged, merged, bias=False), nn.GELU(),
+                                  nn.Linear(merged, config.text_hidden_size, bias=False))
+        self.post_norm = nn.RMSNorm(config.text_hidden_size, eps=config.projector_ln_eps)
+
+    def forward(self, merged: torch.Tensor) -> torch.Tensor:
+        """(M, 4, C) sub-tokens -> (M, text_hidden_size)."""
+        return self.post_norm(self.proj(merged.flatten(1)))
+
+    def fused_forward(self, h: torch.Tensor, token_meta: torch.Tensor, max_frames: int) -> torch.Tensor:
+        from fused_moonvit.kernels.layernorm import add_layer_norm
+        from fused_moonvit.kernels.patch_merge import merge_patches
+
+        out = self.proj[2](self.proj[1](self.proj[0](merge_patches(h, token_meta, max_frames=max_frames))))
+        return add_layer_norm(out, None, **norm_args(self.post_norm, out.dtype))
 
 
 class MoonVitModules(nn.Module):
@@ -174,10 +202,11 @@ class MoonVitModules(nn.Module):
         super().__init__()
         self.config = config if config is not None else MoonVitConfig()
         self.vision_tower = VisionTower(self.config)
-        projector = None
-        if self.config.text_hidden_size is not None:
-            projector = Projector3d(self.config) if self.config.tower == "moonvit3d" else Projector(self.config)
-        setattr(self, self.config.projector_name, projector)
+        from .families import family_of  # families.py declares this module's projectors
+
+        family = family_of(self.config)
+        projector = None if self.config.text_hidden_size is None else family.projector(self.config)
+        setattr(self, family.projector_name, projector)
 
     @property
     def projector(self) -> nn.Module | None:

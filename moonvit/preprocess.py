@@ -11,10 +11,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fused_moonvit.kernels.limits import MERGE_SIDE
+
 from .inputs import MAX_GRID_SIDE
 
 PATCH_SIZE = 14
-MERGE_SIZE = 2
 IN_TOKEN_LIMIT_INSTRUCT = 4096
 IN_TOKEN_LIMIT_THINKING = 16384
 MEAN = STD = 0.5
@@ -48,7 +49,7 @@ def preprocess_image(image, in_token_limit: int = IN_TOKEN_LIMIT_INSTRUCT, patch
         raise ValueError(f"in_token_limit must be >= 1, got {in_token_limit}")
     image = fit_to_limit(_as_rgb(image), in_token_limit, patch_size)
     w, h = image.size
-    unit = patch_size * MERGE_SIZE
+    unit = patch_size * MERGE_SIDE
     padded_w, padded_h = -(-w // unit) * unit, -(-h // unit) * unit
     gh, gw = padded_h // patch_size, padded_w // patch_size
     if gh > MAX_GRID_SIDE or gw > MAX_GRID_SIDE:
@@ -73,7 +74,7 @@ def preprocess_images(images: Iterable, in_token_limit: int = IN_TOKEN_LIMIT_INS
 
 def tokens_per_image(grid_hws: torch.Tensor | Sequence[Sequence[int]]) -> list[int]:
     """Output tokens of each image: (h/2) * (w/2)."""
-    return [(int(h) // MERGE_SIZE) * (int(w) // MERGE_SIZE) for h, w in torch.as_tensor(grid_hws).tolist()]
+    return [(int(h) // MERGE_SIDE) * (int(w) // MERGE_SIDE) for h, w in torch.as_tensor(grid_hws).tolist()]
 
 
 # --- Kimi-K2.5 / K2.6 / K3 (MoonViT3d): transformers' own processors --------------------------------------
@@ -230,7 +231,7 @@ class KimiK25Inputs:
             if proc.patch_size != patch_size:
                 raise ValueError(f"the {name} processor cuts {proc.patch_size}-pixel patches ({self.source}), but the "
                                  f"model's patch_size is {patch_size}")
-            if proc.merge_size != MERGE_SIZE:
+            if proc.merge_size != MERGE_SIDE:
                 raise ValueError(f"the {name} processor's merge_size is {proc.merge_size} ({self.source}); the "
                                  f"encoder merges 2x2")
         if self.video.temporal_patch_size > max_frames:

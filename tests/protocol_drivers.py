@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 
 from fused_moonvit.integration import encoder_graph as eg
+from fused_moonvit.kernels.limits import MERGE_PATCHES
 
 
 class RerunGraph:
@@ -184,7 +185,7 @@ class ProtocolDriver:
 
 def item_tokens(grid) -> list[int]:
     """Output tokens of each (h, w) or (t, h, w) item: h/2 * w/2."""
-    return [row[-2] * row[-1] // eg.PATCHES_PER_TOKEN for row in grid]
+    return [row[-2] * row[-1] // MERGE_PATCHES for row in grid]
 
 
 def poison(driver: ProtocolDriver, seed: int) -> None:

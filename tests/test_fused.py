@@ -5,7 +5,7 @@ import torch
 
 from moonvit_fixtures import K3_OPTIONS, random_model, random_pixels, rel_err, tiny_config, tiny_k25_config
 from fused_moonvit.moonvit import FusedMoonVit, MoonVitGraphRunner
-from fused_moonvit.moonvit.fused import default_budgets
+from fused_moonvit.moonvit.runner import default_budgets
 
 IMAGE_SETS = [
     [(4, 6)],
@@ -137,7 +137,7 @@ def test_runner_padding_is_poisoned_and_harmless(grids):
     of zero padding."""
     ref, fused = fused_pair(seed=7)
     budget = -(-sum(h * w for h, w in grids) // 64) * 64 + 64
-    runner = MoonVitGraphRunner(fused, budgets=[budget], max_images=len(grids) + 2)
+    runner = MoonVitGraphRunner(fused, budgets=[budget], max_items=len(grids) + 2)
     pix = random_pixels(grids, seed=8)
     clean = runner.encode(pix, torch.tensor(grids))  # zero padding rows
     runner.pixels.fill_(float("nan"))
@@ -153,8 +153,8 @@ def test_split_equals_one_call():
     ref, fused = fused_pair(seed=9)
     grids = [(6, 10), (16, 16), (2, 2), (4, 8), (10, 10), (8, 8), (2, 4)]
     pix = random_pixels(grids, seed=10)
-    big = MoonVitGraphRunner(fused, budgets=[1024], max_images=8).encode(pix, torch.tensor(grids))
-    small = MoonVitGraphRunner(fused, budgets=[64, 128, 192], max_images=2)
+    big = MoonVitGraphRunner(fused, budgets=[1024], max_items=8).encode(pix, torch.tensor(grids))
+    small = MoonVitGraphRunner(fused, budgets=[64, 128, 192], max_items=2)
     chunks = small.plan_chunks([list(g) for g in grids])
     # 256 patches exceed the largest budget (eager); the rest pack in order, two images at most
     assert chunks == [(0, 1, 64), (1, 2, None), (2, 4, 64), (4, 6, 192), (6, 7, 64)]
@@ -170,7 +170,7 @@ def test_concurrent_threads_get_their_own_images():
     import threading
 
     ref, fused = fused_pair(seed=12)
-    runner = MoonVitGraphRunner(fused, budgets=[128, 256], max_images=4)
+    runner = MoonVitGraphRunner(fused, budgets=[128, 256], max_items=4)
     sets = [[(8, 8), (4, 6)], [(16, 16)], [(2, 2), (6, 2), (4, 4)], [(10, 10)]]
     pixels = [random_pixels(g, seed=20 + i) for i, g in enumerate(sets)]
     wants = [ref(p, torch.tensor(g)) for p, g in zip(pixels, sets)]
@@ -210,13 +210,13 @@ def test_bad_inputs():
         MoonVitGraphRunner(fused, budgets=[64.5])
     with pytest.raises(ValueError, match="budgets must name at least one patch budget"):
         MoonVitGraphRunner(fused, budgets=[])
-    with pytest.raises(TypeError, match=r"max_images must be an int, got float 2.5"):
-        MoonVitGraphRunner(fused, budgets=[64], max_images=2.5)
-    with pytest.raises(ValueError, match=r"max_images must be >= 1, got 0"):
-        MoonVitGraphRunner(fused, budgets=[64], max_images=0)
+    with pytest.raises(TypeError, match=r"max_items must be an int, got float 2.5"):
+        MoonVitGraphRunner(fused, budgets=[64], max_items=2.5)
+    with pytest.raises(ValueError, match=r"max_items must be >= 1, got 0"):
+        MoonVitGraphRunner(fused, budgets=[64], max_items=0)
     with pytest.raises(RuntimeError, match="CUDA"):
         MoonVitGraphRunner(fused, budgets=[64]).capture()
-    runner = MoonVitGraphRunner(fused, budgets=[64, 128], max_images=2)
+    runner = MoonVitGraphRunner(fused, budgets=[64, 128], max_items=2)
     with pytest.raises(ValueError, match=r"pixel_values' row count B must be a multiple of 4 patches \(the 2x2 merge\), got 62"):
         fused.forward_static(torch.randn(62, 3, 14, 14), runner.device_plan)
     with pytest.raises(ValueError, match=r"pixel_values must be \(B, 3, 14, 14\), got \(64, 3, 14, 13\)"):
@@ -281,7 +281,7 @@ def test_moonvit3d_runner_padding_is_poisoned_and_harmless(tower):
     the reference, chunks split across calls as budgets allow, and are bitwise those of zero padding."""
     ref, fused = fused_3d_pair(seed=13, **(K3_OPTIONS if tower == "k3" else {}))
     items = [(4, 8, 8), (1, 6, 4), (2, 4, 4), (3, 2, 2), (1, 10, 10)]
-    runner = MoonVitGraphRunner(fused, budgets=[128, 320], max_images=3)
+    runner = MoonVitGraphRunner(fused, budgets=[128, 320], max_items=3)
     assert runner.plan_chunks(items) == [(0, 3, 320), (3, 5, 128)]  # 312 patches, then 112
     pix = random_pixels(items, seed=14)
     clean = runner.encode(pix, torch.tensor(items))  # zero padding rows

@@ -34,7 +34,7 @@ def models(request):
     fused = FusedMoonVit(cfg)
     fused.load_state_dict(ref32.state_dict())
     fused = fused.to("cuda", torch.bfloat16).eval()
-    runner = MoonVitGraphRunner(fused, budgets=BUDGETS, max_images=16)
+    runner = MoonVitGraphRunner(fused, budgets=BUDGETS, max_items=16)
     runner.capture(progress=False)
     yield request.param, ref32, ref16, runner
     del ref32, ref16, runner

@@ -26,8 +26,9 @@ except ModuleNotFoundError as err:
     pytest.skip("this vLLM has no Kimi-K2.5 model (vllm.model_executor.models.kimi_k25)", allow_module_level=True)
 
 from moonvit_fixtures import random_model, rel_err, tiny_config
-from vllm_manager import captured_manager
-from vllm_peer import init_vllm_cpu, kimi_k25_config_json, write_tiny_kimi_k25_dir
+from vllm_manager import captured_manager, poison
+from vllm_peer import (MAX_MODEL_LEN, assert_matches, build, init_vllm_cpu, kimi_k25_config_json, vllm_config,
+                       write_tiny_kimi_k25_dir)
 
 from fused_moonvit.integration.encoder_graph import PADDING_LOGICS, PLAN_KEY
 
@@ -37,7 +38,6 @@ SHARED_BUFFERS = Version(version("vllm")) >= Version("0.34")
 
 VISION = tiny_config(tower="moonvit3d", pos_emb_time=4)  # 2 layers, hidden 32, 4 heads, 16x16 table, text 24
 TEXT_HIDDEN = VISION.text_hidden_size
-MAX_MODEL_LEN = 256
 MEAN, STD = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
 FRAMES = (1, 2, 4)
 
@@ -85,29 +85,6 @@ def raw_dir(tmp_path_factory):
     init_vllm_cpu()
     return write_tiny_kimi_k25_dir(tmp_path_factory.mktemp("tiny_kimi_k25_raw"), VISION, MAX_MODEL_LEN,
                                    image_mean=MEAN, image_std=STD)
-
-
-def vllm_config(model_dir, *, compilation=None, parallel=None, **model_kwargs):
-    from vllm.config import ModelConfig, VllmConfig
-
-    model_config = ModelConfig(model=str(model_dir), dtype="float32", skip_tokenizer_init=True,
-                               max_model_len=MAX_MODEL_LEN, enforce_eager=True, **model_kwargs)
-    extra = {k: v for k, v in (("compilation_config", compilation), ("parallel_config", parallel)) if v is not None}
-    return VllmConfig(model_config=model_config, **extra)
-
-
-def build(model_class, model_dir, checkpoint=None, **model_kwargs):
-    """One model, in its own VllmConfig, with `checkpoint` loaded through the model's own `load_weights`,
-    which must fill every parameter."""
-    from vllm.model_executor.model_loader.utils import initialize_model, process_weights_after_loading
-
-    config = vllm_config(model_dir, **model_kwargs)
-    model = initialize_model(config, model_class=model_class)
-    if checkpoint is not None:
-        loaded = model.load_weights(iter(checkpoint.items()))
-        assert loaded == {name for name, _ in model.named_parameters()}
-        process_weights_after_loading(model, config.model_config, torch.device("cpu"))
-    return model.eval()
 
 
 def stock_class():
@@ -158,17 +135,10 @@ def reference(stock):
         return {name: stock.embed_multimodal(**mm_kwargs(items)) for name, items in ITEM_SETS.items()}
 
 
-def assert_matches(got, want, tol=1e-5):
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        assert g.shape == w.shape
-        assert torch.isfinite(g).all()
-        assert rel_err(g, w) <= tol
-
-
 # -- construction and weights --
 
 def test_builds_fused_encoder_once(model_dir, checkpoint, stock, monkeypatch):
+    import fused_moonvit.integration.drop_in as drop_in
     import fused_moonvit.integration.kimi_k25 as integration
     from vllm.model_executor.layers.fusion.mm_input_norm import IdentityInputNorm
     from vllm.model_executor.models import kimi_k25 as vllm_kimi_k25
@@ -181,12 +151,12 @@ def test_builds_fused_encoder_once(model_dir, checkpoint, stock, monkeypatch):
     monkeypatch.setattr(kimi_k25_vit.KimiK25MultiModalProjector, "__init__", refuse)
     built = []
 
-    class CountingFusedMoonVit(integration.FusedMoonVit):
+    class CountingFusedMoonVit(drop_in.FusedMoonVit):
         def __init__(self, config):
             built.append(self)
             super().__init__(config)
 
-    monkeypatch.setattr(integration, "FusedMoonVit", CountingFusedMoonVit)
+    monkeypatch.setattr(drop_in, "FusedMoonVit", CountingFusedMoonVit)
     model = build(integration.FusedKimiK25ForConditionalGeneration, model_dir, checkpoint)
 
     assert len(built) == 1
@@ -246,10 +216,10 @@ def test_load_weights_refuses_unexpected_encoder_tensors(model_dir, checkpoint, 
 # -- refusals --
 
 def test_tower_constructors_refuse_what_they_cannot_build():
-    from fused_moonvit.integration.drop_in import FusedTowerConstructors
-    from fused_moonvit.integration.kimi_k25 import _TOWER_CONSTRUCTORS, FusedMoonVit
+    from fused_moonvit.integration.drop_in import FusedMoonVit, FusedTowerConstructors
+    from fused_moonvit.moonvit.families import KIMI_K25
 
-    constructors = FusedTowerConstructors(VISION, "", _TOWER_CONSTRUCTORS, "KimiK25ForConditionalGeneration",
+    constructors = FusedTowerConstructors(VISION, "", KIMI_K25.vllm.tower_constructors, "KimiK25ForConditionalGeneration",
                                           FusedMoonVit)
     tower, projector = constructors.stand_in("vision_tower"), constructors.stand_in("mm_projector")
     with pytest.raises(ValueError, match=r"unquantized vision weights only.*vision_tower quantized \(object\)"):
@@ -271,14 +241,14 @@ def test_refuses_weight_sharded_encoder(model_dir):
 
 
 def test_refuses_a_parent_that_builds_its_tower_otherwise(monkeypatch):
-    from fused_moonvit.integration.drop_in import FusedTowerConstructors, parent_init_with
-    from fused_moonvit.integration.kimi_k25 import _TOWER_CONSTRUCTORS, FusedMoonVit
+    from fused_moonvit.integration.drop_in import FusedMoonVit, FusedTowerConstructors, parent_init_with
+    from fused_moonvit.moonvit.families import KIMI_K25
 
     def init_without_the_names(self, vllm_config, prefix=""):
         self.vision_tower = None
 
     monkeypatch.setattr(stock_class(), "__init__", init_without_the_names)
-    constructors = FusedTowerConstructors(VISION, "", _TOWER_CONSTRUCTORS, "x", FusedMoonVit)
+    constructors = FusedTowerConstructors(VISION, "", KIMI_K25.vllm.tower_constructors, "x", FusedMoonVit)
     with pytest.raises(RuntimeError, match="KimiK25ForConditionalGeneration.__init__ no longer builds its tower "
                                            "through MoonViT3dPretrainedModel and KimiK25MultiModalProjector"):
         parent_init_with(stock_class(), constructors)
@@ -298,15 +268,16 @@ def test_refuses_a_mapper_that_renames_encoder_parameters(model_dir, monkeypatch
 def test_refuses_vision_names_that_disagree_with_vllms():
     from transformers import Kimi_K25Config
 
-    from fused_moonvit.integration.kimi_k25 import moonvit_config
-
     from fused_moonvit.moonvit import MoonVitConfig
+    from fused_moonvit.moonvit.families import KIMI_K25
+
+    moonvit_config = KIMI_K25.moonvit_config
 
     config = kimi_k25_config_json(VISION)
     ours = moonvit_config(Kimi_K25Config(vision_config=config["vision_config"], text_config=config["text_config"]))
     assert {k: getattr(ours, k) for k in MoonVitConfig._FIELDS} == {k: getattr(VISION, k) for k in MoonVitConfig._FIELDS}
     config["vision_config"]["vt_num_hidden_layers"] = 3  # legacy name, read first by moonvit3d_fields
-    with pytest.raises(ValueError, match="vision_config.num_hidden_layers=2, which vLLM's MoonViT3d reads, "
+    with pytest.raises(ValueError, match="vision_config.num_hidden_layers=2, which vLLM's tower reads, "
                                          "disagrees with 3"):
         moonvit_config(Kimi_K25Config(vision_config=config["vision_config"], text_config=config["text_config"]))
 
@@ -511,14 +482,6 @@ STALE_ROW_SETS = [
     ("after_poison", [(2, 6, 10)], [(16, (2,))]),  # 120 of 128 rows
     ("mix_after_poison", [(1, 2, 40), (3, 4, 4), (1, 4, 4)], [(32, (2,))]),  # 28 tokens, 144 of 256 rows
 ]
-
-
-def poison(manager, seed):
-    g = torch.Generator().manual_seed(seed)
-    for graph in manager._get_graph_set("default").values():
-        graph.input_buffers["pixel_values"].fill_(float("nan"))
-        plan = graph.input_buffers[PLAN_KEY]
-        plan.copy_(torch.randint(-(2**20), 2**20, plan.shape, generator=g, dtype=torch.int32))
 
 
 def test_stale_rows_and_nan_in_captured_buffers(manager, stock):

@@ -16,9 +16,9 @@ import pytest
 import torch
 from packaging.version import Version
 
-from moonvit_fixtures import random_model, random_pixels, rel_err, tiny_config
-from vllm_manager import captured_manager
-from vllm_peer import init_vllm_cpu, write_tiny_kimi_vl_dir
+from moonvit_fixtures import random_model, random_pixels, tiny_config
+from vllm_manager import captured_manager, poison
+from vllm_peer import MAX_MODEL_LEN, assert_matches, build, init_vllm_cpu, vllm_config, write_tiny_kimi_vl_dir
 
 from fused_moonvit.integration.encoder_graph import PADDING_LOGICS, PLAN_KEY
 
@@ -30,7 +30,6 @@ SHARED_BUFFERS = Version(version("vllm")) >= Version("0.34")
 
 VISION = tiny_config()  # 2 layers, hidden 32, 4 heads, a 16x16 position table, text hidden 24
 TEXT_HIDDEN = VISION.text_hidden_size
-MAX_MODEL_LEN = 256
 
 IMAGE_SETS = {
     "one": [(6, 10)],
@@ -49,29 +48,6 @@ def model_dir(tmp_path_factory):
     write_tiny_kimi_vl_dir(directory, VISION, max_position_embeddings=MAX_MODEL_LEN)
     init_vllm_cpu()
     return directory
-
-
-def vllm_config(model_dir, *, compilation=None, parallel=None, **model_kwargs):
-    from vllm.config import ModelConfig, VllmConfig
-
-    model_config = ModelConfig(model=str(model_dir), dtype="float32", skip_tokenizer_init=True,
-                               max_model_len=MAX_MODEL_LEN, enforce_eager=True, **model_kwargs)
-    extra = {k: v for k, v in (("compilation_config", compilation), ("parallel_config", parallel)) if v is not None}
-    return VllmConfig(model_config=model_config, **extra)
-
-
-def build(model_class, model_dir, checkpoint=None, **model_kwargs):
-    """One model, in its own VllmConfig (vLLM registers attention layers per config), with `checkpoint`
-    loaded through the model's own `load_weights`."""
-    from vllm.model_executor.model_loader.utils import initialize_model, process_weights_after_loading
-
-    config = vllm_config(model_dir, **model_kwargs)
-    model = initialize_model(config, model_class=model_class)
-    if checkpoint is not None:
-        loaded = model.load_weights(iter(checkpoint.items()))
-        assert loaded == {name for name, _ in model.named_parameters()}
-        process_weights_after_loading(model, config.model_config, torch.device("cpu"))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -115,17 +91,10 @@ def reference(stock):
         return {name: stock.embed_multimodal(**mm_kwargs(grids)) for name, grids in IMAGE_SETS.items()}
 
 
-def assert_matches(got, want, tol=1e-5):
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        assert g.shape == w.shape
-        assert torch.isfinite(g).all()
-        assert rel_err(g, w) <= tol
-
-
 # -- construction --
 
 def test_builds_fused_encoder_once(model_dir, checkpoint, monkeypatch):
+    import fused_moonvit.integration.drop_in as drop_in
     import fused_moonvit.integration.kimi_vl as integration
     from vllm.model_executor.models import kimi_vl as vllm_kimi_vl
     from vllm.model_executor.models import moonvit as vllm_moonvit
@@ -137,12 +106,12 @@ def test_builds_fused_encoder_once(model_dir, checkpoint, monkeypatch):
     monkeypatch.setattr(vllm_kimi_vl.KimiVLMultiModalProjector, "__init__", refuse)
     built = []
 
-    class CountingFusedMoonVit(integration.FusedMoonVit):
+    class CountingFusedMoonVit(drop_in.FusedMoonVit):
         def __init__(self, config):
             built.append(self)
             super().__init__(config)
 
-    monkeypatch.setattr(integration, "FusedMoonVit", CountingFusedMoonVit)
+    monkeypatch.setattr(drop_in, "FusedMoonVit", CountingFusedMoonVit)
     model = build(integration.FusedKimiVLForConditionalGeneration, model_dir, checkpoint)
 
     assert len(built) == 1
@@ -163,13 +132,14 @@ def test_builds_fused_encoder_once(model_dir, checkpoint, monkeypatch):
 def test_constructor_swap_is_local_to_the_model(model_dir, monkeypatch):
     """While ours is being built, vLLM's module still names its own tower classes, and a stock Kimi-VL
     built then, in another thread, gets vLLM's own MoonVit."""
+    import fused_moonvit.integration.drop_in as drop_in
     import fused_moonvit.integration.kimi_vl as integration
     from vllm.model_executor.models import kimi_vl as vllm_kimi_vl
     from vllm.model_executor.models import moonvit as vllm_moonvit
 
     seen = {}
 
-    class FusedMoonVitBuildingAStockModel(integration.FusedMoonVit):
+    class FusedMoonVitBuildingAStockModel(drop_in.FusedMoonVit):
         def __init__(self, config):
             super().__init__(config)
             seen["module_names"] = (vllm_kimi_vl.MoonVitPretrainedModel, vllm_kimi_vl.KimiVLMultiModalProjector)
@@ -184,7 +154,7 @@ def test_constructor_swap_is_local_to_the_model(model_dir, monkeypatch):
             thread.start()
             thread.join()
 
-    monkeypatch.setattr(integration, "FusedMoonVit", FusedMoonVitBuildingAStockModel)
+    monkeypatch.setattr(drop_in, "FusedMoonVit", FusedMoonVitBuildingAStockModel)
     ours = build(integration.FusedKimiVLForConditionalGeneration, model_dir)
 
     assert "error" not in seen, seen.get("error")
@@ -199,9 +169,11 @@ def test_constructor_swap_is_local_to_the_model(model_dir, monkeypatch):
 def test_tower_constructors_refuse_what_they_cannot_build():
     """A quantization config for the tower (vLLM 0.33 and 0.34 pass none), or a prefix other than the
     attribute whose checkpoint names the encoder's parameters carry."""
-    from fused_moonvit.integration.kimi_vl import _tower_constructors
+    from fused_moonvit.integration.drop_in import FusedMoonVit, FusedTowerConstructors
+    from fused_moonvit.moonvit.families import KIMI_VL
 
-    constructors = _tower_constructors(VISION, "model")
+    constructors = FusedTowerConstructors(VISION, "model", KIMI_VL.vllm.tower_constructors,
+                                          "KimiVLForConditionalGeneration", FusedMoonVit)
     vision_tower, projector = constructors.stand_in("vision_tower"), constructors.stand_in("multi_modal_projector")
     with pytest.raises(ValueError, match="unquantized vision weights only.*vision_tower quantized \\(object\\)"):
         vision_tower(None, prefix="model.vision_tower", quant_config=object())
@@ -218,7 +190,8 @@ def test_tower_constructors_refuse_what_they_cannot_build():
 def test_refuses_a_parent_that_builds_its_tower_otherwise(monkeypatch):
     from vllm.model_executor.models import kimi_vl as vllm_kimi_vl
 
-    from fused_moonvit.integration.kimi_vl import _parent_init_with, _tower_constructors
+    from fused_moonvit.integration.drop_in import FusedMoonVit, FusedTowerConstructors, parent_init_with
+    from fused_moonvit.moonvit.families import KIMI_VL
 
     def init_without_the_names(self, vllm_config, prefix=""):
         self.vision_tower = None
@@ -226,7 +199,8 @@ def test_refuses_a_parent_that_builds_its_tower_otherwise(monkeypatch):
     monkeypatch.setattr(vllm_kimi_vl.KimiVLForConditionalGeneration, "__init__", init_without_the_names)
     with pytest.raises(RuntimeError, match="no longer builds its tower through MoonVitPretrainedModel and "
                                            "KimiVLMultiModalProjector.*FUSED_MOONVIT_DISABLE=1"):
-        _parent_init_with(_tower_constructors(VISION, ""))
+        parent_init_with(vllm_kimi_vl.KimiVLForConditionalGeneration,
+                         FusedTowerConstructors(VISION, "", KIMI_VL.vllm.tower_constructors, "x", FusedMoonVit))
 
 
 def test_load_weights_refuses_quantized_vision_tensors(model_dir, checkpoint):
@@ -348,12 +322,12 @@ def test_padding_cannot_produce_nan(ours, reference):
 def test_protocol_signatures_are_inspected_once(ours, monkeypatch):
     import inspect
 
-    import fused_moonvit.integration.kimi_vl as integration
+    import fused_moonvit.integration.drop_in as drop_in
 
     calls = []
     real = inspect.signature
-    monkeypatch.setattr(integration.inspect, "signature", lambda f: calls.append(f) or real(f))
-    integration._protocol_signature.cache_clear()
+    monkeypatch.setattr(drop_in.inspect, "signature", lambda f: calls.append(f) or real(f))
+    drop_in.protocol_signature.cache_clear()
     kwargs = mm_kwargs(IMAGE_SETS["several"])
     for _ in range(3):
         ours.prepare_encoder_cudagraph_replay_buffers(kwargs, 6, 6)
@@ -439,14 +413,6 @@ STALE_ROW_SETS = [
     ("after_poison", [(10, 12)], [32]),  # 30 tokens: 8 padding rows
     ("thin_after_poison", [(2, 40), (40, 2), (4, 4)], [64]),  # 44 tokens
 ]
-
-
-def poison(manager, seed):
-    g = torch.Generator().manual_seed(seed)
-    for graph in manager._get_graph_set("default").values():
-        graph.input_buffers["pixel_values"].fill_(float("nan"))
-        plan = graph.input_buffers[PLAN_KEY]
-        plan.copy_(torch.randint(-(2**20), 2**20, plan.shape, generator=g, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("data_parallel", [False, True], ids=["local", "dp"])

@@ -14,8 +14,8 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from moonvit_fixtures import tiny_config
-from vllm_peer import write_tiny_kimi_k25_dir, write_tiny_kimi_vl_dir
+from moonvit_fixtures import K3_OPTIONS, tiny_config
+from vllm_peer import write_tiny_kimi_k3_dir, write_tiny_kimi_k25_dir, write_tiny_kimi_vl_dir
 
 pytestmark = pytest.mark.vllm
 
@@ -23,9 +23,14 @@ OURS = "fused_moonvit.integration.kimi_vl:FusedKimiVLForConditionalGeneration"
 STOCK = "vllm.model_executor.models.kimi_vl:KimiVLForConditionalGeneration"
 OURS_K25 = "fused_moonvit.integration.kimi_k25:FusedKimiK25ForConditionalGeneration"
 STOCK_K25 = "vllm.model_executor.models.kimi_k25:KimiK25ForConditionalGeneration"
+OURS_K3 = "fused_moonvit.integration.kimi_k3:FusedKimiK3ForConditionalGeneration"
+STOCK_K3 = "vllm.models.kimi_k3.nvidia.model:KimiK3ForConditionalGeneration"
+K3_ARCHS = ("KimiK3ForConditionalGeneration", "KimiK31ForConditionalGeneration")
 LOG_MARK = "fused-moonvit:"
 # vLLM 0.33.0 and 0.34.0 both have Kimi-K2.5; a release without it keeps the Kimi-VL swap only.
 HAS_K25 = importlib.util.find_spec("vllm.model_executor.models.kimi_k25") is not None
+# Kimi-K3: vLLM 0.33.0 registers KimiK3ForConditionalGeneration, 0.34.0 K3.1 as well (one class). Which
+# names this vLLM knows is read from its registry in the probe; the plugin must swap exactly those.
 
 PROBE = r"""
 import json, sys
@@ -45,11 +50,14 @@ if "--register-again" in sys.argv:
 archs = ["KimiVLForConditionalGeneration"]
 if "--k25" in sys.argv:
     archs.append("KimiK25ForConditionalGeneration")
+known = set(ModelRegistry.get_supported_archs())
+archs += [arch for arch in ("KimiK3ForConditionalGeneration", "KimiK31ForConditionalGeneration") if arch in known]
 registry = {}
 for arch in archs:
     cls = ModelRegistry._try_load_model_cls(arch)
     registry[arch] = f"{cls.__module__}:{cls.__qualname__}"
-result = {"modules_after_plugins": ours_loaded, "registry": registry, "resolved": {}}
+result = {"modules_after_plugins": ours_loaded, "registry": registry, "resolved": {},
+          "k3_known": sorted(a for a in ("KimiK3ForConditionalGeneration", "KimiK31ForConditionalGeneration") if a in known)}
 if "--model-dirs" in sys.argv:
     from vllm.config import ModelConfig
     from vllm.model_executor.model_loader import get_model_architecture
@@ -64,12 +72,22 @@ print("PROBE " + json.dumps(result))
 """
 
 
+def known_k3_archs() -> list[str]:
+    from vllm import ModelRegistry
+
+    known = set(ModelRegistry.get_supported_archs())
+    return [arch for arch in K3_ARCHS if arch in known]
+
+
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     dirs = [write_tiny_kimi_vl_dir(tmp_path_factory.mktemp("kimi_vl_config"), tiny_config())]
     if HAS_K25:
         dirs.append(write_tiny_kimi_k25_dir(tmp_path_factory.mktemp("kimi_k25_config"),
                                             tiny_config(tower="moonvit3d", pos_emb_time=4)))
+    for arch in known_k3_archs():  # a config.json naming each K3 architecture this vLLM knows
+        dirs.append(write_tiny_kimi_k3_dir(tmp_path_factory.mktemp(arch), tiny_config(
+            tower="moonvit3d", pos_emb_time=4, **K3_OPTIONS), architecture=arch))
     return dirs
 
 
@@ -115,8 +133,10 @@ def test_entry_point_is_installed():
 
 def test_registry_resolves_to_fused_class(probes):
     result, log = probes["default"]
+    k3 = result["k3_known"]
+    assert k3 == sorted(known_k3_archs())
     assert result["registry"] == {"KimiVLForConditionalGeneration": OURS} | (
-        {"KimiK25ForConditionalGeneration": OURS_K25} if HAS_K25 else {})
+        {"KimiK25ForConditionalGeneration": OURS_K25} if HAS_K25 else {}) | {arch: OURS_K3 for arch in k3}
     # What vLLM itself does when it loads a model: ModelConfig inspects the class (in a subprocess)
     # and the loader resolves the architecture, from each model directory's config.json.
     assert {arch: r["class"] for arch, r in result["resolved"].items()} == result["registry"]
@@ -124,19 +144,33 @@ def test_registry_resolves_to_fused_class(probes):
         assert resolved["multimodal"] is True, arch
         # The multimodal processor registered on vLLM's class is the one vLLM finds for ours.
         assert resolved["stock_processor"] is True, arch
-    # Loading the plugin imports nothing of ours beyond the plugin module itself.
-    assert result["modules_after_plugins"] == ["fused_moonvit.integration", "fused_moonvit.integration.plugin"]
+    # Loading the plugin imports, of ours, the plugin and the family declarations it reads: no drop-in
+    # (each imports its vLLM model module) and no Triton kernel.
+    loaded = result["modules_after_plugins"]
+    assert {"fused_moonvit.integration.plugin", "fused_moonvit.moonvit.families"} <= set(loaded)
+    assert not [m for m in loaded if m.startswith(("fused_moonvit.integration.kimi", "fused_moonvit.integration.drop_in",
+                                                   "fused_moonvit.moonvit.fused", "fused_moonvit.kernels."))
+                and m != "fused_moonvit.kernels.limits"]
     # Idempotent: vLLM loads it once per process, a second register() is a no-op (one log line).
     assert len(log) == 1
-    swapped = "KimiVLForConditionalGeneration and KimiK25ForConditionalGeneration use" if HAS_K25 else \
-        "KimiVLForConditionalGeneration uses"
-    assert f"{swapped} the fused MoonVit encoder" in log[0]
+    swapped = " and ".join(["KimiVLForConditionalGeneration"] + (["KimiK25ForConditionalGeneration"] if HAS_K25 else [])
+                           + known_k3_archs())
+    assert f"{swapped} use{'' if swapped.count(' and ') else 's'} the fused MoonVit encoder" in log[0]
+
+
+def test_k3_names_this_vllm_lacks_are_left_alone(probes):
+    """vLLM 0.33.0 has no KimiK31ForConditionalGeneration: the plugin registers no such name (it would
+    make vLLM claim an architecture it cannot serve); 0.34.0 has both names, and both are ours."""
+    result, _ = probes["default"]
+    for arch in K3_ARCHS:
+        assert (arch in result["registry"]) == (arch in result["k3_known"]), arch
 
 
 def test_disable_env_keeps_stock_class(probes):
     result, log = probes["disabled"]
     assert result["registry"] == {"KimiVLForConditionalGeneration": STOCK} | (
-        {"KimiK25ForConditionalGeneration": STOCK_K25} if HAS_K25 else {})
+        {"KimiK25ForConditionalGeneration": STOCK_K25} if HAS_K25 else {}) | {
+        arch: STOCK_K3 for arch in result["k3_known"]}
     assert len(log) == 1 and "FUSED_MOONVIT_DISABLE" in log[0]
 
 

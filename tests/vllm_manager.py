@@ -8,6 +8,8 @@ import contextlib
 
 import torch
 
+from fused_moonvit.integration.encoder_graph import PLAN_KEY
+
 
 class StandInGraph:
     """`torch.cuda.CUDAGraph`'s stand-in on the CPU. The manager's own capture runs the body once under
@@ -57,3 +59,13 @@ def captured_manager(model, config, monkeypatch, dtype=torch.float32):
         assert graph.graph.forward is not None, key
         graph.graph.output_buffer, graph.graph.key, graph.graph.replays = graph.output_buffer, key, replays
     return manager, replays
+
+
+def poison(manager, seed):
+    """Every captured graph's buffers of the fused encoder poisoned: NaN pixels and a random plan, so that
+    a replay that reads anything it was not given shows it."""
+    g = torch.Generator().manual_seed(seed)
+    for graph in manager._get_graph_set("default").values():
+        graph.input_buffers["pixel_values"].fill_(float("nan"))
+        plan = graph.input_buffers[PLAN_KEY]
+        plan.copy_(torch.randint(-(2**20), 2**20, plan.shape, generator=g, dtype=torch.int32))

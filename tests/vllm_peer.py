@@ -12,7 +12,7 @@ import socket
 from functools import lru_cache
 
 import torch
-from moonvit_fixtures import k25_vision_config, kimi_vl_config_json
+from moonvit_fixtures import k25_vision_config, kimi_vl_config_json, rel_err
 
 from fused_moonvit.moonvit import MoonVitConfig
 
@@ -210,8 +210,99 @@ def write_tiny_kimi_k25_dir(directory, vision: MoonVitConfig, max_position_embed
     preprocessor_config.json whose `media_proc_cfg` holds them, as Kimi-K2.5's does: vLLM then
     normalises raw uint8 pixels on the device, (x / 255 - mean) / std per channel)."""
     (directory / "config.json").write_text(json.dumps(kimi_k25_config_json(vision, max_position_embeddings)))
+    write_media_normalisation(directory, vision, image_mean, image_std)
+    return directory
+
+
+def write_media_normalisation(directory, vision: MoonVitConfig, image_mean: list[float] | None,
+                              image_std: list[float] | None) -> None:
+    """With a mean and std, the preprocessor_config.json (its `media_proc_cfg`) Kimi-K2.5's and K3's
+    checkpoints ship, from which vLLM normalises raw uint8 pixels on the device."""
     if image_mean is not None:
         (directory / "preprocessor_config.json").write_text(json.dumps(
             {"media_proc_cfg": {"image_mean": image_mean, "image_std": image_std, "patch_size": vision.patch_size,
                                 "merge_kernel_size": list(vision.merge_kernel_size)}}))
+
+
+def kimi_k3_config_json(vision: MoonVitConfig, max_position_embeddings: int = 256) -> dict:
+    """A Kimi-K3 config.json (model_type kimi_k3) that vLLM's `KimiK3Config` accepts: `vision` (a MoonViT3d
+    config with K3's options) under the names K3's checkpoints use (`vt_*`, `init_pos_emb_*`), and a
+    one-layer KimiLinear text config, which only sizes things here: K3's language model cannot be built
+    on a CPU, and the tests replace it (`KimiK3LanguageStandIn`)."""
+    vision_config = dict(
+        model_type="kimi_k3_vision", patch_size=vision.patch_size, init_pos_emb_height=vision.init_pos_emb_height,
+        init_pos_emb_width=vision.init_pos_emb_width, init_pos_emb_time=vision.pos_emb_time,
+        vt_num_attention_heads=vision.num_attention_heads, vt_num_hidden_layers=vision.num_hidden_layers,
+        vt_hidden_size=vision.hidden_size, vt_intermediate_size=vision.intermediate_size,
+        merge_kernel_size=list(vision.merge_kernel_size), qkv_hidden_size=vision.qkv_hidden_size,
+        norm_type=vision.norm_type, attn_bias=vision.attn_bias, linear_bias=vision.linear_bias,
+        patch_embed_proj_bias=vision.patch_embed_proj_bias, pos_emb_interpolation_mode=vision.pos_emb_interpolation,
+        mm_projector_type=vision.projector_type, projector_ln_eps=vision.projector_ln_eps,
+        activation_func=vision.hidden_act, text_hidden_size=vision.text_hidden_size)
+    text_config = dict(model_type="kimi_linear", vocab_size=64, hidden_size=vision.text_hidden_size,
+                       intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                       max_position_embeddings=max_position_embeddings)
+    return {"model_type": "kimi_k3", "architectures": ["KimiK3ForConditionalGeneration"],
+            "vision_config": vision_config, "text_config": text_config}
+
+
+def write_tiny_kimi_k3_dir(directory, vision: MoonVitConfig, max_position_embeddings: int = 256,
+                           architecture: str = "KimiK3ForConditionalGeneration", image_mean: list[float] | None = None,
+                           image_std: list[float] | None = None):
+    """A local Kimi-K3 model directory naming `architecture` (K3's, or K3.1's): config.json, and with
+    `image_mean`/`image_std` the preprocessor config from which vLLM normalises raw pixels."""
+    config = kimi_k3_config_json(vision, max_position_embeddings)
+    config["architectures"] = [architecture]
+    (directory / "config.json").write_text(json.dumps(config))
+    write_media_normalisation(directory, vision, image_mean, image_std)
     return directory
+
+
+class KimiK3LanguageStandIn(torch.nn.Module):
+    """What Kimi-K3's `__init__` and loader use of its language model, which cannot be built on a CPU
+    (KimiLinear's kernels): one parameter, loaded by name, and the methods `__init__` and
+    `process_weights_after_loading` call."""
+
+    def __init__(self, *, vllm_config, hf_config, prefix: str = "", architectures=None):
+        super().__init__()
+        self.stand_in = torch.nn.Linear(hf_config.hidden_size, 4, bias=False)
+        self.make_empty_intermediate_tensors = None
+
+    def process_weights_after_loading(self) -> None:
+        pass
+
+
+# -- building vLLM models from a tiny model directory (the drop-in tests) --
+
+MAX_MODEL_LEN = 256
+
+
+def vllm_config(model_dir, *, compilation=None, parallel=None, **model_kwargs):
+    from vllm.config import ModelConfig, VllmConfig
+
+    model_config = ModelConfig(model=str(model_dir), dtype="float32", skip_tokenizer_init=True,
+                               max_model_len=MAX_MODEL_LEN, enforce_eager=True, **model_kwargs)
+    extra = {k: v for k, v in (("compilation_config", compilation), ("parallel_config", parallel)) if v is not None}
+    return VllmConfig(model_config=model_config, **extra)
+
+
+def build(model_class, model_dir, checkpoint=None, **model_kwargs):
+    """One model, in its own VllmConfig (vLLM registers attention layers per config), with `checkpoint`
+    loaded through the model's own `load_weights`, which must fill every parameter."""
+    from vllm.model_executor.model_loader.utils import initialize_model, process_weights_after_loading
+
+    config = vllm_config(model_dir, **model_kwargs)
+    model = initialize_model(config, model_class=model_class)
+    if checkpoint is not None:
+        loaded = model.load_weights(iter(checkpoint.items()))
+        assert loaded == {name for name, _ in model.named_parameters()}
+        process_weights_after_loading(model, config.model_config, torch.device("cpu"))
+    return model.eval()
+
+
+def assert_matches(got, want, tol=1e-5):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert torch.isfinite(g).all()
+        assert rel_err(g, w) <= tol

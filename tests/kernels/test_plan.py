@@ -6,7 +6,7 @@ from kernel_cases import CASES, case_params
 from fused_moonvit.kernels import (
     META_COL,
     META_HEIGHT,
-    META_IMAGE,
+    META_ITEM,
     META_MERGE_FRAMES,
     META_MERGE_SRC,
     META_MERGE_STRIDE,
@@ -22,18 +22,18 @@ from fused_moonvit.kernels import (
     new_token_meta,
     plan_cu_outputs,
     plan_cu_seqlens,
-    plan_images,
+    plan_items,
     plan_numel,
     upload_plan,
 )
 
 
 def test_layout_of_a_padded_plan():
-    plan = build_plan(torch.tensor([[4, 6], [2, 2], [6, 2]]), budget=48, max_images=5)
+    plan = build_plan(torch.tensor([[4, 6], [2, 2], [6, 2]]), budget=48, max_items=5)
     assert plan.dtype == torch.int32 and plan.shape == (plan_numel(5),)
     assert plan_cu_seqlens(plan).tolist() == [0, 24, 28, 40, 40, 40, 48]
     assert plan_cu_outputs(plan).tolist() == [0, 6, 7, 10, 10, 10]
-    assert plan_images(plan).tolist() == [[0, 1, 4, 6], [24, 1, 2, 2], [28, 1, 6, 2], [40, 0, 0, 0], [40, 0, 0, 0]]
+    assert plan_items(plan).tolist() == [[0, 1, 4, 6], [24, 1, 2, 2], [28, 1, 6, 2], [40, 0, 0, 0], [40, 0, 0, 0]]
     assert plan.is_pinned() == torch.cuda.is_available()
     assert torch.equal(build_plan([[4, 6], [2, 2], [6, 2]], np.int64(48), np.int32(5)), plan)
 
@@ -55,7 +55,7 @@ def test_every_row_in_exactly_one_sequence(case):
 def test_expand_meta_of_a_known_plan(device):
     plan = build_plan([(4, 6), (2, 2), (6, 2)], 48, 5)
     meta = expand_plan(upload_plan(plan, new_device_plan(5, device)), new_token_meta(48, device)).cpu()
-    assert meta[META_IMAGE].tolist() == [0] * 24 + [1] * 4 + [2] * 12 + [-1] * 8
+    assert meta[META_ITEM].tolist() == [0] * 24 + [1] * 4 + [2] * 12 + [-1] * 8
     assert meta[META_ROW, :24].tolist() == [r for r in range(4) for _ in range(6)]
     assert meta[META_COL, :24].tolist() == list(range(6)) * 4
     assert meta[META_ROW, 28:40].tolist() == [r for r in range(6) for _ in range(2)]
@@ -76,7 +76,7 @@ def test_expand_meta_of_video_chunks(device):
     assert plan_cu_outputs(plan).tolist() == [0, 2, 3, 5, 5]
     meta = new_token_meta(56, device).fill_(-9)
     meta = expand_plan(upload_plan(plan, new_device_plan(4, device)), meta).cpu()
-    assert meta[META_IMAGE].tolist() == [0] * 24 + [1] * 4 + [2] * 16 + [-1] * 12
+    assert meta[META_ITEM].tolist() == [0] * 24 + [1] * 4 + [2] * 16 + [-1] * 12
     # Frame f of a chunk adds time row f (stored f + 1); the image and the padding add none (0).
     assert meta[META_TIME].tolist() == [f + 1 for f in range(3) for _ in range(8)] + [0] * 4 + [1] * 8 + [2] * 8 + [0] * 12
     assert meta[META_ROW, :24].tolist() == [r for r in range(2) for _ in range(4)] * 3
@@ -130,10 +130,10 @@ BAD_PLANS = [
     ([(4, 514)], 4096, 2, ValueError, r"w must be in 1\.\.512 patches, got 514"),
     ([(-2, 4)], 16, 2, ValueError, r"got -2"),
     ([(4, 4), (4, 4)], 28, 2, ValueError, "32 patches in total, more than the budget 28"),
-    ([(2, 2)] * 3, 16, 2, ValueError, "3 items but max_images is 2"),
+    ([(2, 2)] * 3, 16, 2, ValueError, "3 items but max_items is 2"),
     ([(2, 2)], 18, 2, ValueError, "budget must be a multiple of 4"),
     ([(2, 2)], 16.0, 2, TypeError, "budget must be an int"),
-    ([(2, 2)], 16, 0, ValueError, "max_images must be >= 1"),
+    ([(2, 2)], 16, 0, ValueError, "max_items must be >= 1"),
 ]
 
 

@@ -1,0 +1,66 @@
+"""What the whole-encoder benchmarks share: the smoke config, the run arguments, the timing of a whole
+call, and the versions every result file records."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from fused_moonvit.moonvit.arguments import positive_int
+
+# --smoke's tiny tower, on the CPU: the real structure at sizes the Triton interpreter runs in seconds.
+SMOKE_CONFIG = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=48,
+                    init_pos_emb_height=16, init_pos_emb_width=16, text_hidden_size=24)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, smoke: str) -> None:
+    """The arguments every whole-encoder benchmark takes: model depth, timing, seed, and --smoke."""
+    parser.add_argument("--layers", type=positive_int, metavar="N", help="override num_hidden_layers, for quick runs")
+    parser.add_argument("--iters", type=positive_int, default=20, help="timed calls per row (default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
+    parser.add_argument("--smoke", action="store_true", help=smoke)
+
+
+def measure(fn: Callable[[], object], *, cuda: bool, iters: int, warmup: int) -> dict:
+    """Times whole calls of `fn`. On CUDA the events bracket the call from an idle GPU, so the elapsed
+    time covers host work and device work alike; `host_ms` is the time until the call returned."""
+    if not cuda:
+        t0 = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - t0) * 1e3
+        return {"ms": ms, "ms_min": ms, "ms_max": ms, "host_ms": ms, "samples_ms": [ms],
+                "timing": "wall clock, one call"}
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    device_ms, host_ms = [], []
+    for _ in range(iters):
+        start.record()
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        end.record()
+        end.synchronize()
+        device_ms.append(start.elapsed_time(end))
+        host_ms.append((t1 - t0) * 1e3)
+    return {"ms": statistics.median(device_ms), "ms_min": min(device_ms), "ms_max": max(device_ms),
+            "host_ms": statistics.median(host_ms), "samples_ms": device_ms,
+            "timing": f"CUDA events, median of {iters} after {warmup} warm-up calls"}
+
+
+def versions() -> dict[str, str | None]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+            "python": platform.python_version()}

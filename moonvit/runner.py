@@ -1,0 +1,213 @@
+"""`MoonVitGraphRunner`, which runs a `FusedMoonVit` as one CUDA graph per patch budget, its budget
+ladder, and `capture_graph`, the capture helper every graph of this project goes through (the runner,
+the benchmarks' baselines and the plugin's graphs as the benchmarks capture them)."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from fused_moonvit.kernels.limits import MERGE_PATCHES, check_budget, check_int
+from fused_moonvit.kernels.plan import build_plan, grid_thw_list, new_device_plan, new_token_meta, upload_plan
+
+from .attention import check_attention_dtype, choose_attention
+from .fused import FusedMoonVit
+from .inputs import check_inputs, patch_offsets
+
+
+def capture_graph(fn, *, device: torch.device | str, pool=None, warmup: int = 1):
+    """(graph, output, pool growth in bytes): `fn` warmed up on a side stream (Triton compiles, cuBLAS
+    picks its kernels, the allocator settles), then captured on `device`."""
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        # torch.cuda.graph empties the cache as it starts anyway; doing it first makes `before` the
+        # memory in use, so the difference is what the capture itself took.
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+        torch.cuda.synchronize()
+        return graph, out, torch.cuda.memory_reserved() - before
+
+
+LADDER_STEP = 64  # patches: the default ladder's budgets are multiples of this, below its top
+
+
+def default_budgets(max_budget: int = 16384, min_budget: int = 64) -> list[int]:
+    """A ladder of patch budgets from min_budget to max_budget, each at most ~1.25x the one below once
+    past 1024 (so padding stays under 25% there) and at most twice it below, rounded up to multiples of
+    `LADDER_STEP`."""
+    min_budget, max_budget = check_budget(min_budget, "min_budget"), check_budget(max_budget, "max_budget")
+    if max_budget < min_budget:
+        raise ValueError(f"max_budget {max_budget} is below min_budget {min_budget}")
+    budgets = [min_budget]
+    while budgets[-1] < max_budget:
+        step = budgets[-1] if budgets[-1] < 1024 else budgets[-1] // 4
+        budgets.append(min(max_budget, -(-(budgets[-1] + step) // LADDER_STEP) * LADDER_STEP))
+    return budgets
+
+
+class MoonVitGraphRunner:
+    """Runs a `FusedMoonVit` as one CUDA graph per patch budget, all graphs in one memory pool.
+
+    `encode` packs the items (images, and video chunks of t frames) of a call, in order, greedily into
+    chunks of at most the largest budget and `max_items` items, and replays the smallest graph that holds
+    each chunk. An item larger than the largest budget runs eagerly on its own. Each call's host work is
+    O(items): one plan build and upload per chunk. On the CPU there are no graphs: the same chunks run through the fused eager forward.
+
+    All budgets share one pixel buffer and one plan buffer. `encode` is safe to call from several threads
+    (calls take turns) and from several CUDA streams: each call's uploads wait, on the device, for the
+    last replay that read the buffers, whichever stream it ran on, and its outputs are copies. Call
+    `capture()` before serving: a budget not captured yet is captured on first use, which synchronizes
+    the device in the middle of a call (a warning says so).
+    """
+
+    def __init__(self, model: FusedMoonVit, budgets: Sequence[int] | None = None, max_items: int = 64,
+                 warn_on_lazy_capture: bool = True):
+        self.model = model.eval()
+        budgets = default_budgets() if budgets is None else list(budgets)
+        if not budgets:
+            raise ValueError("budgets must name at least one patch budget")
+        self.budgets = sorted({check_budget(b, "each budget") for b in budgets})
+        self.max_items = check_int("max_items", max_items, 1)
+        self.device = model.device
+        check_attention_dtype(self.device, model.dtype)
+        # A bad $FUSED_MOONVIT_ATTENTION, or a forced backend that cannot run here, fails here.
+        for budget in self.budgets:
+            self.attention_choice(budget)
+        model.rope_table(self.device)  # built here, never inside a capture
+        model.vision_tower.patch_embed.time_table(self.device)
+        p = model.config.patch_size
+        self.pixels = torch.zeros(self.budgets[-1], 3, p, p, dtype=model.dtype, device=self.device)
+        self.device_plan = new_device_plan(self.max_items, self.device)
+        self.token_meta = {b: new_token_meta(b, self.device) for b in self.budgets}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.memory: dict[int, int] = {}
+        self._pool = None
+        self._lock = threading.Lock()
+        self._buffers_released: torch.cuda.Event | None = None
+        # A server should capture up front; a one-shot command (the CLI) captures on first use on purpose.
+        self._warned_lazy_capture = not warn_on_lazy_capture
+
+    def attention_choice(self, budget: int):
+        """The attention backend (and tiles) the graph of `budget` runs, as `forward_static` chooses it."""
+        return choose_attention(budget, self.device, self.model.config.head_dim, self.model.attention_backend)
+
+    @property
+    def uses_graphs(self) -> bool:
+        return self.device.type == "cuda"
+
+    def capture(self, progress: bool = True) -> None:
+        """Captures every budget's graph (largest first, so the smaller ones reuse the pool's memory)."""
+        if not self.uses_graphs:
+            raise RuntimeError(f"CUDA graphs need a CUDA model; this one is on {self.device}")
+        from tqdm import tqdm
+
+        with self._lock:
+            todo = [b for b in reversed(self.budgets) if b not in self.graphs]
+            for budget in tqdm(todo, desc="capturing encoder graphs", unit="graph", disable=not progress):
+                self._capture_one(budget)
+
+    def _capture_one(self, budget: int) -> None:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        self._claim_buffers()
+        # An all-padding plan: capture must not depend on what the images will be.
+        upload_plan(build_plan([], budget, self.max_items), self.device_plan, budget=budget)
+        pixels, meta = self.pixels[:budget], self.token_meta[budget]
+        graph, out, grown = capture_graph(lambda: self.model.forward_static(pixels, self.device_plan, meta),
+                                          device=self.device, pool=self._pool)
+        self.graphs[budget], self.outputs[budget], self.memory[budget] = graph, out, grown
+
+    def _claim_buffers(self) -> None:
+        # Device-side ordering: what the current stream does next waits for the last work that read the
+        # shared buffers, even if that ran on another stream.
+        if self.uses_graphs and self._buffers_released is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._buffers_released)
+
+    def _release_buffers(self) -> None:
+        if self.uses_graphs:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self._buffers_released = event
+
+    def graph_memory(self) -> dict[int, int]:
+        """Bytes the shared pool grew by when each budget's graph was captured."""
+        return dict(self.memory)
+
+    def plan_chunks(self, grid) -> list[tuple[int, int, int | None]]:
+        """Splits items ((h, w) images or (t, h, w) rows), in order, into (first, end, budget) chunks;
+        budget None means run eagerly."""
+        grid = grid_thw_list(grid)
+        largest = self.budgets[-1]
+        chunks: list[tuple[int, int, int | None]] = []
+        start, patches = 0, 0
+
+        def close(end: int) -> None:
+            nonlocal start, patches
+            if end > start:
+                chunks.append((start, end, next(b for b in self.budgets if b >= patches)))
+            start, patches = end, 0
+
+        for i, (t, h, w) in enumerate(grid):
+            if t * h * w > largest:
+                close(i)
+                chunks.append((i, i + 1, None))
+                start = i + 1
+                continue
+            if i - start == self.max_items or patches + t * h * w > largest:
+                close(i)
+            patches += t * h * w
+        close(len(grid))
+        return chunks
+
+    @torch.no_grad()
+    def encode(self, pixel_values: torch.Tensor, grid_hws) -> list[torch.Tensor]:
+        """Per-item outputs, (h/2*w/2, output_size) each, for any number of items of any size."""
+        grid = check_inputs(pixel_values, grid_hws, self.model.config.patch_size, self.model.config.max_frames).tolist()
+        offsets = patch_offsets(grid)
+        results: list[torch.Tensor] = []
+        with self._lock:
+            for first, end, budget in self.plan_chunks(grid):
+                pixels = pixel_values[offsets[first]:offsets[end]]
+                chunk_grid = grid[first:end]
+                if budget is None:
+                    out = self.model(pixels, chunk_grid)
+                else:
+                    out = self._run(budget, pixels, chunk_grid)
+                results += list(out.split([h * w // MERGE_PATCHES for _, h, w in chunk_grid]))
+        return results
+
+    def _run(self, budget: int, pixels: torch.Tensor, grid: list[list[int]]) -> torch.Tensor:
+        if self.uses_graphs and budget not in self.graphs:
+            if not self._warned_lazy_capture:
+                warnings.warn(f"MoonVitGraphRunner: capturing the {budget}-patch graph on first use, which "
+                              "synchronizes the device mid-call; call runner.capture() before serving",
+                              stacklevel=3)
+                self._warned_lazy_capture = True
+            self._capture_one(budget)  # before the upload: capture runs an all-padding plan
+        plan = build_plan(grid, budget, self.max_items)
+        self._claim_buffers()
+        upload_plan(plan, self.device_plan, budget=budget)
+        # Not non-blocking from host memory: a caller could refill a pinned buffer before the copy ran.
+        self.pixels[:pixels.shape[0]].copy_(pixels, non_blocking=pixels.device.type != "cpu")
+        n_out = sum(h * w for _, h, w in grid) // MERGE_PATCHES
+        if not self.uses_graphs:
+            return self.model.forward_static(self.pixels[:budget], self.device_plan, self.token_meta[budget])[:n_out]
+        self.graphs[budget].replay()
+        # The pool is shared, so the next replay may reuse this memory: copy the valid rows out.
+        out = self.outputs[budget][:n_out].clone()
+        self._release_buffers()
+        return out
+
