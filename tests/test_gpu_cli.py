@@ -28,7 +28,7 @@ def test_encode_on_cuda_runs_the_graph_runner_like_the_reference(tmp_path, capsy
         paths.append(str(path))
     out = tmp_path / "emb.safetensors"
     assert main(["encode", *paths, "--device", "cuda", "--seed", "3", "--out", str(out)]) == 0
-    assert "fused CUDA-graph encoder ready on cuda" in capsys.readouterr().out
+    assert "fused CUDA-graph encoder ready on cuda" in capsys.readouterr().err  # notes go to stderr
 
     # The command's model without --model: Kimi-VL's architecture with seeded random weights.
     ref32 = build_model(MoonVitReference, config=MoonVitConfig(), dtype=torch.float32, device="cuda", seed=3)

@@ -89,7 +89,7 @@ def test_graph_replay_under_new_plans(backend, heads, head_dim, device):
     uploaded into the same buffer: the output follows each plan, and nothing is read back on the host."""
     if refused(backend, device, head_dim):
         return
-    from fused_moonvit.moonvit.fused import capture_graph
+    from fused_moonvit.moonvit.runner import capture_graph
 
     budget, slots = REAL_SIZE.budget, REAL_SIZE.max_images
     device_plan = new_device_plan(slots, device)
