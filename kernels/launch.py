@@ -8,8 +8,9 @@ match a shape's exact keys but none of their bounds holds it, the last of them d
 measured; a larger shape takes the largest measured row). Everything else in a row is a setting the
 launcher reads by name.
 
-Each kernel module keeps its table beside its launcher; moonvit/attention.py's measured attention table
-(attention_table.json) has rows of the same form and is read with `select_row`.
+Each kernel module keeps its table beside its launcher (docs/design.md section 14.1). The measured
+attention table of moonvit/attention.py (attention_table.json) has rows of the same form and is read with
+`select_row`.
 
 A GPU whose class no row names (sm80, sm100, ...) gets the sm90 rows: they were measured on H100 and H200,
 and every GPU ran them before the tables existed.
