@@ -11,8 +11,8 @@ Each kernel has a plain-PyTorch `*_reference` twin with the same arguments.
 
 On CPU tensors the kernels run under the Triton interpreter, which must be switched on
 (TRITON_INTERPRET=1) before the first kernel module is imported. The kernel modules are imported on
-first use of a name from this package, so importing the package (or `fused_moonvit.kernels.limits`)
-alone does not decide it.
+first use of a name from this package, so importing the package (or `fused_moonvit.kernels.limits`, or
+`fused_moonvit.kernels.launch`, the launch tables' lookup) alone does not decide it.
 """
 
 import importlib

@@ -52,7 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_launchable, check_tensor
+from ._checks import check_tensor
+from .launch import launch_settings
 from .limits import MAX_GRID_SIDE, MERGE_PATCHES, check_budget, check_int
 
 ITEM_FIELDS = 4
@@ -211,6 +212,14 @@ def extend_padding_sequence(device_plan: torch.Tensor, budget: int) -> torch.Ten
     return device_plan
 
 
+# Launch settings of `expand_plan` (see kernels/launch.py): `block_tokens` tokens per program; the
+# interpreter pays per program, so it gets the largest blocks.
+EXPAND_PLAN_LAUNCH = [
+    {"device_class": "cpu", "block_tokens": 4096, "num_warps": 4},
+    {"device_class": "sm90", "block_tokens": 256, "num_warps": 4},
+]
+
+
 def new_token_meta(budget: int, device: torch.device | str) -> torch.Tensor:
     """A static device buffer for `expand_plan`."""
     return torch.empty(META_ROWS, check_budget(budget), dtype=torch.int32, device=device)
@@ -287,11 +296,11 @@ def expand_plan(device_plan: torch.Tensor, token_meta: torch.Tensor) -> torch.Te
     num_slots = plan_max_items(device_plan)
     check_tensor("token_meta", token_meta, dtypes=(torch.int32,), shape=(META_ROWS, None), device=device_plan.device)
     budget = check_budget(token_meta.shape[1], "token_meta's column count B")
-    interpreted = check_launchable(_expand_plan_kernel, device_plan.device)
-    block = 4096 if interpreted else 256
+    launch = launch_settings(EXPAND_PLAN_LAUNCH, _expand_plan_kernel, device_plan.device, budget=budget)
+    block = launch["block_tokens"]
     _expand_plan_kernel[(triton.cdiv(budget, block),)](
         device_plan, token_meta, budget, num_slots,
-        SEARCH_STEPS=num_slots.bit_length(), BLOCK=block, num_warps=4,
+        SEARCH_STEPS=num_slots.bit_length(), BLOCK=block, num_warps=launch["num_warps"],
     )
     return token_meta
 

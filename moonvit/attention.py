@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fused_moonvit.kernels.launch import device_class, select_row
+
 ATTENTION_ENV = "FUSED_MOONVIT_ATTENTION"
 FA3_LIB_ENV = "FUSED_MOONVIT_FA3_LIB"
 BACKENDS = ("triton", "fa3", "fa2")
@@ -55,15 +57,6 @@ def sdpa_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds:
             seq = [t[start:end].transpose(0, 1) for t in (q, k, v)]
             out[start:end] = F.scaled_dot_product_attention(*seq).transpose(0, 1)
     return out
-
-
-def device_class(device: torch.device | str) -> str:
-    """What decides a launch: "sm90" for a Hopper GPU (compute capability 9.0), "cpu" for the interpreter."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return "cpu"
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm{major}{minor}"
 
 
 def check_attention_dtype(device: torch.device, dtype: torch.dtype) -> None:
@@ -224,8 +217,7 @@ def choose_attention(budget: int, device: torch.device | str, head_dim: int,
     device = torch.device(device)
     forced = forced_attention_backend(backend)
     cls = device_class(device)
-    rows = [r for r in attention_table()["rows"] if r["device_class"] == cls and r["head_dim"] == head_dim]
-    row = next((r for r in rows if budget <= r["max_budget"]), rows[-1] if rows else None)
+    row = select_row(attention_table()["rows"], device_class=cls, head_dim=head_dim, budget=budget)
     ranking = row["ranking"] if row is not None else [{"backend": "fa3"}, {"backend": "triton"}]
     if forced is not None:
         reason = backend_unavailable_reason(forced, device)
