@@ -36,8 +36,8 @@ buffers, and capture or replay at one budget leaves its data in the others') are
 from __future__ import annotations
 
 import math
-from itertools import accumulate
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 
 import torch
 

@@ -122,12 +122,6 @@ class Items:
         them again."""
         return Items(tuple(self.rows[i] for i in indices))
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Items) and self.rows == other.rows
-
-    def __hash__(self) -> int:
-        return hash(self.rows)
-
     def __repr__(self) -> str:
         return f"Items({[list(r) for r in self.rows]})"
 

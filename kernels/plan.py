@@ -4,9 +4,9 @@ An item is an image, (t = 1, h, w) patches, or a video chunk of t frames of h x 
 its patches frame-major, each frame row-major. Its tokens attend to each other (all t * h * w of them),
 and its t frames are averaged, per position, before the 2x2 merge, so it yields h/2 * w/2 merged tokens.
 
-Host side, once per call and O(items): `build_plan` turns the call's `Items` (kernels/items.py) into one small int32 table
-whose size depends only on the number of sequence slots S, so a CUDA graph captured for (B, S) can replay
-any batch that fits. `upload_plan` copies it into a preallocated device buffer with one non-blocking H2D
+Host side, once per call and O(items): `build_plan` turns the call's `Items` (kernels/items.py) into one
+small int32 table whose size depends only on the number of sequence slots S, so a CUDA graph captured for
+(B, S) can replay any batch that fits. `upload_plan` copies it into a preallocated device buffer with one non-blocking H2D
 copy.
 
 Device side, inside the graph: `expand_plan` (one small Triton kernel, no host sync, no data-dependent
@@ -47,6 +47,7 @@ B / 4 of them exist.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import accumulate
 
 import torch
 import triton
@@ -136,9 +137,7 @@ def build_plan(items: Items | torch.Tensor | Sequence[Sequence[int]], budget: in
         raise ValueError(f"items hold {total} patches in total, more than the budget {budget}")
     unused = max_items - len(items)
     cu = [*items.offsets] + [total] * unused + [budget]
-    cu_out = [0]
-    for tokens in items.tokens:
-        cu_out.append(cu_out[-1] + tokens)
+    cu_out = [0, *accumulate(items.tokens)]
     cu_out += [cu_out[-1]] * unused
     rows = [v for start, row in zip(items.offsets, items) for v in (start, *row)]
     rows += [total, 0, 0, 0] * unused
