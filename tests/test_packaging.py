@@ -21,6 +21,8 @@ def test_wheel_holds_only_fused_moonvit(tmp_path):
     assert tops == {"fused_moonvit", wheel.name.split("-py3")[0] + ".dist-info"}, tops
     for pkg in ("kernels", "moonvit", "integration", "benchmarks"):
         assert f"fused_moonvit/{pkg}/__init__.py" in names
+    # The measured attention table choose_attention reads at run time travels with the code.
+    assert "fused_moonvit/moonvit/attention_table.json" in names
     dist_info = wheel.name.split("-py3")[0] + ".dist-info"
     entry = zipfile.ZipFile(wheel).read(f"{dist_info}/entry_points.txt").decode()
     assert "fused-moonvit = fused_moonvit.moonvit.cli:main" in entry
