@@ -36,7 +36,7 @@ import torch
 
 from fused_moonvit.benchmarks.common import SMOKE_CONFIG, add_run_arguments, measure, versions
 from fused_moonvit.benchmarks.flops import encoder_flops, encoder_flops_breakdown
-from fused_moonvit.benchmarks.image_sets import budgeted_sets
+from fused_moonvit.benchmarks.image_sets import budgeted_sets, measured_sets
 from fused_moonvit.benchmarks.image_sets import patches as image_patches
 from fused_moonvit.benchmarks.outdir import add_out_argument, check_out, out_dir
 from fused_moonvit.moonvit.arguments import DTYPES, OneLineParser
@@ -142,16 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _image_sets(args, parser) -> dict[str, tuple[list[tuple[int, int]], int]]:
     """name -> (grids, budget): the exact sets at their patch count rounded up to 64, and the padded cases."""
+    video = args.model != "kimi-vl"
     if args.smoke:
-        exact, padded, video = SMOKE_SETS, SMOKE_PADDED, SMOKE_VIDEO_SETS
+        available = budgeted_sets({**SMOKE_SETS, **(SMOKE_VIDEO_SETS if video else {})}, SMOKE_PADDED)
     else:
-        from fused_moonvit.benchmarks.image_sets import (IMAGE_SETS, PADDED_SETS, USER_IMAGE_SETS, USER_VIDEO_SETS,
-                                                         VIDEO_SETS)
-
-        exact, padded, video = {**IMAGE_SETS, **USER_IMAGE_SETS}, PADDED_SETS, {**VIDEO_SETS, **USER_VIDEO_SETS}
-    if args.model != "kimi-vl":
-        exact = {**exact, **video}
-    available = budgeted_sets(exact, padded)
+        available = measured_sets(video)
     if not args.sets:
         return available
     names = [s.strip() for s in args.sets.split(",") if s.strip()]

@@ -25,8 +25,7 @@ import torch
 
 from fused_moonvit.benchmarks.bench_encoder import MODELS
 from fused_moonvit.benchmarks.common import versions
-from fused_moonvit.benchmarks.image_sets import (IMAGE_SETS, PADDED_EXACT, PADDED_SETS, USER_IMAGE_SETS, USER_VIDEO_SETS,
-                                                 VIDEO_SETS, budgeted_sets)
+from fused_moonvit.benchmarks.image_sets import PADDED_EXACT, measured_sets
 from fused_moonvit.benchmarks.image_sets import patches as image_patches
 from fused_moonvit.benchmarks.outdir import add_out_argument, out_dir
 from fused_moonvit.moonvit.arguments import OneLineParser, positive_int
@@ -103,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("profiling needs a CUDA device")
-    exact = {**IMAGE_SETS, **USER_IMAGE_SETS}
-    if args.model != "kimi-vl":
-        exact.update({**VIDEO_SETS, **USER_VIDEO_SETS})
-    available = budgeted_sets(exact, PADDED_SETS)
+    available = measured_sets(video=args.model != "kimi-vl")
     names = args.sets.split(",")
     unknown = [n for n in names if n not in available]
     if unknown:

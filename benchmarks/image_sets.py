@@ -62,3 +62,12 @@ USER_VIDEO_SETS: dict[str, list[tuple[int, int, int]]] = {
     "chunk16k": [(4, 64, 64)],
     "2chunks16k": [(4, 64, 64)] * 2,
 }
+
+
+def measured_sets(video: bool) -> dict[str, tuple[list, int]]:
+    """name -> (items, budget) of every benchmark set: the image sets and the sizes users send (with
+    `video`, for MoonViT3d, the video sets too) at their patch count rounded up, then the padded cases."""
+    exact = {**IMAGE_SETS, **USER_IMAGE_SETS}
+    if video:
+        exact.update({**VIDEO_SETS, **USER_VIDEO_SETS})
+    return budgeted_sets(exact, PADDED_SETS)

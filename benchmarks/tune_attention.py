@@ -122,8 +122,8 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in CASES]
     if unknown:
         parser.error(f"unknown cases {unknown}; choose from {list(CASES)}")
-    head_dims = [int(d) for d in args.head_dims.split(",")]
-    if any(d not in HEADS for d in head_dims):
+    head_dims = [int(d) for d in args.head_dims.split(",") if d.strip().isdigit()]
+    if not head_dims or len(head_dims) != len(args.head_dims.split(",")) or any(d not in HEADS for d in head_dims):
         parser.error(f"--head-dims: choose from {list(HEADS)}, got {args.head_dims}")
 
     import triton
