@@ -79,23 +79,22 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def vllm_call(host_graph, eager, pixels: torch.Tensor, grids: list) -> Callable[[], torch.Tensor]:
     """One call as vLLM 0.34 makes it: the images through the host-metadata graph, the video chunks
     through one eager tower call, outputs put back in item order."""
-    from fused_moonvit.kernels.plan import grid_thw_list
-    from fused_moonvit.moonvit.inputs import patch_offsets
+    from fused_moonvit.kernels.items import Items
 
-    items = grid_thw_list(grids)
-    starts = patch_offsets(items)
+    items = Items.of(grids)
+    starts = items.offsets
     groups = [[i for i, (t, _, _) in enumerate(items) if (t == 1) == image] for image in (True, False)]
     runs = []
     for members, run in zip(groups, (host_graph, eager)):
         if members:
             member_pixels = torch.cat([pixels[starts[i]:starts[i + 1]] for i in members])
-            member_grid = torch.tensor([items[i] for i in members], dtype=torch.int64)
+            member_grid = torch.tensor([items.rows[i] for i in members], dtype=torch.int64)
             runs.append((members, run, member_pixels, member_grid))
 
     def call() -> torch.Tensor:
         out: list[torch.Tensor | None] = [None] * len(items)
         for members, run, member_pixels, member_grid in runs:
-            sizes = [items[i][1] * items[i][2] // 4 for i in members]
+            sizes = [items.tokens[i] for i in members]
             for i, o in zip(members, run(member_pixels, member_grid).split(sizes)):
                 out[i] = o
         return torch.cat(out)

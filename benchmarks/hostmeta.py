@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from fused_moonvit.moonvit.attention import backend_unavailable_reason, fa3_varlen, varlen_attention
 from fused_moonvit.moonvit.runner import capture_graph
 from fused_moonvit.kernels.limits import MAX_GRID_SIDE, check_budget, check_int
-from fused_moonvit.moonvit.inputs import check_inputs, patch_offsets
+from fused_moonvit.moonvit.inputs import check_inputs
 from fused_moonvit.moonvit.modules import rope_frequencies
 from fused_moonvit.moonvit.reference import MoonVitReference, merge_2x2, rope_angles
 
@@ -86,7 +86,7 @@ def tower_blocks(model: MoonVitReference, pixel_values, pos_embeds, freqs_cis, a
     return tower.encoder.final_layernorm(x)
 
 
-def item_pos_embeds(model: MoonVitReference, items: list) -> torch.Tensor:
+def item_pos_embeds(model: MoonVitReference, items) -> torch.Tensor:
     """Each (t, h, w) item's position embedding as vLLM builds it per call: the table interpolated in its
     own dtype (the identity size skipped), plus, for a chunk, its frames' fp32 time rows."""
     cfg = model.config
@@ -118,12 +118,12 @@ class VllmEagerTower:
     @torch.no_grad()
     def __call__(self, pixel_values: torch.Tensor, items) -> torch.Tensor:
         cfg = self.model.config
-        items = check_inputs(pixel_values, items, cfg.patch_size, cfg.max_frames).tolist()
+        items = check_inputs(pixel_values, items, cfg.patch_size, cfg.max_frames)
         device = self.model.device
         freqs = torch.cat([self.rope[:h, :w].reshape(h * w, -1).repeat(t, 1) for t, h, w in items])
-        bounds = patch_offsets(items)
+        bounds = items.offsets
         cu = torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True)
-        longest = max(t * h * w for t, h, w in items)
+        longest = items.longest
         x = tower_blocks(self.model, pixel_values.to(device, self.model.dtype), item_pos_embeds(self.model, items),
                          freqs, lambda q, k, v: vllm_attention(self.attention, q, k, v, cu, longest))
         merged = torch.cat([merge_2x2(x[s:e], h, w, t) for s, e, (t, h, w) in zip(bounds, bounds[1:], items)])
@@ -131,7 +131,7 @@ class VllmEagerTower:
 
 
 class HostMetadataGraph:
-    """`graph(pixel_values, grid_hws) -> (sum h/2*w/2, output_size)` over a budget of `budget` patches.
+    """`graph(pixel_values, items) -> (sum h/2*w/2, output_size)` over a budget of `budget` patches.
 
     `max_images` image slots; `graph=None` captures a CUDA graph on CUDA and runs eagerly elsewhere
     (on CPU attention is per-sequence SDPA, since varlen attention is CUDA-only). The returned tensor
@@ -187,8 +187,8 @@ class HostMetadataGraph:
         dst.copy_(src, non_blocking=True)
 
     @torch.no_grad()
-    def __call__(self, pixel_values: torch.Tensor, grid_hws) -> torch.Tensor:
-        items = check_inputs(pixel_values, grid_hws, self.config.patch_size, self.config.max_frames).tolist()
+    def __call__(self, pixel_values: torch.Tensor, items) -> torch.Tensor:
+        items = check_inputs(pixel_values, items, self.config.patch_size, self.config.max_frames).rows
         chunks = [i for i, (t, _, _) in enumerate(items) if t != 1]
         if chunks:
             raise ValueError(f"item {chunks[0]} has t={items[chunks[0]][0]} frames: vLLM's encoder graphs, which "

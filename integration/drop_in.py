@@ -34,8 +34,8 @@ from vllm.model_executor.models.interfaces import SupportsEncoderCudaGraph
 from vllm.v1.worker import encoder_cudagraph_defs
 
 from fused_moonvit.integration import encoder_graph
+from fused_moonvit.kernels.items import Items, grid_thw_list
 from fused_moonvit.kernels.limits import MERGE_PATCHES
-from fused_moonvit.kernels.plan import grid_thw_list
 from fused_moonvit.moonvit.config import MoonVitConfig
 from fused_moonvit.moonvit.families import UNSUPPORTED, Family
 from fused_moonvit.moonvit.fused import FusedMoonVit
@@ -202,11 +202,11 @@ def parent_init_with(parent: type, constructors: FusedTowerConstructors) -> Call
 # -- data parallelism --
 
 def encode_data_parallel(encode: Callable[[torch.Tensor, list[list[int]]], torch.Tensor],
-                         pixel_values: torch.Tensor, grid: Sequence[Sequence[int]], hidden_size: int,
+                         pixel_values: torch.Tensor, items: Items | Sequence[Sequence[int]], hidden_size: int,
                          dtype: torch.dtype) -> list[torch.Tensor]:
     """Runs `encode` (pixels, (t, h, w) grid -> (sum h/2 * w/2, hidden_size)) on this rank's share of the
-    items, balanced by patches across the tensor-parallel group, and all-gathers the outputs: per item,
-    in input order, (h/2 * w/2, hidden_size).
+    items (an `Items`, or their grid), balanced by patches across the tensor-parallel group, and
+    all-gathers the outputs: per item, in input order, (h/2 * w/2, hidden_size).
 
     vLLM's `run_dp_sharded_mrope_vision_model` does this for towers whose items yield t * h * w / 4
     outputs; MoonViT3d's video chunks yield h/2 * w/2 (their frames are averaged), so it would cut their
@@ -216,21 +216,21 @@ def encode_data_parallel(encode: Callable[[torch.Tensor, list[list[int]]], torch
                                   tensor_model_parallel_all_gather)
     from vllm.model_executor.models.vision import get_load_balance_assignment
 
-    items = grid_thw_list(grid)
+    items = Items.of(items)
     world, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
     order, counts, _ = get_load_balance_assignment([t * h * w for t, h, w in items], world)
     starts = [0]
     for count in counts:
         starts.append(starts[-1] + count)
     per_rank = [order[starts[r]:starts[r + 1]] for r in range(world)]
-    tokens = [h * w // MERGE_PATCHES for _, h, w in items]
+    tokens = items.tokens
     rank_tokens = [sum(tokens[i] for i in share) for share in per_rank]
     width = max(rank_tokens, default=0)
 
     mine = per_rank[rank]
     if mine:
-        local_pixels, local_grid = encoder_graph.select_items(pixel_values, items, mine)
-        local = encode(local_pixels, local_grid)
+        local_pixels, _ = encoder_graph.select_items(pixel_values, items.rows, mine)
+        local = encode(local_pixels, items.pick(mine))
     else:
         local = torch.empty(0, hidden_size, device=pixel_values.device, dtype=dtype)
     if local.shape[0] < width:  # all_gather needs one shape on every rank
@@ -318,11 +318,12 @@ class FusedEncoderDropIn:
         """The parent's eager hook (`family.vllm.eager_hook`): per item, (h/2 * w/2, text hidden), from
         the parent's parsed input (pixels, and the grid under `family.vllm.grid_key`); across the
         tensor-parallel group in data-parallel mode."""
-        pixel_values, grid = parsed["pixel_values"], self.grid_of(parsed)
+        pixel_values = parsed["pixel_values"]
+        items = Items.of(self.grid_of(parsed), max_frames=self.fused_encoder.config.max_frames)
         if self.use_data_parallel:
-            return encode_data_parallel(self.encode, pixel_values, grid, self.fused_encoder.config.output_size,
+            return encode_data_parallel(self.encode, pixel_values, items, self.fused_encoder.config.output_size,
                                         self.fused_encoder.dtype)
-        return list(self.encode(pixel_values, grid).split([h * w // MERGE_PATCHES for *_, h, w in grid]))
+        return list(self.encode(pixel_values, items).split(list(items.tokens)))
 
     # -- input normalisation --
 
@@ -340,9 +341,10 @@ class FusedEncoderDropIn:
             return pixel_values
         return norm(pixel_values.flatten(1), self.fused_encoder.dtype).view(pixel_values.shape)
 
-    def encode(self, pixel_values: torch.Tensor, grid) -> torch.Tensor:
-        """The fused encoder's eager forward: (sum h/2 * w/2, text hidden) for these items."""
-        return self.fused_encoder(self.normalize_pixels(pixel_values), grid)
+    def encode(self, pixel_values: torch.Tensor, items) -> torch.Tensor:
+        """The fused encoder's eager forward: (sum h/2 * w/2, text hidden) for these items (an `Items`, or
+        vLLM's grid, which the forward validates)."""
+        return self.fused_encoder(self.normalize_pixels(pixel_values), items)
 
     # -- weights --
 

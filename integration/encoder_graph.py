@@ -37,14 +37,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 
 import torch
 
 from fused_moonvit.kernels.limits import MERGE_PATCHES
-from fused_moonvit.kernels.plan import (build_plan, extend_padding_sequence, grid_thw_list, new_device_plan,
-                                        plan_max_items, upload_plan)
+from fused_moonvit.kernels.items import Items, grid_thw_list
+from fused_moonvit.kernels.plan import build_plan, extend_padding_sequence, new_device_plan, plan_max_items, upload_plan
 from fused_moonvit.moonvit.fused import FusedMoonVit
-from fused_moonvit.moonvit.inputs import patch_offsets
 
 PIXELS_KEY = "pixel_values"
 PLAN_KEY = "moonvit_plan"
@@ -124,27 +124,22 @@ def _check_pixels(pixel_values: torch.Tensor, patch_size: int) -> None:
                          f"got {tuple(pixel_values.shape)}")
 
 
-def replay_values(encoder: FusedMoonVit, pixel_values: torch.Tensor, grid: Sequence[Sequence[int]],
+def replay_values(encoder: FusedMoonVit, pixel_values: torch.Tensor, items: Items | Sequence[Sequence[int]],
                   slots: int) -> dict[str, torch.Tensor]:
-    """What to copy into a graph's buffers to encode these items (`grid`: host (h, w) or (t, h, w) rows).
+    """What to copy into a graph's buffers to encode these items (an `Items`, or vLLM's host grid of
+    (h, w) or (t, h, w) rows).
 
-    The grid is validated once, by `build_plan`, and its frame counts against the encoder's. The plan
-    is uploaded here, asynchronously from pinned memory, so that the copy into the captured buffer is
-    device to device and no replay waits on the host.
+    The grid is validated here, once, into an `Items` (frame counts against the encoder's) that
+    `build_plan` trusts. The plan is uploaded here, asynchronously from pinned memory, so that the copy
+    into the captured buffer is device to device and no replay waits on the host.
     """
     _check_pixels(pixel_values, encoder.config.patch_size)
+    items = Items.of(items, max_frames=encoder.config.max_frames)
     rows = pixel_values.shape[0]
-    # Its budget is the pixel rows (rounded up to the merge): build_plan checks every item and that they
-    # need no more rows than that; fewer is caught below.
-    plan = build_plan(grid, max(-(-rows // MERGE_PATCHES), 1) * MERGE_PATCHES, slots)
-    max_frames = encoder.config.max_frames
-    for i, (t, h, w) in enumerate(grid_thw_list(grid)):
-        if t > max_frames:
-            raise ValueError(f"item {i} ({t}x{h}x{w}) has {t} frames, but the tower's time embedding has "
-                             f"{max_frames}")
-    total = patch_offsets(grid)[-1]
-    if total != rows:
-        raise ValueError(f"pixel_values has {rows} patches but the grid {[list(g) for g in grid]} needs {total}")
+    # Its budget is the pixel rows (rounded up to the merge): build_plan checks that the items need no
+    # more rows than that; fewer is caught below.
+    plan = build_plan(items, max(-(-rows // MERGE_PATCHES), 1) * MERGE_PATCHES, slots)
+    items.check_rows(rows)
     return {PIXELS_KEY: pixel_values, PLAN_KEY: plan.to(pixel_values.device, non_blocking=True)}
 
 
@@ -191,7 +186,8 @@ def graph_forward(encoder: FusedMoonVit, buffers: dict[str, torch.Tensor],
 
 def select_items(pixel_values: torch.Tensor, grid: Sequence[Sequence[int]],
                  indices: Sequence[int]) -> tuple[torch.Tensor, list[list[int]]]:
-    """The pixels and grid of items `indices`, in that order."""
-    offsets = patch_offsets(grid)
+    """The pixels and grid of items `indices`, in that order. Not validated: vLLM's own grid, which
+    `replay_values` or the eager forward validate when these items run."""
+    offsets = [0, *accumulate(t * h * w for t, h, w in grid_thw_list(grid))]
     parts = [pixel_values[offsets[i]:offsets[i + 1]] for i in indices]
     return (torch.cat(parts) if parts else pixel_values[:0]), [list(grid[i]) for i in indices]

@@ -36,11 +36,24 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._checks import check_launchable, check_tensor, next_pow2
+from ._checks import check_tensor, next_pow2
+from .launch import launch_settings
 from .limits import check_int
 from ._rounding import dot, round_to
 
 LOG2E = 1.4426950408889634
+
+# Launch settings (see kernels/launch.py) beside the tiles, which `AttentionConfig` carries. The
+# interpreter runs at most `program_cap` programs, each looping over its tiles: fewer are faster there.
+VARLEN_ATTENTION_LAUNCH = [
+    {"device_class": "cpu", "program_cap": 4},
+    {"device_class": "sm90", "program_cap": None},
+]
+# `zero_padding_rows`: blocks of `block_rows` rows, `block_cols` columns a step, on any device.
+ZERO_PADDING_ROWS_LAUNCH = [
+    {"device_class": "cpu", "block_rows": 16, "block_cols": 256},
+    {"device_class": "sm90", "block_rows": 16, "block_cols": 256},
+]
 
 
 @dataclass(frozen=True)
@@ -226,11 +239,11 @@ def zero_padding_rows(x: torch.Tensor, cu_seqlens: torch.Tensor, first_col: int 
     if first_col > x.shape[1] or x.stride(1) != 1:
         raise ValueError(f"x must be row-major with at least first_col={first_col} columns, got {tuple(x.shape)} "
                          f"with strides {x.stride()}")
-    check_launchable(_zero_padding_rows_kernel, x.device)
-    block_rows = 16
+    launch = launch_settings(ZERO_PADDING_ROWS_LAUNCH, _zero_padding_rows_kernel, x.device)
+    block_rows = launch["block_rows"]
     _zero_padding_rows_kernel[(triton.cdiv(x.shape[0], block_rows),)](
         x, cu_seqlens, cu_seqlens.numel() - 2, x.shape[0], first_col, x.shape[1] - first_col, x.stride(0),
-        BLOCK_ROWS=block_rows, BLOCK_COLS=256)
+        BLOCK_ROWS=block_rows, BLOCK_COLS=launch["block_cols"])
     return x
 
 
@@ -279,12 +292,12 @@ def varlen_attention_fwd(
     if out is None:
         out = torch.empty(budget, num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
     cfg = config or AttentionConfig()
-    interpreted = check_launchable(_varlen_attention_kernel, qkv.device)
+    launch = launch_settings(VARLEN_ATTENTION_LAUNCH, _varlen_attention_kernel, qkv.device, head_dim=head_dim)
     num_seqs = cu_seqlens.numel() - 1
     d_main, d_tail = head_split(head_dim)
     programs = triton.cdiv(budget, cfg.block_m) + cfg.extra_programs
-    if interpreted:
-        programs = min(programs, 4)  # every program loops over its tiles; fewer are faster interpreted
+    if launch["program_cap"] is not None:
+        programs = min(programs, launch["program_cap"])
     _varlen_attention_kernel[(programs, num_heads)](
         qkv, out, cu_seqlens, num_seqs, num_seqs - 1 if pad_last else -1, LOG2E / math.sqrt(head_dim),
         H=num_heads, D=head_dim, D_MAIN=d_main, D_TAIL=d_tail,

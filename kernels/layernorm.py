@@ -23,15 +23,26 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, check_launchable, check_tensor, next_pow2
+from ._checks import FLOAT_DTYPES, check_tensor, next_pow2
 from ._rounding import round_to
+from .launch import launch_settings
 from .limits import check_int
+
+# Launch settings (see kernels/launch.py), unless a `LayerNormConfig` is given. On the GPU, one row per
+# program with 4 warps. The interpreter pays per program, so there a program takes as many whole rows as
+# fit in `elements_per_program`, whatever the config says.
+LAYER_NORM_LAUNCH = [
+    {"device_class": "cpu", "elements_per_program": 16384, "num_warps": 4},
+    {"device_class": "sm90", "rows_per_program": 1, "num_warps": 4},
+]
 
 
 @dataclass(frozen=True)
 class LayerNormConfig:
-    rows_per_program: int = 1
-    num_warps: int = 4
+    """Launch settings that replace the table's on the GPU (a sweep's candidates)."""
+
+    rows_per_program: int
+    num_warps: int
 
     def __post_init__(self):
         rows = check_int("LayerNormConfig.rows_per_program", self.rows_per_program, 1)
@@ -121,20 +132,24 @@ def add_layer_norm(
     weight, ln_bias: (C,) the norm's affine parameters (an RMSNorm's weight alone, ln_bias None).
     eps: the norm's epsilon.
     bias: optional (C,) added with y (the projection's bias).
+    config: rows per program and warps, instead of `LAYER_NORM_LAUNCH`'s (the interpreter takes its warps).
     """
     _check(x, y, bias, weight, ln_bias, out, rms)
     rows, channels = x.shape
     if out is None:
         out = torch.empty_like(x)
-    cfg = config or LayerNormConfig()
-    interpreted = check_launchable(_add_layer_norm_kernel, x.device)
+    launch = launch_settings(LAYER_NORM_LAUNCH, _add_layer_norm_kernel, x.device, channels=channels)
+    num_warps = config.num_warps if config else launch["num_warps"]
     block_c = next_pow2(channels)
-    block_r = max(1, 16384 // block_c) if interpreted else cfg.rows_per_program
+    if "elements_per_program" in launch:
+        block_r = max(1, launch["elements_per_program"] // block_c)
+    else:
+        block_r = config.rows_per_program if config else launch["rows_per_program"]
     _add_layer_norm_kernel[(triton.cdiv(rows, block_r),)](
         x, x if y is None else y, x if bias is None else bias, weight, weight if ln_bias is None else ln_bias,
         out, rows, eps,
         C=channels, HAS_Y=y is not None, HAS_BIAS=bias is not None, RMS=rms, BLOCK_R=block_r, BLOCK_C=block_c,
-        num_warps=cfg.num_warps,
+        num_warps=num_warps,
     )
     return out
 

@@ -26,11 +26,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, check_launchable, check_tensor, next_pow2
+from ._checks import FLOAT_DTYPES, check_tensor, next_pow2
 from ._rounding import round_to
+from .launch import launch_settings
 from .layernorm import normalize_rows
 from .limits import check_int
 from .plan import META_MERGE_FRAMES, META_MERGE_SRC, META_MERGE_STRIDE, META_MERGE_WIDTH, META_ROWS
+
+# Launch settings (see kernels/launch.py). A program holds whole rows in registers, so the LayerNorm
+# statistics need no second pass over memory: as many rows as fit in `elements_per_program`, and at
+# least one merged token (four rows). On the GPU that is one merged token per program at 1152 channels,
+# with 4 warps (fastest of an H200 sweep at 16384 tokens); as many rows as fit for the interpreter.
+MERGE_PATCHES_LAUNCH = [
+    {"device_class": "cpu", "elements_per_program": 16384, "num_warps": 4},
+    {"device_class": "sm90", "elements_per_program": 2048, "num_warps": 4},
+]
 
 
 @triton.jit
@@ -109,18 +119,15 @@ def merge_patches(
     budget, channels = x.shape
     if out is None:
         out = torch.empty(budget // 4, 4 * channels, dtype=x.dtype, device=x.device)
-    interpreted = check_launchable(_merge_patches_kernel, x.device)
+    launch = launch_settings(MERGE_PATCHES_LAUNCH, _merge_patches_kernel, x.device, channels=channels)
     block_c = next_pow2(channels)
-    # Whole rows in registers, so the LayerNorm statistics need no second pass over memory: one merged
-    # token (four rows) per program on the GPU, 4 warps (fastest of an H200 sweep at 16384 tokens), and
-    # as many rows as fit for the interpreter.
-    block_r = max(4, (16384 if interpreted else 2048) // block_c)
+    block_r = max(4, launch["elements_per_program"] // block_c)
     _merge_patches_kernel[(triton.cdiv(budget, block_r),)](
         x, x if ln_weight is None else ln_weight, x if ln_bias is None else ln_bias, out,
         token_meta[META_MERGE_SRC], token_meta[META_MERGE_WIDTH], token_meta[META_MERGE_FRAMES],
         token_meta[META_MERGE_STRIDE], budget, eps,
         C=channels, HAS_NORM=ln_weight is not None, MAX_FRAMES=max_frames,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=launch["num_warps"],
     )
     return out
 

@@ -4,9 +4,9 @@ An item is an image, (t = 1, h, w) patches, or a video chunk of t frames of h x 
 its patches frame-major, each frame row-major. Its tokens attend to each other (all t * h * w of them),
 and its t frames are averaged, per position, before the 2x2 merge, so it yields h/2 * w/2 merged tokens.
 
-Host side, once per call and O(items): `build_plan` turns the items' grids into one small int32 table
-whose size depends only on the number of sequence slots S, so a CUDA graph captured for (B, S) can replay
-any batch that fits. `upload_plan` copies it into a preallocated device buffer with one non-blocking H2D
+Host side, once per call and O(items): `build_plan` turns the call's `Items` (kernels/items.py) into one
+small int32 table whose size depends only on the number of sequence slots S, so a CUDA graph captured for
+(B, S) can replay any batch that fits. `upload_plan` copies it into a preallocated device buffer with one non-blocking H2D
 copy.
 
 Device side, inside the graph: `expand_plan` (one small Triton kernel, no host sync, no data-dependent
@@ -47,13 +47,16 @@ B / 4 of them exist.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import accumulate
 
 import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_launchable, check_tensor
-from .limits import MAX_GRID_SIDE, MERGE_PATCHES, check_budget, check_int
+from ._checks import check_tensor
+from .items import Items
+from .launch import launch_settings
+from .limits import MERGE_PATCHES, check_budget, check_int
 
 ITEM_FIELDS = 4
 
@@ -113,30 +116,11 @@ def plan_items(plan: torch.Tensor) -> torch.Tensor:
     return plan[2 * s + 3 :].view(s, ITEM_FIELDS)
 
 
-def grid_thw_list(grid: torch.Tensor | Sequence[Sequence[int]]) -> list[list[int]]:
-    """Items' grids as [t, h, w] lists: (n, 3) (t, h, w) rows as they are, (n, 2) (h, w) rows as images
-    (t = 1). Integers on the host; other shapes and dtypes fail naming the value."""
-    if not isinstance(grid, torch.Tensor):
-        grid = torch.as_tensor(grid) if len(grid) else torch.zeros(0, 3, dtype=torch.int64)
-    if grid.is_floating_point() or grid.is_complex() or grid.dtype == torch.bool:
-        raise TypeError(f"the grid must have an integer dtype, got {grid.dtype}")
-    if grid.device.type != "cpu":
-        # Reading it would sync with the device; the caller has the grids on the host anyway.
-        raise ValueError(f"the grid must be a CPU tensor, got device {grid.device}")
-    if grid.dim() != 2 or grid.shape[1] not in (2, 3):
-        raise ValueError(f"the grid must have shape (n, 2) of (h, w) or (n, 3) of (t, h, w), got {tuple(grid.shape)}")
-    rows = grid.tolist()
-    return [[1, *r] for r in rows] if grid.shape[1] == 2 else rows
+def build_plan(items: Items | torch.Tensor | Sequence[Sequence[int]], budget: int, max_items: int) -> torch.Tensor:
+    """Lay out the plan of one call's items (images and video chunks; see the module docstring).
 
-
-def build_plan(
-    grid_hws: torch.Tensor | Sequence[Sequence[int]], budget: int, max_items: int
-) -> torch.Tensor:
-    """Validate the items (images and video chunks) of one call and lay out their plan (see the module
-    docstring).
-
-    grid_hws: CPU integer tensor (n, 2) of image (h, w), or (n, 3) of item (t, h, w), in patches (lists
-        work too).
+    items: the call's `Items`, taken as validated; raw grids (a CPU integer tensor or lists of (n, 2)
+        image (h, w) or (n, 3) item (t, h, w) rows, in patches) are validated through `Items.of` first.
     budget: B, the patch rows of the graph; a multiple of 4 so that B / 4 merged rows exist.
     max_items: S, the graph's sequence slots.
 
@@ -146,31 +130,19 @@ def build_plan(
     """
     budget = check_budget(budget)
     max_items = check_int("max_items", max_items, 1)
-    grids = grid_thw_list(grid_hws)
-    if len(grids) > max_items:
-        raise ValueError(f"got {len(grids)} items but max_items is {max_items}")
-
-    cu, cu_out = [0], [0]
-    images = []
-    for i, (t, h, w) in enumerate(grids):
-        if t < 1:
-            raise ValueError(f"item {i}: t must be at least 1 frame, got {t}")
-        for side, v in (("h", h), ("w", w)):
-            if not 1 <= v <= MAX_GRID_SIDE:
-                raise ValueError(f"item {i}: {side} must be in 1..{MAX_GRID_SIDE} patches, got {v}")
-            if v % 2:
-                raise ValueError(f"item {i}: {side} must be even for the 2x2 merge, got {v}")
-        images += [cu[-1], t, h, w]
-        cu.append(cu[-1] + t * h * w)
-        cu_out.append(cu_out[-1] + h * w // MERGE_PATCHES)
-    total = cu[-1]
+    items = Items.of(items)
+    if len(items) > max_items:
+        raise ValueError(f"got {len(items)} items but max_items is {max_items}")
+    total = items.patches
     if total > budget:
         raise ValueError(f"items hold {total} patches in total, more than the budget {budget}")
-    unused = max_items - len(grids)
-    cu += [total] * unused + [budget]
+    unused = max_items - len(items)
+    cu = [*items.offsets] + [total] * unused + [budget]
+    cu_out = [0, *accumulate(items.tokens)]
     cu_out += [cu_out[-1]] * unused
-    images += [total, 0, 0, 0] * unused
-    return torch.tensor(cu + cu_out + images, dtype=torch.int32, pin_memory=torch.cuda.is_available())
+    rows = [v for start, row in zip(items.offsets, items) for v in (start, *row)]
+    rows += [total, 0, 0, 0] * unused
+    return torch.tensor(cu + cu_out + rows, dtype=torch.int32, pin_memory=torch.cuda.is_available())
 
 
 def new_device_plan(max_items: int, device: torch.device | str) -> torch.Tensor:
@@ -209,6 +181,14 @@ def extend_padding_sequence(device_plan: torch.Tensor, budget: int) -> torch.Ten
     budget = check_budget(budget)
     plan_cu_seqlens(device_plan)[-1:].fill_(budget)
     return device_plan
+
+
+# Launch settings of `expand_plan` (see kernels/launch.py): `block_tokens` tokens per program; the
+# interpreter pays per program, so it gets the largest blocks.
+EXPAND_PLAN_LAUNCH = [
+    {"device_class": "cpu", "block_tokens": 4096, "num_warps": 4},
+    {"device_class": "sm90", "block_tokens": 256, "num_warps": 4},
+]
 
 
 def new_token_meta(budget: int, device: torch.device | str) -> torch.Tensor:
@@ -287,11 +267,11 @@ def expand_plan(device_plan: torch.Tensor, token_meta: torch.Tensor) -> torch.Te
     num_slots = plan_max_items(device_plan)
     check_tensor("token_meta", token_meta, dtypes=(torch.int32,), shape=(META_ROWS, None), device=device_plan.device)
     budget = check_budget(token_meta.shape[1], "token_meta's column count B")
-    interpreted = check_launchable(_expand_plan_kernel, device_plan.device)
-    block = 4096 if interpreted else 256
+    launch = launch_settings(EXPAND_PLAN_LAUNCH, _expand_plan_kernel, device_plan.device, budget=budget)
+    block = launch["block_tokens"]
     _expand_plan_kernel[(triton.cdiv(budget, block),)](
         device_plan, token_meta, budget, num_slots,
-        SEARCH_STEPS=num_slots.bit_length(), BLOCK=block, num_warps=4,
+        SEARCH_STEPS=num_slots.bit_length(), BLOCK=block, num_warps=launch["num_warps"],
     )
     return token_meta
 

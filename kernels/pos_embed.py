@@ -47,11 +47,24 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, check_launchable, check_tensor, next_pow2
+from ._checks import FLOAT_DTYPES, check_tensor, next_pow2
 from ._rounding import round_to
+from .launch import launch_settings
 from .plan import META_COL, META_HEIGHT, META_ROW, META_ROWS, META_TIME, META_WIDTH
 
 INTERPOLATIONS = ("bicubic", "bilinear")
+
+# Launch settings (see kernels/launch.py): a program takes `block_tokens` tokens and channel blocks of up
+# to `max_block_channels`, all of a token's channel blocks in one program, unless there are fewer token
+# blocks than `spread_below_waves` per SM: then each channel block gets its own program, to fill the
+# machine (0: never). The interpreter pays per program, so it gets the largest blocks. On the GPU (H200
+# sweep), 16 tokens x 128 channels with all channel blocks in one program was fastest from 4096 tokens up.
+POS_EMBED_LAUNCH = [
+    {"device_class": "cpu", "block_tokens": 1024, "max_block_channels": 64, "spread_below_waves": 0,
+     "num_warps": 8},
+    {"device_class": "sm90", "block_tokens": 16, "max_block_channels": 128, "spread_below_waves": 2,
+     "num_warps": 8},
+]
 
 
 @triton.jit
@@ -207,21 +220,20 @@ def interp_pos_embed(
         out = x
     budget, channels = x.shape
     h0, w0 = pos_table.shape[:2]
-    interpreted = check_launchable(_interp_pos_embed_kernel, x.device)
-    # The interpreter pays per program, so it gets the largest blocks. On the GPU (H200 sweep), 16 tokens
-    # x 128 channels with all channel blocks in one program was fastest from 4096 tokens up; smaller
-    # inputs spread the channel blocks over programs instead, to fill the machine.
-    block_t = 1024 if interpreted else 16
-    block_c = min(next_pow2(channels), 64 if interpreted else 128)
+    launch = launch_settings(POS_EMBED_LAUNCH, _interp_pos_embed_kernel, x.device, channels=channels)
+    block_t = launch["block_tokens"]
+    block_c = min(next_pow2(channels), launch["max_block_channels"])
     token_blocks, chunks = triton.cdiv(budget, block_t), triton.cdiv(channels, block_c)
-    if not interpreted and token_blocks < 2 * _sm_count(x.device):
+    waves = launch["spread_below_waves"]
+    if waves and token_blocks < waves * _sm_count(x.device):
         chunks = 1
     _interp_pos_embed_kernel[(token_blocks, triton.cdiv(triton.cdiv(channels, block_c), chunks))](
         x, pos_table, x if bias is None else bias, pos_table if time_table is None else time_table, out,
         token_meta[META_ROW], token_meta[META_COL], token_meta[META_HEIGHT], token_meta[META_WIDTH],
         token_meta[META_TIME], budget,
         C=channels, H0=h0, W0=w0, HAS_BIAS=bias is not None, HAS_TIME=time_table is not None,
-        T0=1 if time_table is None else time_table.shape[0], BICUBIC=mode == "bicubic", BLOCK_T=block_t, BLOCK_C=block_c, CHUNKS=chunks, num_warps=8,
+        T0=1 if time_table is None else time_table.shape[0], BICUBIC=mode == "bicubic", BLOCK_T=block_t, BLOCK_C=block_c, CHUNKS=chunks,
+        num_warps=launch["num_warps"],
     )
     return out
 

@@ -23,10 +23,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FLOAT_DTYPES, check_launchable, check_tensor, next_pow2
+from ._checks import FLOAT_DTYPES, check_tensor, next_pow2
 from ._rounding import round_to
+from .launch import launch_settings
 from .limits import MAX_GRID_SIDE
 from .plan import META_COL, META_HEIGHT, META_ROW, META_ROWS
+
+# Launch settings (see kernels/launch.py): a program rotates `block_tokens` tokens x up to
+# `max_block_pairs` pairs. Largest blocks for the interpreter; on the GPU, 4 tokens x 256 pairs x 8 warps
+# was the fastest of an H200 sweep at 256 and near the fastest at 4096 tokens.
+ROPE_2D_LAUNCH = [
+    {"device_class": "cpu", "block_tokens": 256, "max_block_pairs": 1024, "num_warps": 8},
+    {"device_class": "sm90", "block_tokens": 4, "max_block_pairs": 256, "num_warps": 8},
+]
 
 
 def rope_cos_sin_table(freqs: torch.Tensor, max_pos: int = MAX_GRID_SIDE) -> torch.Tensor:
@@ -111,16 +120,14 @@ def apply_rope_2d(
     _check(qkv, token_meta, cos_sin, num_heads, head_dim)
     budget = qkv.shape[0]
     num_pairs = num_heads * head_dim
-    interpreted = check_launchable(_rope_2d_kernel, qkv.device)
-    # Largest blocks for the interpreter; on the GPU, 4 tokens x 256 pairs x 8 warps was the fastest of an
-    # H200 sweep at 256 and near the fastest at 4096 tokens.
-    block_t = 256 if interpreted else 4
-    block_p = min(next_pow2(num_pairs), 1024 if interpreted else 256)
+    launch = launch_settings(ROPE_2D_LAUNCH, _rope_2d_kernel, qkv.device, head_dim=head_dim)
+    block_t = launch["block_tokens"]
+    block_p = min(next_pow2(num_pairs), launch["max_block_pairs"])
     grid = (triton.cdiv(budget, block_t), triton.cdiv(num_pairs, block_p))
     _rope_2d_kernel[grid](
         qkv, cos_sin, token_meta[META_ROW], token_meta[META_COL], token_meta[META_HEIGHT], budget,
         ROW_STRIDE=qkv.shape[1], NUM_PAIRS=num_pairs, HALF_D=head_dim // 2,
-        BLOCK_T=block_t, BLOCK_P=block_p, num_warps=8,
+        BLOCK_T=block_t, BLOCK_P=block_p, num_warps=launch["num_warps"],
     )
     return qkv
 

@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fused_moonvit.kernels.launch import device_class, select_row
+
 ATTENTION_ENV = "FUSED_MOONVIT_ATTENTION"
 FA3_LIB_ENV = "FUSED_MOONVIT_FA3_LIB"
 BACKENDS = ("triton", "fa3", "fa2")
@@ -55,15 +57,6 @@ def sdpa_per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds:
             seq = [t[start:end].transpose(0, 1) for t in (q, k, v)]
             out[start:end] = F.scaled_dot_product_attention(*seq).transpose(0, 1)
     return out
-
-
-def device_class(device: torch.device | str) -> str:
-    """What decides a launch: "sm90" for a Hopper GPU (compute capability 9.0), "cpu" for the interpreter."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return "cpu"
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm{major}{minor}"
 
 
 def check_attention_dtype(device: torch.device, dtype: torch.dtype) -> None:
@@ -157,9 +150,10 @@ def _flash_only_kwargs() -> dict:
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int) -> torch.Tensor:
-    """Packed (T, H, D) FlashAttention-2 attention within each sequence of cu_seqlens (int32, on q's device;
-    every row covered). CUDA: PyTorch's varlen kernel, capturable (max_seqlen is a host int). CPU: one SDPA
-    call per sequence; reading the bounds there costs no device sync."""
+    """Packed (T, H, D) FlashAttention-2 attention within each sequence of cu_seqlens (int32, on q's device).
+    CUDA: PyTorch's varlen kernel, capturable (max_seqlen is a host int); rows past cu_seqlens[-1] are left
+    unwritten. CPU: one SDPA call per sequence, rows past cu_seqlens[-1] zeros; reading the bounds there
+    costs no device sync."""
     if q.is_cuda:
         check_attention_dtype(q.device, q.dtype)
         from torch.nn.attention.varlen import varlen_attn
@@ -223,8 +217,7 @@ def choose_attention(budget: int, device: torch.device | str, head_dim: int,
     device = torch.device(device)
     forced = forced_attention_backend(backend)
     cls = device_class(device)
-    rows = [r for r in attention_table()["rows"] if r["device_class"] == cls and r["head_dim"] == head_dim]
-    row = next((r for r in rows if budget <= r["max_budget"]), rows[-1] if rows else None)
+    row = select_row(attention_table()["rows"], device_class=cls, head_dim=head_dim, budget=budget)
     ranking = row["ranking"] if row is not None else [{"backend": "fa3"}, {"backend": "triton"}]
     if forced is not None:
         reason = backend_unavailable_reason(forced, device)
@@ -242,7 +235,8 @@ def choose_attention(budget: int, device: torch.device | str, head_dim: int,
 def packed_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int, head_dim: int,
                      max_seqlen: int, choice: AttentionChoice) -> torch.Tensor:
     """(B, H * D) attention of the packed (B, 3 * H * D) QKV output within each sequence of cu_seqlens
-    (the plan's: S + 2 entries, the last sequence padding), by the chosen backend. Padding rows are zeros."""
+    (the plan's: S + 2 entries, the last sequence padding), by the chosen backend. Padding rows are zeros.
+    The FA3 backend also zeroes the padding rows' k and v in qkv, in place."""
     budget = qkv.shape[0]
     if choice.backend == "triton":
         from fused_moonvit.kernels.attention import varlen_attention_fwd
@@ -260,12 +254,9 @@ def packed_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int
         zero_padding_rows(qkv, cu_seqlens, num_heads * head_dim)
         out = torch.zeros(budget, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
         return fa3_varlen(q, k, v, items, max_seqlen, out).view(budget, num_heads * head_dim)
+    out = varlen_attention(q, k, v, items, max_seqlen).reshape(budget, num_heads * head_dim)
     if not qkv.is_cuda:
-        return sdpa_per_sequence(q, k, v, items.tolist()).view(budget, num_heads * head_dim)
-    check_attention_dtype(q.device, q.dtype)
-    from torch.nn.attention.varlen import varlen_attn
-
-    out = varlen_attn(q, k, v, items, items, max_seqlen, max_seqlen, **_flash_only_kwargs())
-    # FA2 leaves the rows past the last item unwritten: zero them on the device, without a sync.
+        return out  # SDPA per sequence leaves the rows past the last item at zero
+    # FA2 leaves them unwritten: zero them on the device, without a sync.
     live = torch.arange(budget, device=qkv.device) < cu_seqlens[-2]
-    return torch.where(live[:, None], out.reshape(budget, num_heads * head_dim), 0)
+    return torch.where(live[:, None], out, 0)

@@ -22,6 +22,7 @@ import torch
 
 from .arguments import (DEBUG_ENV, DTYPES, OneLineParser, UsageError, cannot_write_into, debug_requested,
                         positive_int)
+from fused_moonvit.kernels.items import Items
 from fused_moonvit.kernels.limits import MERGE_SIDE
 
 from .preprocess import IN_TOKEN_LIMIT_INSTRUCT, IN_TOKEN_LIMIT_THINKING
@@ -225,33 +226,32 @@ def _load_encoder(args: argparse.Namespace, cls, config, device: torch.device, d
 
         # One command, then exit: each budget is captured when an image first needs it, on purpose.
         return MoonVitGraphRunner(model, warn_on_lazy_capture=False).encode, "fused CUDA-graph encoder"
-    return (lambda pixels, grids: [model(pixels, grids)]), "eager reference"
+    return (lambda pixels, items: [model(pixels, items)]), "eager reference"
 
 
 class _Item:
-    """One encoder input: an image, or one chunk of a video."""
+    """One encoder input: an image, or one chunk of a video; `items` is its validated `Items` (one row),
+    checked where it was read so that a bad grid names its file, and passed to the encoder as it is."""
 
-    def __init__(self, key: str, label: str, pixels: torch.Tensor, grid: tuple[int, int, int], what: str = ""):
-        self.key, self.label, self.pixels, self.grid, self.what = key, label, pixels, grid, what
+    def __init__(self, key: str, label: str, pixels: torch.Tensor, items: Items, what: str = ""):
+        self.key, self.label, self.pixels, self.items, self.what = key, label, pixels, items, what
 
 
 def _image_items(sources: list, config, inputs, in_token_limit: int | None) -> list[_Item]:
     """Every image, read and cut into patches: by hand for Kimi-VL, by transformers' processor for MoonViT3d."""
-    from .inputs import check_grid_hws
     from .preprocess import preprocess_image
 
     items = []
     for i, (label, image) in enumerate(sources):
         try:
             if inputs is None:
-                pixels, (h, w) = preprocess_image(image, in_token_limit=in_token_limit or IN_TOKEN_LIMIT_INSTRUCT)
-                grid = (1, h, w)
+                pixels, grid = preprocess_image(image, in_token_limit=in_token_limit or IN_TOKEN_LIMIT_INSTRUCT)
             else:
                 pixels, grid = inputs.image_inputs(image, max_patches=in_token_limit)
-                check_grid_hws([grid], max_frames=config.max_frames)
+            one = Items.of([grid], max_frames=config.max_frames)
         except (OSError, ValueError) as err:
             raise UsageError(f"{label}: {' '.join(str(err).split())}") from err
-        items.append(_Item(f"image_{i}", label, pixels, grid))
+        items.append(_Item(f"image_{i}", label, pixels, one))
     return items
 
 
@@ -260,7 +260,6 @@ def _video_items(paths: list[str | None], config, inputs, notes: list[str]) -> l
     None: the demo clip's), cut into chunks and patches by transformers' video processor."""
     from tqdm import tqdm
 
-    from .inputs import check_grid_hws, patch_offsets
     from .preprocess import read_frame_folder, read_video_file
 
     items = []
@@ -283,15 +282,15 @@ def _video_items(paths: list[str | None], config, inputs, notes: list[str]) -> l
                 summary = (f"{len(indices)} frames sampled from a {fps:g} fps video (the processor samples "
                            f"{inputs.video.fps:g} fps)")
             pixels, grids = inputs.video_inputs(frames)
-            check_grid_hws(grids, max_frames=config.max_frames)
+            chunks = Items.of(grids, max_frames=config.max_frames)
         except (OSError, ValueError) as err:
             raise UsageError(f"--video {path}: {' '.join(str(err).split())}") from err
-        offsets = patch_offsets(grids.tolist())
+        offsets = chunks.offsets
         first = 0
-        notes.append(f"{path}: {summary}, {len(grids)} chunk(s) of up to {inputs.frames_per_chunk} frames")
-        for c, (t, h, w) in enumerate(grids.tolist()):
+        notes.append(f"{path}: {summary}, {len(chunks)} chunk(s) of up to {inputs.frames_per_chunk} frames")
+        for c, (t, h, w) in enumerate(chunks):
             what = origin[first] if t == 1 else f"{origin[first]} to {origin[first + t - 1]}"
-            items.append(_Item(f"video_{v}_chunk_{c}", path, pixels[offsets[c]:offsets[c + 1]], (t, h, w),
+            items.append(_Item(f"video_{v}_chunk_{c}", path, pixels[offsets[c]:offsets[c + 1]], chunks[c:c + 1],
                                f"chunk {c}, {what}"))
             first += t
     return items
@@ -388,12 +387,12 @@ def _encode_checked(args: argparse.Namespace) -> int:
     # One item per call keeps the progress bar honest; the graph runner packs larger calls itself.
     unit = "item" if args.videos or demo_clip else "image"
     for item in tqdm(items, desc="encoding", unit=unit, file=sys.stderr):
-        (out,) = encode(item.pixels.to(device), torch.tensor([item.grid]))
+        (out,) = encode(item.pixels.to(device), item.items)
         tensors[item.key] = out.float().cpu().contiguous()
         metadata[item.key] = f"{item.label}: {item.what}" if item.what else item.label
-        t, h, w = item.grid
+        ((t, h, w),) = item.items.rows
         shape = f"{h}x{w}" if not item.what else f"{t}x{h}x{w}"
-        tokens = (h // MERGE_SIDE) * (w // MERGE_SIDE)
+        tokens = item.items.outputs
         where = f"{item.label} {item.what}" if item.what else item.label
         tqdm.write(f"{where}: grid {shape} patches -> {tokens} tokens x {out.shape[1]}", file=sys.stdout)
     random_weights = f"seeded random weights (seed {args.seed}), a demo: not meaningful"

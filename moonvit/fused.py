@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_moonvit.kernels.layernorm import add_layer_norm
-from fused_moonvit.kernels.limits import MERGE_PATCHES, check_budget
+from fused_moonvit.kernels.limits import check_budget
 from fused_moonvit.kernels.patch_merge import merge_patches
 from fused_moonvit.kernels.plan import (build_plan, expand_plan, new_device_plan, new_token_meta, plan_cu_seqlens,
                                         upload_plan)
@@ -58,17 +58,15 @@ class FusedMoonVit(MoonVitModules):
         return self._rope_tables[device]
 
     @torch.no_grad()
-    def forward(self, pixel_values: torch.Tensor, grid_hws) -> torch.Tensor:
-        """Eager fused forward of exactly these items (images, or video chunks of t frames):
-        (sum h/2*w/2, output_size)."""
-        grid = check_inputs(pixel_values, grid_hws, self.config.patch_size, self.config.max_frames)
+    def forward(self, pixel_values: torch.Tensor, items) -> torch.Tensor:
+        """Eager fused forward of exactly these items (images, or video chunks of t frames; an `Items` or
+        its grid): (sum h/2*w/2, output_size)."""
+        items = check_inputs(pixel_values, items, self.config.patch_size, self.config.max_frames)
         check_attention_dtype(self.device, self.dtype)
-        plan = build_plan(grid, pixel_values.shape[0], grid.shape[0])
-        device_plan = upload_plan(plan, new_device_plan(grid.shape[0], self.device), budget=pixel_values.shape[0])
-        longest = int(grid.prod(dim=1).max())
-        outputs = int((grid[:, 1] * grid[:, 2]).sum()) // MERGE_PATCHES
+        plan = build_plan(items, items.patches, len(items))
+        device_plan = upload_plan(plan, new_device_plan(len(items), self.device), budget=items.patches)
         return self.forward_static(pixel_values.to(device=self.device, dtype=self.dtype), device_plan,
-                                   max_seqlen=longest)[:outputs]
+                                   max_seqlen=items.longest)[:items.outputs]
 
     @torch.no_grad()
     def forward_static(self, pixel_values: torch.Tensor, device_plan: torch.Tensor,
@@ -76,7 +74,7 @@ class FusedMoonVit(MoonVitModules):
         """The graph body: (B, 3, p, p) pixels and an uploaded plan for budget B -> (B/4, output_size).
 
         No host sync on CUDA, and every shape depends on B alone. The plan must have been built for this
-        B (`build_plan(grid, B, S)`, whose last cu_seqlens entry is B): reading it back to check would sync,
+        B (`build_plan(items, B, S)`, whose last cu_seqlens entry is B): reading it back to check would sync,
         so `upload_plan(plan, buffer, budget=B)` checks it on the host instead.
 
         max_seqlen: the longest sequence of the plan in patches, the padding sequence included, when the

@@ -11,9 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fused_moonvit.kernels.limits import MERGE_SIDE
-
-from .inputs import MAX_GRID_SIDE
+from fused_moonvit.kernels.limits import MAX_GRID_SIDE, MERGE_SIDE
 
 PATCH_SIZE = 14
 IN_TOKEN_LIMIT_INSTRUCT = 4096

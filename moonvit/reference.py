@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import sdpa_per_sequence
-from .inputs import check_inputs, patch_offsets
+from .inputs import check_inputs
 from .modules import EncoderBlock, MoonVitModules, rope_frequencies
 
 
@@ -77,36 +77,36 @@ class MoonVitReference(MoonVitModules):
     """
 
     @torch.no_grad()
-    def forward(self, pixel_values: torch.Tensor, grid_hws) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, items) -> torch.Tensor:
         cfg = self.config
-        grid = check_inputs(pixel_values, grid_hws, cfg.patch_size, cfg.max_frames).tolist()
+        items = check_inputs(pixel_values, items, cfg.patch_size, cfg.max_frames)
         tower = self.vision_tower
         x = tower.patch_embed.proj(pixel_values.to(self.dtype)).flatten(1)
 
         table = tower.patch_embed.pos_emb.weight
         time = tower.patch_embed.time_table(x.device)
         embeds = []
-        for t, h, w in grid:
+        for t, h, w in items:
             pe = interpolate_pos_table(table, h, w, cfg.pos_emb_interpolation)
             # A chunk's embedding is the 2D one plus its frame's fp32 time embedding, added in fp32.
             embeds.append(pe if t == 1 else (pe.float()[None] + time[:t, None]).flatten(0, 1))
         pe = torch.cat(embeds)
         x = x + pe if pe.dtype == x.dtype else (x.float() + pe.float()).to(x.dtype)
 
-        positions = [grid_positions(h, w, x.device) for _, h, w in grid]
-        rows = torch.cat([r.repeat(t) for (t, _, _), (r, _) in zip(grid, positions)])
-        cols = torch.cat([c.repeat(t) for (t, _, _), (_, c) in zip(grid, positions)])
+        positions = [grid_positions(h, w, x.device) for _, h, w in items]
+        rows = torch.cat([r.repeat(t) for (t, _, _), (r, _) in zip(items, positions)])
+        cols = torch.cat([c.repeat(t) for (t, _, _), (_, c) in zip(items, positions)])
         # Not a buffer: `model.to(bfloat16)` would round the frequencies.
         freqs = rope_frequencies(cfg.head_dim, cfg.rope_theta).to(x.device)
         angles = rope_angles(rows, cols, freqs)
         cos, sin = angles.cos(), angles.sin()
-        bounds = patch_offsets(grid)
+        bounds = items.offsets
         for block in tower.encoder.blocks:
             x = block_forward(block, x, cos, sin, bounds)
         x = tower.encoder.final_layernorm(x)
 
         merged = torch.cat([merge_2x2(x[start:end], h, w, t)
-                            for start, end, (t, h, w) in zip(bounds, bounds[1:], grid)])
+                            for start, end, (t, h, w) in zip(bounds, bounds[1:], items)])
         if self.projector is None:
             return merged.flatten(1)
         return self.projector(merged)

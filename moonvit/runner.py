@@ -10,12 +10,13 @@ from collections.abc import Sequence
 
 import torch
 
-from fused_moonvit.kernels.limits import MERGE_PATCHES, check_budget, check_int
-from fused_moonvit.kernels.plan import build_plan, grid_thw_list, new_device_plan, new_token_meta, upload_plan
+from fused_moonvit.kernels.limits import check_budget, check_int
+from fused_moonvit.kernels.items import Items
+from fused_moonvit.kernels.plan import build_plan, new_device_plan, new_token_meta, upload_plan
 
 from .attention import check_attention_dtype, choose_attention
 from .fused import FusedMoonVit
-from .inputs import check_inputs, patch_offsets
+from .inputs import check_inputs
 
 
 def capture_graph(fn, *, device: torch.device | str, pool=None, warmup: int = 1):
@@ -146,10 +147,10 @@ class MoonVitGraphRunner:
         """Bytes the shared pool grew by when each budget's graph was captured."""
         return dict(self.memory)
 
-    def plan_chunks(self, grid) -> list[tuple[int, int, int | None]]:
-        """Splits items ((h, w) images or (t, h, w) rows), in order, into (first, end, budget) chunks;
-        budget None means run eagerly."""
-        grid = grid_thw_list(grid)
+    def plan_chunks(self, items) -> list[tuple[int, int, int | None]]:
+        """Splits items (an `Items`, or its grid of (h, w) images or (t, h, w) rows), in order, into
+        (first, end, budget) chunks; budget None means run eagerly."""
+        items = Items.of(items)
         largest = self.budgets[-1]
         chunks: list[tuple[int, int, int | None]] = []
         start, patches = 0, 0
@@ -160,7 +161,7 @@ class MoonVitGraphRunner:
                 chunks.append((start, end, next(b for b in self.budgets if b >= patches)))
             start, patches = end, 0
 
-        for i, (t, h, w) in enumerate(grid):
+        for i, (t, h, w) in enumerate(items):
             if t * h * w > largest:
                 close(i)
                 chunks.append((i, i + 1, None))
@@ -169,27 +170,28 @@ class MoonVitGraphRunner:
             if i - start == self.max_items or patches + t * h * w > largest:
                 close(i)
             patches += t * h * w
-        close(len(grid))
+        close(len(items))
         return chunks
 
     @torch.no_grad()
-    def encode(self, pixel_values: torch.Tensor, grid_hws) -> list[torch.Tensor]:
-        """Per-item outputs, (h/2*w/2, output_size) each, for any number of items of any size."""
-        grid = check_inputs(pixel_values, grid_hws, self.model.config.patch_size, self.model.config.max_frames).tolist()
-        offsets = patch_offsets(grid)
+    def encode(self, pixel_values: torch.Tensor, items) -> list[torch.Tensor]:
+        """Per-item outputs, (h/2*w/2, output_size) each, for any number of items of any size (an `Items`,
+        or its grid of (h, w) images or (t, h, w) rows)."""
+        items = check_inputs(pixel_values, items, self.model.config.patch_size, self.model.config.max_frames)
+        offsets = items.offsets
         results: list[torch.Tensor] = []
         with self._lock:
-            for first, end, budget in self.plan_chunks(grid):
+            for first, end, budget in self.plan_chunks(items):
                 pixels = pixel_values[offsets[first]:offsets[end]]
-                chunk_grid = grid[first:end]
+                chunk = items[first:end]
                 if budget is None:
-                    out = self.model(pixels, chunk_grid)
+                    out = self.model(pixels, chunk)
                 else:
-                    out = self._run(budget, pixels, chunk_grid)
-                results += list(out.split([h * w // MERGE_PATCHES for _, h, w in chunk_grid]))
+                    out = self._run(budget, pixels, chunk)
+                results += list(out.split(list(chunk.tokens)))
         return results
 
-    def _run(self, budget: int, pixels: torch.Tensor, grid: list[list[int]]) -> torch.Tensor:
+    def _run(self, budget: int, pixels: torch.Tensor, items: Items) -> torch.Tensor:
         if self.uses_graphs and budget not in self.graphs:
             if not self._warned_lazy_capture:
                 warnings.warn(f"MoonVitGraphRunner: capturing the {budget}-patch graph on first use, which "
@@ -197,12 +199,12 @@ class MoonVitGraphRunner:
                               stacklevel=3)
                 self._warned_lazy_capture = True
             self._capture_one(budget)  # before the upload: capture runs an all-padding plan
-        plan = build_plan(grid, budget, self.max_items)
+        plan = build_plan(items, budget, self.max_items)
         self._claim_buffers()
         upload_plan(plan, self.device_plan, budget=budget)
         # Not non-blocking from host memory: a caller could refill a pinned buffer before the copy ran.
         self.pixels[:pixels.shape[0]].copy_(pixels, non_blocking=pixels.device.type != "cpu")
-        n_out = sum(h * w for _, h, w in grid) // MERGE_PATCHES
+        n_out = items.outputs
         if not self.uses_graphs:
             return self.model.forward_static(self.pixels[:budget], self.device_plan, self.token_meta[budget])[:n_out]
         self.graphs[budget].replay()

@@ -304,3 +304,19 @@ def test_moonvit3d_nan_stays_in_its_item():
     out = fused(pix, torch.tensor(items)).split([4, 4, 1])
     assert torch.isfinite(out[0]).all() and torch.isfinite(out[2]).all()
     assert out[1].isnan().all()
+
+
+def test_runner_validates_the_items_once(monkeypatch):
+    """`encode` builds the call's Items once; its chunks, graphed or eager (an item past the largest
+    budget), reach the plan and the eager forward as Items, not checked again."""
+    import fused_moonvit.kernels.items as items_module
+
+    _, fused = fused_pair(seed=12, num_hidden_layers=1)
+    runner = MoonVitGraphRunner(fused, budgets=[64], max_items=2)
+    grid = [(2, 2), (8, 10), (4, 4), (2, 6), (6, 6)]  # the 80-patch item runs eagerly
+    pix = random_pixels(grid, seed=3)
+    read = []
+    real = items_module.grid_thw_list
+    monkeypatch.setattr(items_module, "grid_thw_list", lambda g: read.append(g) or real(g))
+    outs = runner.encode(pix, torch.tensor(grid))
+    assert len(read) == 1 and [o.shape[0] for o in outs] == [h * w // 4 for h, w in grid]

@@ -337,14 +337,16 @@ def test_protocol_signatures_are_inspected_once(ours, monkeypatch):
 
 def test_replay_validates_the_grid_once(ours, monkeypatch):
     from fused_moonvit.integration import encoder_graph
-    from fused_moonvit.moonvit import inputs
+    from fused_moonvit.kernels.items import Items
 
-    plans = []
+    plans, validated = [], []
     real = encoder_graph.build_plan
     monkeypatch.setattr(encoder_graph, "build_plan", lambda *a, **k: plans.append(a) or real(*a, **k))
-    monkeypatch.setattr(inputs, "check_grid_hws", lambda *a, **k: pytest.fail("the grid was validated again"))
+    real_of = Items.of.__func__
+    monkeypatch.setattr(Items, "of", classmethod(lambda cls, grid, *a, **k: (
+        validated.append(grid) if not isinstance(grid, Items) else None) or real_of(cls, grid, *a, **k)))
     ours.prepare_encoder_cudagraph_replay_buffers(mm_kwargs(IMAGE_SETS["several"]), 6, 6)
-    assert len(plans) == 1
+    assert len(plans) == 1 and len(validated) == 1
     with pytest.raises(ValueError, match="item 1: h must be even"):
         ours.prepare_encoder_cudagraph_replay_buffers({"pixel_values": torch.zeros(19, 3, 14, 14),
                                                       "image_grid_hws": torch.tensor([[2, 2], [3, 5]])}, 6, 6)

@@ -145,12 +145,14 @@ def test_registry_resolves_to_fused_class(probes):
         # The multimodal processor registered on vLLM's class is the one vLLM finds for ours.
         assert resolved["stock_processor"] is True, arch
     # Loading the plugin imports, of ours, the plugin and the family declarations it reads: no drop-in
-    # (each imports its vLLM model module) and no Triton kernel.
+    # (each imports its vLLM model module) and no Triton kernel (limits, items and the launch tables with
+    # their checks import no Triton).
     loaded = result["modules_after_plugins"]
     assert {"fused_moonvit.integration.plugin", "fused_moonvit.moonvit.families"} <= set(loaded)
     assert not [m for m in loaded if m.startswith(("fused_moonvit.integration.kimi", "fused_moonvit.integration.drop_in",
                                                    "fused_moonvit.moonvit.fused", "fused_moonvit.kernels."))
-                and m != "fused_moonvit.kernels.limits"]
+                and m not in ("fused_moonvit.kernels.limits", "fused_moonvit.kernels.items", "fused_moonvit.kernels.launch",
+                              "fused_moonvit.kernels._checks")]
     # Idempotent: vLLM loads it once per process, a second register() is a no-op (one log line).
     assert len(log) == 1
     swapped = " and ".join(["KimiVLForConditionalGeneration"] + (["KimiK25ForConditionalGeneration"] if HAS_K25 else [])
