@@ -26,11 +26,12 @@ Buffers shared between budgets (vLLM 0.34 hands smaller budgets row-prefix views
 buffers, and capture or replay at one budget leaves its data in the others') are safe here:
 
 - The plan is written whole at every replay. It is built on the host without the graph's budget, which
-  the protocol does not pass to replay preparation, so it ends at the items' patch total; the graph body
-  then ends its padding sequence at its own B (`extend_padding_sequence`, recorded in the graph).
+  the protocol does not pass to replay preparation, and the graph body ends its padding sequence at its
+  own B: the plan step and graph body of `MoonVitGraphRunner` (moonvit/runner.py, `items_plan` and
+  `graph_body`), which this path shares.
 - Pixel rows past the last item belong to the padding sequence, whatever they hold (another budget's
-  pixels, NaN): the position-embedding kernel zeroes them, attention keeps sequences apart, and their
-  outputs are discarded. So `copy_pixel_rows` writes the items' rows only and skips clearing the rest.
+  pixels, NaN), as in the runner. So `copy_pixel_rows` writes the items' rows only and skips clearing
+  the rest.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ import torch
 
 from fused_moonvit.kernels.limits import MERGE_PATCHES
 from fused_moonvit.kernels.items import Items, grid_thw_list
-from fused_moonvit.kernels.plan import build_plan, extend_padding_sequence, new_device_plan, plan_max_items, upload_plan
+from fused_moonvit.kernels.plan import build_plan, new_device_plan, plan_max_items, upload_plan
 from fused_moonvit.moonvit.fused import FusedMoonVit
+from fused_moonvit.moonvit.runner import graph_body, items_plan
 
 PIXELS_KEY = "pixel_values"
 PLAN_KEY = "moonvit_plan"
@@ -136,9 +138,9 @@ def replay_values(encoder: FusedMoonVit, pixel_values: torch.Tensor, items: Item
     _check_pixels(pixel_values, encoder.config.patch_size)
     items = Items.of(items, max_frames=encoder.config.max_frames)
     rows = pixel_values.shape[0]
-    # Its budget is the pixel rows (rounded up to the merge): build_plan checks that the items need no
-    # more rows than that; fewer is caught below.
-    plan = build_plan(items, max(-(-rows // MERGE_PATCHES), 1) * MERGE_PATCHES, slots)
+    # Built for the pixel rows: build_plan checks that the items need no more rows than that; fewer is
+    # caught below.
+    plan = items_plan(items, rows, slots)
     items.check_rows(rows)
     return {PIXELS_KEY: pixel_values, PLAN_KEY: plan.to(pixel_values.device, non_blocking=True)}
 
@@ -180,8 +182,7 @@ def graph_forward(encoder: FusedMoonVit, buffers: dict[str, torch.Tensor],
     pixels = _flat_pixels(pixel_buffer)
     if normalize is not None:
         pixels = normalize(pixels)
-    extend_padding_sequence(plan, pixels.shape[0])
-    return encoder.forward_static(pixels, plan)[: pixel_buffer.shape[0] // MERGE_PATCHES]
+    return graph_body(encoder, pixels, plan)[: pixel_buffer.shape[0] // MERGE_PATCHES]
 
 
 def select_items(pixel_values: torch.Tensor, grid: Sequence[Sequence[int]],

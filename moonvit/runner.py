@@ -1,6 +1,15 @@
-"""`MoonVitGraphRunner`, which runs a `FusedMoonVit` as one CUDA graph per patch budget, its budget
-ladder, and `capture_graph`, the capture helper every graph of this project goes through (the runner,
-the benchmarks' baselines and the plugin's graphs as the benchmarks capture them)."""
+"""`MoonVitGraphRunner`, which runs a `FusedMoonVit` as one CUDA graph per patch budget, and what every
+graph of this project is made of, the runner's and the vLLM plugin's (integration/encoder_graph.py) alike:
+
+- `items_plan`, the host step: the plan of a call's items, built without the graph's budget;
+- `graph_body`, what a graph records: the plan's padding sequence ended at the graph's budget, then the
+  static forward;
+- `capture_graph`, the capture helper (the benchmarks' baselines use it too).
+
+Pixel rows past the last item belong to the padding sequence whatever they hold (another call's pixels,
+NaN): the position-embedding kernel zeroes them, attention keeps sequences apart, and their outputs are
+discarded, so a call copies in its items' rows only.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +19,29 @@ from collections.abc import Sequence
 
 import torch
 
-from fused_moonvit.kernels.limits import check_budget, check_int
 from fused_moonvit.kernels.items import Items
-from fused_moonvit.kernels.plan import build_plan, new_device_plan, new_token_meta, upload_plan
+from fused_moonvit.kernels.limits import MERGE_PATCHES, check_budget, check_int
+from fused_moonvit.kernels.plan import build_plan, extend_padding_sequence, new_device_plan, upload_plan
 
 from .attention import check_attention_dtype, choose_attention
 from .fused import FusedMoonVit
 from .inputs import check_inputs
+
+
+def items_plan(items: Items | Sequence[Sequence[int]], rows: int, slots: int) -> torch.Tensor:
+    """The host plan of `items` (validated) in `slots` item slots, for a graph of any budget of at least
+    `rows` patch rows: built for `rows` rounded up to the merge, it ends where the items' rows do, and
+    `graph_body` ends its padding sequence at the graph's own budget. So neither the runner nor vLLM's
+    replay preparation (which is not told the budget) needs the budget to build it."""
+    return build_plan(items, max(-(-rows // MERGE_PATCHES), 1) * MERGE_PATCHES, slots)
+
+
+def graph_body(model: FusedMoonVit, pixels: torch.Tensor, device_plan: torch.Tensor) -> torch.Tensor:
+    """What a graph records: (B, 3, p, p) pixels and an uploaded `items_plan` -> (B/4, output_size).
+    The plan's padding sequence is ended at B on the device first, so it equals `build_plan(items, B, S)`
+    at every replay of a graph captured for B rows."""
+    extend_padding_sequence(device_plan, pixels.shape[0])
+    return model.forward_static(pixels, device_plan)
 
 
 def capture_graph(fn, *, device: torch.device | str, pool=None, warmup: int = 1):
@@ -91,7 +116,6 @@ class MoonVitGraphRunner:
         p = model.config.patch_size
         self.pixels = torch.zeros(self.budgets[-1], 3, p, p, dtype=model.dtype, device=self.device)
         self.device_plan = new_device_plan(self.max_items, self.device)
-        self.token_meta = {b: new_token_meta(b, self.device) for b in self.budgets}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.memory: dict[int, int] = {}
@@ -124,10 +148,10 @@ class MoonVitGraphRunner:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         self._claim_buffers()
-        # An all-padding plan: capture must not depend on what the images will be.
+        # An all-padding plan: capture must not depend on what the items will be.
         upload_plan(build_plan([], budget, self.max_items), self.device_plan, budget=budget)
-        pixels, meta = self.pixels[:budget], self.token_meta[budget]
-        graph, out, grown = capture_graph(lambda: self.model.forward_static(pixels, self.device_plan, meta),
+        pixels = self.pixels[:budget]
+        graph, out, grown = capture_graph(lambda: graph_body(self.model, pixels, self.device_plan),
                                           device=self.device, pool=self._pool)
         self.graphs[budget], self.outputs[budget], self.memory[budget] = graph, out, grown
 
@@ -199,14 +223,14 @@ class MoonVitGraphRunner:
                               stacklevel=3)
                 self._warned_lazy_capture = True
             self._capture_one(budget)  # before the upload: capture runs an all-padding plan
-        plan = build_plan(items, budget, self.max_items)
+        plan = items_plan(items, items.patches, self.max_items)
         self._claim_buffers()
-        upload_plan(plan, self.device_plan, budget=budget)
+        upload_plan(plan, self.device_plan)
         # Not non-blocking from host memory: a caller could refill a pinned buffer before the copy ran.
         self.pixels[:pixels.shape[0]].copy_(pixels, non_blocking=pixels.device.type != "cpu")
         n_out = items.outputs
         if not self.uses_graphs:
-            return self.model.forward_static(self.pixels[:budget], self.device_plan, self.token_meta[budget])[:n_out]
+            return graph_body(self.model, self.pixels[:budget], self.device_plan)[:n_out]
         self.graphs[budget].replay()
         # The pool is shared, so the next replay may reuse this memory: copy the valid rows out.
         out = self.outputs[budget][:n_out].clone()

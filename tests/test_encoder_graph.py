@@ -110,6 +110,34 @@ def test_graph_forward_extends_the_padding_sequence(encoder):
     assert torch.equal(out, encoder.forward_static(buffers[eg.PIXELS_KEY], build_plan(grid, 128, 4)))
 
 
+def test_runner_and_the_vllm_path_share_plan_step_and_body(encoder, monkeypatch):
+    """The graph runner and vLLM's protocol build the same plan for the same items and run the same
+    graph body, so at one budget their outputs are the same bits, and each reaches the body exactly once."""
+    from fused_moonvit.moonvit import runner as runner_module
+
+    bodies = []
+    body = runner_module.graph_body
+
+    def counting_body(model, pixels, plan):
+        bodies.append(pixels.shape[0])
+        return body(model, pixels, plan)
+
+    monkeypatch.setattr(runner_module, "graph_body", counting_body)
+    monkeypatch.setattr(eg, "graph_body", counting_body)
+    grid = [[6, 10], [2, 4], [4, 4]]
+    pixels = random_pixels(grid, seed=5)
+    runner = runner_module.MoonVitGraphRunner(encoder, budgets=[128], max_items=SLOTS)
+    ours = torch.cat(runner.encode(pixels, grid))
+    buffers = eg.capture_buffers(encoder, 32, SLOTS, torch.device("cpu"), torch.float32)
+    buffers[eg.PIXELS_KEY].fill_(float("nan"))  # padding rows: whatever they hold stays out
+    values = eg.replay_values(encoder, pixels, grid, SLOTS)
+    for key, buffer in buffers.items():
+        eg.PADDING_LOGICS[key](buffer, values[key])
+    vllm_path = eg.graph_forward(encoder, buffers)[: ours.shape[0]]
+    assert bodies == [128, 128]
+    assert torch.isfinite(ours).all() and torch.equal(ours, vllm_path)
+
+
 @pytest.mark.parametrize("layout,slots", [("per_budget", SLOTS), ("shared_prefix", SLOTS),
                                           ("shared_prefix", {16: 2, 32: 3, 64: SLOTS})],
                          ids=["per_budget", "shared_prefix", "shared_prefix_slots_per_budget"])
