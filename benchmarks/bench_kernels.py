@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fused_moonvit.benchmarks.common import graph_time_us
 from fused_moonvit.benchmarks.outdir import add_out_argument, check_out, out_dir
 from fused_moonvit.moonvit.arguments import OneLineParser, positive_int
 
@@ -112,50 +113,29 @@ def relerr(a, b):
 
 
 class Timer:
-    """Device time of a step, captured in a CUDA graph so that no launch cost (the launchers' Python
-    checks, Triton's argument handling: tens of µs) is counted. On the CPU (--smoke), the wall time of
-    one interpreted call: meaningless, but it runs the whole script, plot included."""
+    """Device time of a step (`graph_time_us`: in a CUDA graph, so no launch cost is counted). On the CPU
+    (--smoke), the wall time of one interpreted call: meaningless, but it runs the whole script, plot
+    included."""
 
     def __init__(self, cuda: bool, rep_ms: int):
         self.cuda = cuda
         self.rep_ms = rep_ms
 
-    @staticmethod
-    def _capture(fn, calls):
-        from fused_moonvit.moonvit.runner import capture_graph
-
-        graph, _, _ = capture_graph(lambda: [fn() for _ in range(calls)], device=torch.cuda.current_device())
-        graph.replay()
-        torch.cuda.synchronize()
-        return graph
-
     def cold(self, fn):
-        """Median and 20th/80th percentiles in µs of one call, L2 flushed before each (do_bench)."""
+        """Median and 20th/80th percentiles in µs of one call, L2 flushed before each."""
         if not self.cuda:
             t0 = time.perf_counter()
             fn()
             t = (time.perf_counter() - t0) * 1e6
             return t, t, t
-        from triton.testing import do_bench
+        return tuple(graph_time_us(fn, rep_ms=self.rep_ms, quantiles=(0.5, 0.2, 0.8)))
 
-        med, lo, hi = do_bench(self._capture(fn, 1).replay, warmup=25, rep=self.rep_ms, quantiles=[0.5, 0.2, 0.8])
-        return med * 1e3, lo * 1e3, hi * 1e3
-
-    def warm(self, fn, calls=10, replays=7):
-        """µs per call of `calls` back-to-back calls in one graph, median of `replays`: as inside the
-        captured forward, with L2 as the previous call left it."""
+    def warm(self, fn, calls=10):
+        """µs per call of `calls` back-to-back calls in one graph: as inside the captured forward, with L2
+        as the previous call left it."""
         if not self.cuda:
             return self.cold(fn)[0]
-        graph = self._capture(fn, calls)
-        times = []
-        for _ in range(replays):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) * 1e3 / calls)
-        return statistics.median(times)
+        return graph_time_us(fn, calls=calls, flush_l2=False)
 
 
 def row(kernel, case, tokens, timer, ours, baseline, nbytes, err, copy_tbps, *, baseline_name="vLLM 0.33's way",

@@ -17,14 +17,13 @@ import datetime
 import json
 import os
 import shlex
-import statistics
 import sys
 from collections import defaultdict
 
 import torch
 
 from fused_moonvit.benchmarks.bench_encoder import MODELS
-from fused_moonvit.benchmarks.common import versions
+from fused_moonvit.benchmarks.common import measure, versions
 from fused_moonvit.benchmarks.image_sets import PADDED_EXACT, measured_sets
 from fused_moonvit.benchmarks.image_sets import patches as image_patches
 from fused_moonvit.benchmarks.outdir import add_out_argument, out_dir
@@ -56,18 +55,6 @@ def category(kernel_name: str) -> str:
         if any(n in name for n in needles):
             return label
     return "other"
-
-
-def _event_ms(fn, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def _kernel_times_us(fn, iters: int) -> tuple[dict[str, float], float]:
@@ -125,10 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         p = config.patch_size
         pixels = (torch.rand(patches, 3, p, p, generator=gen) * 2 - 1).to("cuda", torch.bfloat16)
         grid = torch.tensor(grids)
-        for _ in range(3):
-            runner.encode(pixels, grid)
-        call_ms = _event_ms(lambda: runner.encode(pixels, grid), args.iters)
-        replay_ms = _event_ms(runner.graphs[budget].replay, args.iters)
+        call_ms = measure(lambda: runner.encode(pixels, grid), cuda=True, iters=args.iters, warmup=3)["ms"]
+        replay_ms = measure(runner.graphs[budget].replay, cuda=True, iters=args.iters, warmup=0)["ms"]
         # The eager forward on the graph's buffers as the last call left them: the graph's kernels.
         def graph_kernels():
             return graph_body(model, runner.pixels[:budget], runner.device_plan)

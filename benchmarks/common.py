@@ -1,5 +1,6 @@
-"""What the whole-encoder benchmarks share: the smoke config, the run arguments, the timing of a whole
-call, and the versions every result file records."""
+"""What the benchmarks share: the smoke config, the run arguments, the two timers (`measure` for whole
+calls, host work included; `graph_time_us` for device work alone), and the versions every result file
+records."""
 
 from __future__ import annotations
 
@@ -53,6 +54,37 @@ def measure(fn: Callable[[], object], *, cuda: bool, iters: int, warmup: int) ->
     return {"ms": statistics.median(device_ms), "ms_min": min(device_ms), "ms_max": max(device_ms),
             "host_ms": statistics.median(host_ms), "samples_ms": device_ms,
             "timing": f"CUDA events, median of {iters} after {warmup} warm-up calls"}
+
+
+def graph_time_us(fn: Callable[[], object], *, calls: int = 1, flush_l2: bool = True, rep_ms: int = 100,
+                  quantiles: tuple[float, ...] | None = None) -> float | list[float]:
+    """Device time in µs of one call of `fn`, no launch cost counted (the launchers' Python checks and
+    Triton's argument handling cost tens of µs): `calls` back-to-back calls are captured in one CUDA graph
+    and its replays are timed, per call.
+
+    flush_l2: `triton.testing.do_bench` over `rep_ms` of replays with L2 zeroed before each, the median
+    (or the `quantiles`, a list). Without: the median of seven replays back to back, timed by CUDA events,
+    with L2 as the previous call left it, as inside the captured forward."""
+    from fused_moonvit.moonvit.runner import capture_graph
+
+    graph, _, _ = capture_graph(lambda: [fn() for _ in range(calls)], device=torch.cuda.current_device())
+    graph.replay()
+    torch.cuda.synchronize()
+    if flush_l2:
+        from triton.testing import do_bench
+
+        ms = do_bench(graph.replay, warmup=25, rep=rep_ms, quantiles=list(quantiles) if quantiles else None,
+                      return_mode="median")
+        return [q * 1e3 / calls for q in ms] if quantiles else ms * 1e3 / calls
+    times = []
+    for _ in range(7):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
 
 
 def versions() -> dict[str, str | None]:

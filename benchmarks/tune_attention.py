@@ -27,6 +27,7 @@ import sys
 
 import torch
 
+from fused_moonvit.benchmarks.common import graph_time_us
 from fused_moonvit.benchmarks.flops import attention_flops
 from fused_moonvit.benchmarks.image_sets import IMAGE_SETS, USER_IMAGE_SETS, USER_VIDEO_SETS, patches
 from fused_moonvit.moonvit.arguments import OneLineParser, output_dir
@@ -63,17 +64,6 @@ LIBRARIES = ("fa3", "fa2")
 CALLS = 5
 SLOTS = 64
 MAX_REL_ERR = 1e-2  # bf16: every backend lands near 2e-3 (P rounded to bf16 before the second product)
-
-
-def graph_time_us(fn) -> float:
-    from triton.testing import do_bench
-
-    from fused_moonvit.moonvit.runner import capture_graph
-
-    graph, _, _ = capture_graph(lambda: [fn() for _ in range(CALLS)], device=torch.cuda.current_device())
-    us = do_bench(graph.replay, warmup=20, rep=120, return_mode="median") * 1e3 / CALLS
-    del graph
-    return us
 
 
 def candidates(device):
@@ -157,7 +147,8 @@ def main(argv=None) -> int:
                     torch.cuda.synchronize()
                     err = ((out[:valid].float() - exact).norm() / exact.norm()).item()
                     pad_zero = bool(out[valid:].eq(0).all())
-                    us = graph_time_us(lambda: packed_attention(qkv, cu, heads, head_dim, budget, choice))
+                    us = graph_time_us(lambda: packed_attention(qkv, cu, heads, head_dim, budget, choice),
+                                       calls=CALLS, rep_ms=120)
                 except Exception as exc:  # a configuration that does not compile, or a library that refuses
                     entry["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                     case["candidates"][cand] = entry
