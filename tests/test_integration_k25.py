@@ -27,8 +27,8 @@ except ModuleNotFoundError as err:
 
 from moonvit_fixtures import random_model, rel_err, tiny_config
 from vllm_manager import captured_manager, poison
-from vllm_peer import (MAX_MODEL_LEN, assert_matches, build, init_vllm_cpu, kimi_k25_config_json, vllm_config,
-                       write_tiny_kimi_k25_dir)
+from vllm_peer import (MAX_MODEL_LEN, assert_matches, build, init_vllm_cpu, kimi_k25_config_json,
+                       stock_and_ours_fixtures, thw_mm_kwargs, vllm_config, write_tiny_kimi_k25_dir)
 
 from fused_moonvit.integration.encoder_graph import PADDING_LOGICS, PLAN_KEY
 
@@ -49,14 +49,6 @@ ITEM_SETS = {
     "mix": [(1, 4, 6), (4, 6, 6), (2, 2, 2), (1, 10, 12), (3, 2, 8)],
     "non_square": [(1, 2, 40), (4, 40, 2), (2, 6, 20)],
 }
-
-
-def mm_kwargs(items, seed=0, raw=False):
-    g = torch.Generator().manual_seed(seed)
-    n = sum(t * h * w for t, h, w in items)
-    pixels = (torch.randint(0, 256, (n, 3, 14, 14), dtype=torch.uint8, generator=g) if raw
-              else torch.randn(n, 3, 14, 14, generator=g))
-    return {"pixel_values": pixels, "grid_thws": torch.tensor(items, dtype=torch.long).view(-1, 3)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -118,21 +110,7 @@ def checkpoint(model_dir):
     return tensors
 
 
-@pytest.fixture(scope="module")
-def stock(model_dir, checkpoint):
-    return build(stock_class(), model_dir, checkpoint)
-
-
-@pytest.fixture(scope="module")
-def ours(model_dir, checkpoint):
-    return build(ours_class(), model_dir, checkpoint)
-
-
-@pytest.fixture(scope="module")
-def reference(stock):
-    """Stock vLLM's per-item embeddings, per item set."""
-    with torch.inference_mode():
-        return {name: stock.embed_multimodal(**mm_kwargs(items)) for name, items in ITEM_SETS.items()}
+stock, ours, reference = stock_and_ours_fixtures(stock_class, ours_class, ITEM_SETS)
 
 
 # -- construction and weights --
@@ -288,7 +266,7 @@ def test_refuses_vision_names_that_disagree_with_vllms():
 def test_embeddings_match_stock(ours, reference, item_set):
     items = ITEM_SETS[item_set]
     with torch.inference_mode():
-        got = ours.embed_multimodal(**mm_kwargs(items))
+        got = ours.embed_multimodal(**thw_mm_kwargs(items))
     assert [g.shape for g in got] == [(h * w // 4, TEXT_HIDDEN) for _, h, w in items]
     assert_matches(got, reference[item_set])
 
@@ -305,7 +283,7 @@ def test_raw_pixels_are_normalised_as_vllm_does(raw_models):
     norm = ours.vision_tower.patch_embed.input_norm
     assert isinstance(norm, FusedMMInputNorm) and ours.pixel_input_dtype == torch.uint8
     assert torch.allclose(norm.bias, -torch.tensor(MEAN) / torch.tensor(STD))
-    kwargs = mm_kwargs(ITEM_SETS["mix"], seed=7, raw=True)
+    kwargs = thw_mm_kwargs(ITEM_SETS["mix"], seed=7, raw=True)
     with torch.inference_mode():
         got = ours.embed_multimodal(**kwargs)
         want = stock.embed_multimodal(**kwargs)
@@ -320,7 +298,7 @@ def test_data_parallel_mode_matches_stock(model_dir, checkpoint, reference):
     model = build(ours_class(), model_dir, checkpoint, mm_encoder_tp_mode="data")
     assert model.use_data_parallel
     with torch.inference_mode():
-        got = model.embed_multimodal(**mm_kwargs(ITEM_SETS["mix"]))
+        got = model.embed_multimodal(**thw_mm_kwargs(ITEM_SETS["mix"]))
     assert_matches(got, reference["mix"])
 
 
@@ -375,7 +353,7 @@ def test_protocol_config_and_item_specs(ours):
     assert config.padding_logics == PADDING_LOGICS
     assert config.capture_axes == (FRAMES,)
     # Every item, chunks too, in the graphs: its patches in, h/2 * w/2 tokens out (no eager sentinel).
-    specs = ours.get_encoder_cudagraph_item_specs(mm_kwargs(ITEM_SETS["mix"]))
+    specs = ours.get_encoder_cudagraph_item_specs(thw_mm_kwargs(ITEM_SETS["mix"]))
     assert [(s.input_size, s.output_tokens) for s in specs] == [(t * h * w, h * w // 4) for t, h, w in ITEM_SETS["mix"]]
 
 
@@ -384,7 +362,7 @@ def test_select_items_names_the_frame_factor(ours, indices, frames):
     from vllm.v1.worker.encoder_cudagraph_defs import ENCODER_CUDAGRAPH_AXIS_KEYS_KWARG as AXIS
 
     items = ITEM_SETS["mix"]  # (1, 4, 6), (4, 6, 6), (2, 2, 2), (1, 10, 12), (3, 2, 8)
-    kwargs = mm_kwargs(items)
+    kwargs = thw_mm_kwargs(items)
     selected = ours.select_encoder_cudagraph_items(kwargs, indices)
     assert selected[AXIS] == (frames,)
     grid = selected["grid_thws"]
@@ -460,7 +438,7 @@ def test_manager_execute_matches_stock(manager, stock, case, data_parallel):
     items, *per_release = MANAGER_CASES[case]
     graphs, eager = per_release[SHARED_BUFFERS]
     manager.use_dp = data_parallel  # its load-balanced shard and gather, at world size 1
-    kwargs = mm_kwargs(items, seed=5)
+    kwargs = thw_mm_kwargs(items, seed=5)
     first, (hits, misses) = len(replays), (manager.graph_hits, manager.graph_misses)
     try:
         with torch.inference_mode():
@@ -494,7 +472,7 @@ def test_stale_rows_and_nan_in_captured_buffers(manager, stock):
     for k, (name, items, expected) in enumerate(STALE_ROW_SETS):
         if k == 0 or name.endswith("after_poison"):
             poison(manager, seed=k)
-        kwargs = mm_kwargs(items, seed=10 + k)
+        kwargs = thw_mm_kwargs(items, seed=10 + k)
         first = len(replays)
         with torch.inference_mode():
             got = manager.execute(kwargs)
@@ -505,7 +483,7 @@ def test_stale_rows_and_nan_in_captured_buffers(manager, stock):
             # Padding rows are not cleared: on 0.34 they hold the chunk's pixels (the buffer is shared
             # with the (32, 4) graph's), on 0.33 the (16, 4) graph's own poison.
             padding = graphs[16, (4,)].input_buffers["pixel_values"].view(-1, 3, 14, 14)[112:]
-            previous = mm_kwargs(STALE_ROW_SETS[0][1], seed=10)["pixel_values"][112:256]
+            previous = thw_mm_kwargs(STALE_ROW_SETS[0][1], seed=10)["pixel_values"][112:256]
             assert torch.equal(padding, previous) if SHARED_BUFFERS else padding.isnan().all()
 
 
@@ -518,7 +496,7 @@ def test_manager_with_raw_pixels_matches_stock(raw_models, raw_dir, monkeypatch)
         assert graph.input_buffers["pixel_values"].dtype == torch.uint8
         graph.input_buffers["pixel_values"].fill_(255)
     for k, items in enumerate([[(1, 4, 6), (4, 6, 6), (2, 2, 2)], [(2, 6, 10)], [(1, 6, 10), (1, 2, 2)]]):
-        kwargs = mm_kwargs(items, seed=20 + k, raw=True)
+        kwargs = thw_mm_kwargs(items, seed=20 + k, raw=True)
         with torch.inference_mode():
             got = manager.execute(kwargs)
             want = stock.embed_multimodal(**kwargs)

@@ -24,8 +24,8 @@ if importlib.util.find_spec("vllm.models.kimi_k3") is None:
 
 from moonvit_fixtures import K3_OPTIONS, random_model, rel_err, tiny_k25_config
 from vllm_manager import captured_manager, poison
-from vllm_peer import (KimiK3LanguageStandIn, assert_matches, build, init_vllm_cpu, kimi_k3_config_json, vllm_config,
-                       write_tiny_kimi_k3_dir)
+from vllm_peer import (KimiK3LanguageStandIn, assert_matches, build, init_vllm_cpu, kimi_k3_config_json,
+                       stock_and_ours_fixtures, thw_mm_kwargs, vllm_config, write_tiny_kimi_k3_dir)
 
 from fused_moonvit.integration.encoder_graph import PADDING_LOGICS, PLAN_KEY
 from fused_moonvit.moonvit import MoonVitConfig
@@ -46,14 +46,6 @@ ITEM_SETS = {
 
 
 MEAN, STD = [0.5, 0.45, 0.4], [0.25, 0.3, 0.28]
-
-
-def mm_kwargs(items, seed=0, raw=False):
-    g = torch.Generator().manual_seed(seed)
-    n = sum(t * h * w for t, h, w in items)
-    pixels = (torch.randint(0, 256, (n, 3, 14, 14), dtype=torch.uint8, generator=g) if raw
-              else torch.randn(n, 3, 14, 14, generator=g))
-    return {"pixel_values": pixels, "grid_thws": torch.tensor(items, dtype=torch.long).view(-1, 3)}
 
 
 def stock_class():
@@ -99,20 +91,7 @@ def checkpoint():
     return tensors
 
 
-@pytest.fixture(scope="module")
-def stock(model_dir, checkpoint):
-    return build(stock_class(), model_dir, checkpoint)
-
-
-@pytest.fixture(scope="module")
-def ours(model_dir, checkpoint):
-    return build(ours_class(), model_dir, checkpoint)
-
-
-@pytest.fixture(scope="module")
-def reference(stock):
-    with torch.inference_mode():
-        return {name: stock.embed_multimodal(**mm_kwargs(items)) for name, items in ITEM_SETS.items()}
+stock, ours, reference = stock_and_ours_fixtures(stock_class, ours_class, ITEM_SETS)
 
 
 # -- construction and weights --
@@ -195,7 +174,7 @@ def test_refuses_vision_names_that_disagree_with_vllms():
 def test_embeddings_match_stock(ours, reference, item_set):
     items = ITEM_SETS[item_set]
     with torch.inference_mode():
-        got = ours.embed_multimodal(**mm_kwargs(items))
+        got = ours.embed_multimodal(**thw_mm_kwargs(items))
     assert [g.shape for g in got] == [(h * w // 4, TEXT_HIDDEN) for _, h, w in items]
     assert_matches(got, reference[item_set])
 
@@ -207,7 +186,7 @@ def test_raw_pixels_are_normalised_as_vllm_does(tmp_path_factory, checkpoint):
                                      image_std=STD)
     stock, ours = build(stock_class(), raw_dir, checkpoint), build(ours_class(), raw_dir, checkpoint)
     assert ours.pixel_input_dtype == torch.uint8
-    kwargs = mm_kwargs(ITEM_SETS["mix"], seed=7, raw=True)
+    kwargs = thw_mm_kwargs(ITEM_SETS["mix"], seed=7, raw=True)
     with torch.inference_mode():
         want = stock.embed_multimodal(**kwargs)
         assert_matches(ours.embed_multimodal(**kwargs), want)
@@ -220,7 +199,7 @@ def test_data_parallel_mode_matches_stock(model_dir, checkpoint, reference):
     model = build(ours_class(), model_dir, checkpoint, mm_encoder_tp_mode="data")
     assert model.use_data_parallel
     with torch.inference_mode():
-        got = model.embed_multimodal(**mm_kwargs(ITEM_SETS["mix"]))
+        got = model.embed_multimodal(**thw_mm_kwargs(ITEM_SETS["mix"]))
     assert_matches(got, reference["mix"])
 
 
@@ -231,7 +210,7 @@ def test_protocol_config(ours):
     assert config.modalities == ["image"]  # K3's processor registers images
     assert config.buffer_keys == ["pixel_values", PLAN_KEY] and config.padding_logics == PADDING_LOGICS
     assert config.out_hidden_size == TEXT_HIDDEN
-    specs = ours.get_encoder_cudagraph_item_specs(mm_kwargs(ITEM_SETS["mix"]))
+    specs = ours.get_encoder_cudagraph_item_specs(thw_mm_kwargs(ITEM_SETS["mix"]))
     assert [(s.input_size, s.output_tokens) for s in specs] == [(t * h * w, h * w // 4) for t, h, w in ITEM_SETS["mix"]]
 
 
@@ -269,7 +248,7 @@ def test_manager_with_poisoned_buffers_matches_stock(manager, stock, data_parall
     try:
         for k, items in enumerate(POISONED_SETS):
             poison(manager, seed=k)
-            kwargs = mm_kwargs(items, seed=40 + k)
+            kwargs = thw_mm_kwargs(items, seed=40 + k)
             first, hits = len(replays), manager.graph_hits
             with torch.inference_mode():
                 got = manager.execute(kwargs)

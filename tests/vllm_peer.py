@@ -11,6 +11,7 @@ import json
 import socket
 from functools import lru_cache
 
+import pytest
 import torch
 from moonvit_fixtures import k25_vision_config, kimi_vl_config_json, rel_err
 
@@ -306,3 +307,33 @@ def assert_matches(got, want, tol=1e-5):
         assert g.shape == w.shape
         assert torch.isfinite(g).all()
         assert rel_err(g, w) <= tol
+
+
+def thw_mm_kwargs(items, seed=0, raw=False):
+    """MoonViT3d's multimodal kwargs for items of (t, h, w) patches: random pixels (raw uint8 ones with
+    `raw`) and the `grid_thws` of Kimi-K2.5 and Kimi-K3."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(t * h * w for t, h, w in items)
+    pixels = (torch.randint(0, 256, (n, 3, 14, 14), dtype=torch.uint8, generator=g) if raw
+              else torch.randn(n, 3, 14, 14, generator=g))
+    return {"pixel_values": pixels, "grid_thws": torch.tensor(items, dtype=torch.long).view(-1, 3)}
+
+
+def stock_and_ours_fixtures(stock_class, ours_class, item_sets):
+    """The module fixtures `stock` and `ours` (each class built from the `model_dir` fixture and loaded
+    with the `checkpoint` fixture) and `reference`: stock vLLM's per-item embeddings, per item set."""
+
+    @pytest.fixture(scope="module")
+    def stock(model_dir, checkpoint):
+        return build(stock_class(), model_dir, checkpoint)
+
+    @pytest.fixture(scope="module")
+    def ours(model_dir, checkpoint):
+        return build(ours_class(), model_dir, checkpoint)
+
+    @pytest.fixture(scope="module")
+    def reference(stock):
+        with torch.inference_mode():
+            return {name: stock.embed_multimodal(**thw_mm_kwargs(items)) for name, items in item_sets.items()}
+
+    return stock, ours, reference
