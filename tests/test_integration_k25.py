@@ -27,8 +27,9 @@ except ModuleNotFoundError as err:
 
 from moonvit_fixtures import random_model, rel_err, tiny_config
 from vllm_manager import captured_manager, poison
-from vllm_peer import (MAX_MODEL_LEN, assert_matches, build, init_vllm_cpu, kimi_k25_config_json,
-                       stock_and_ours_fixtures, thw_mm_kwargs, vllm_config, write_tiny_kimi_k25_dir)
+from vllm_peer import (MAX_MODEL_LEN, assert_matches, build, build_refusing_stock_tower, encoder_state, init_vllm_cpu,
+                       kimi_k25_config_json, stock_and_ours_fixtures, thw_mm_kwargs, vllm_config,
+                       write_tiny_kimi_k25_dir)
 
 from fused_moonvit.integration.encoder_graph import PADDING_LOGICS, PLAN_KEY
 
@@ -116,26 +117,14 @@ stock, ours, reference = stock_and_ours_fixtures(stock_class, ours_class, ITEM_S
 # -- construction and weights --
 
 def test_builds_fused_encoder_once(model_dir, checkpoint, stock, monkeypatch):
-    import fused_moonvit.integration.drop_in as drop_in
     import fused_moonvit.integration.kimi_k25 as integration
     from vllm.model_executor.layers.fusion.mm_input_norm import IdentityInputNorm
     from vllm.model_executor.models import kimi_k25 as vllm_kimi_k25
     from vllm.model_executor.models import kimi_k25_vit
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("vLLM's own vision tower was built")
-
-    monkeypatch.setattr(kimi_k25_vit.MoonViT3dPretrainedModel, "__init__", refuse)
-    monkeypatch.setattr(kimi_k25_vit.KimiK25MultiModalProjector, "__init__", refuse)
-    built = []
-
-    class CountingFusedMoonVit(drop_in.FusedMoonVit):
-        def __init__(self, config):
-            built.append(self)
-            super().__init__(config)
-
-    monkeypatch.setattr(drop_in, "FusedMoonVit", CountingFusedMoonVit)
-    model = build(integration.FusedKimiK25ForConditionalGeneration, model_dir, checkpoint)
+    model, built = build_refusing_stock_tower(
+        monkeypatch, integration.FusedKimiK25ForConditionalGeneration, model_dir, checkpoint,
+        (kimi_k25_vit.MoonViT3dPretrainedModel, kimi_k25_vit.KimiK25MultiModalProjector))
 
     assert len(built) == 1
     encoder = model.fused_encoder
@@ -151,8 +140,7 @@ def test_builds_fused_encoder_once(model_dir, checkpoint, stock, monkeypatch):
     assert vllm_kimi_k25.MoonViT3dPretrainedModel is kimi_k25_vit.MoonViT3dPretrainedModel
     # Every encoder parameter has exactly its checkpoint name, once (build() checked that load_weights
     # filled every parameter), and holds the checkpoint's tensor.
-    encoder_keys = {k for k in checkpoint if not k.startswith("language_model.")}
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("language_model.")}
+    state, encoder_keys = encoder_state(model, checkpoint)
     assert set(state) == encoder_keys
     assert all(torch.equal(state[k], checkpoint[k]) for k in encoder_keys)
 

@@ -24,8 +24,9 @@ if importlib.util.find_spec("vllm.models.kimi_k3") is None:
 
 from moonvit_fixtures import K3_OPTIONS, random_model, rel_err, tiny_k25_config
 from vllm_manager import captured_manager, poison
-from vllm_peer import (KimiK3LanguageStandIn, assert_matches, build, init_vllm_cpu, kimi_k3_config_json,
-                       stock_and_ours_fixtures, thw_mm_kwargs, vllm_config, write_tiny_kimi_k3_dir)
+from vllm_peer import (KimiK3LanguageStandIn, assert_matches, build, build_refusing_stock_tower, encoder_state,
+                       init_vllm_cpu, kimi_k3_config_json, stock_and_ours_fixtures, thw_mm_kwargs, vllm_config,
+                       write_tiny_kimi_k3_dir)
 
 from fused_moonvit.integration.encoder_graph import PADDING_LOGICS, PLAN_KEY
 from fused_moonvit.moonvit import MoonVitConfig
@@ -102,12 +103,10 @@ def test_tower_and_projector_from_the_checkpoint_names_and_k3_vision_config(mode
 
     from fused_moonvit.moonvit.modules import PatchMergerV2
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("vLLM's own vision tower was built")
-
-    monkeypatch.setattr(kimi_k25_vit.MoonViT3dPretrainedModel, "__init__", refuse)
-    monkeypatch.setattr(kimi_k25_vit.KimiK25MultiModalProjector, "__init__", refuse)
-    model = build(ours_class(), model_dir, checkpoint)
+    model, built = build_refusing_stock_tower(
+        monkeypatch, ours_class(), model_dir, checkpoint,
+        (kimi_k25_vit.MoonViT3dPretrainedModel, kimi_k25_vit.KimiK25MultiModalProjector))
+    assert len(built) == 1 and model.fused_encoder is built[0]
     config = model.fused_encoder.config
     # K3's vision_config (vt_* names, K3's options) read into the tiny tower's every field.
     assert {k: getattr(config, k) for k in MoonVitConfig._FIELDS} == {k: getattr(VISION, k) for k in MoonVitConfig._FIELDS}
@@ -116,8 +115,7 @@ def test_tower_and_projector_from_the_checkpoint_names_and_k3_vision_config(mode
     assert model._tower_model_names == stock._tower_model_names
     # Every encoder parameter under its checkpoint name, once, holding the checkpoint's tensor; stock
     # vLLM renames the projector's linears.
-    encoder_keys = {k for k in checkpoint if not k.startswith("language_model.")}
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("language_model.")}
+    state, encoder_keys = encoder_state(model, checkpoint)
     assert set(state) == encoder_keys and "mm_projector.post_norm.weight" in state
     assert all(torch.equal(state[k], checkpoint[k]) for k in encoder_keys)
     assert torch.equal(stock.mm_projector.linear_1.weight, checkpoint["mm_projector.proj.0.weight"])

@@ -18,7 +18,8 @@ from packaging.version import Version
 
 from moonvit_fixtures import random_model, random_pixels, tiny_config
 from vllm_manager import captured_manager, poison
-from vllm_peer import MAX_MODEL_LEN, assert_matches, build, init_vllm_cpu, vllm_config, write_tiny_kimi_vl_dir
+from vllm_peer import (MAX_MODEL_LEN, assert_matches, build, build_refusing_stock_tower, encoder_state, init_vllm_cpu,
+                       vllm_config, write_tiny_kimi_vl_dir)
 
 from fused_moonvit.integration.encoder_graph import PADDING_LOGICS, PLAN_KEY
 
@@ -94,25 +95,13 @@ def reference(stock):
 # -- construction --
 
 def test_builds_fused_encoder_once(model_dir, checkpoint, monkeypatch):
-    import fused_moonvit.integration.drop_in as drop_in
     import fused_moonvit.integration.kimi_vl as integration
     from vllm.model_executor.models import kimi_vl as vllm_kimi_vl
     from vllm.model_executor.models import moonvit as vllm_moonvit
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("vLLM's own vision tower was built")
-
-    monkeypatch.setattr(vllm_moonvit.MoonVitPretrainedModel, "__init__", refuse)
-    monkeypatch.setattr(vllm_kimi_vl.KimiVLMultiModalProjector, "__init__", refuse)
-    built = []
-
-    class CountingFusedMoonVit(drop_in.FusedMoonVit):
-        def __init__(self, config):
-            built.append(self)
-            super().__init__(config)
-
-    monkeypatch.setattr(drop_in, "FusedMoonVit", CountingFusedMoonVit)
-    model = build(integration.FusedKimiVLForConditionalGeneration, model_dir, checkpoint)
+    model, built = build_refusing_stock_tower(
+        monkeypatch, integration.FusedKimiVLForConditionalGeneration, model_dir, checkpoint,
+        (vllm_moonvit.MoonVitPretrainedModel, vllm_kimi_vl.KimiVLMultiModalProjector))
 
     assert len(built) == 1
     assert model.fused_encoder is built[0]
@@ -123,8 +112,8 @@ def test_builds_fused_encoder_once(model_dir, checkpoint, monkeypatch):
     assert vllm_kimi_vl.MoonVitPretrainedModel is vllm_moonvit.MoonVitPretrainedModel
     # Every encoder parameter has exactly its checkpoint name, once (build() checked that load_weights
     # filled every parameter).
-    encoder_keys = {k for k in checkpoint if not k.startswith("language_model.")}
-    assert {k for k in model.state_dict() if not k.startswith("language_model.")} == encoder_keys
+    state, encoder_keys = encoder_state(model, checkpoint)
+    assert set(state) == encoder_keys
     assert len(list(model.vision_tower.parameters())) + len(list(model.multi_modal_projector.parameters())) \
         == len(encoder_keys)
 
@@ -336,12 +325,12 @@ def test_protocol_signatures_are_inspected_once(ours, monkeypatch):
 
 
 def test_replay_validates_the_grid_once(ours, monkeypatch):
-    from fused_moonvit.integration import encoder_graph
     from fused_moonvit.kernels.items import Items
+    from fused_moonvit.moonvit import runner  # items_plan, the plan step replay_values shares
 
     plans, validated = [], []
-    real = encoder_graph.build_plan
-    monkeypatch.setattr(encoder_graph, "build_plan", lambda *a, **k: plans.append(a) or real(*a, **k))
+    real = runner.build_plan
+    monkeypatch.setattr(runner, "build_plan", lambda *a, **k: plans.append(a) or real(*a, **k))
     real_of = Items.of.__func__
     monkeypatch.setattr(Items, "of", classmethod(lambda cls, grid, *a, **k: (
         validated.append(grid) if not isinstance(grid, Items) else None) or real_of(cls, grid, *a, **k)))

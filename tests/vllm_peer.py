@@ -337,3 +337,30 @@ def stock_and_ours_fixtures(stock_class, ours_class, item_sets):
             return {name: stock.embed_multimodal(**thw_mm_kwargs(items)) for name, items in item_sets.items()}
 
     return stock, ours, reference
+
+
+def build_refusing_stock_tower(monkeypatch, model_class, model_dir, checkpoint, stock_tower_classes):
+    """`model_class` built and loaded with vLLM's own tower and projector classes refusing to be built,
+    and the `FusedMoonVit`s the drop-in built on the way, in order."""
+    import fused_moonvit.integration.drop_in as drop_in
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("vLLM's own vision tower was built")
+
+    for cls in stock_tower_classes:
+        monkeypatch.setattr(cls, "__init__", refuse)
+    built = []
+
+    class CountingFusedMoonVit(drop_in.FusedMoonVit):
+        def __init__(self, config):
+            built.append(self)
+            super().__init__(config)
+
+    monkeypatch.setattr(drop_in, "FusedMoonVit", CountingFusedMoonVit)
+    return build(model_class, model_dir, checkpoint), built
+
+
+def encoder_state(model, checkpoint) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The model's state outside its language model, and the checkpoint's names there."""
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("language_model.")}
+    return state, {k for k in checkpoint if not k.startswith("language_model.")}
