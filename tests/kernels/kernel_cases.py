@@ -17,7 +17,7 @@ from fused_moonvit.kernels import build_plan, expand_plan, new_device_plan, new_
 class Case:
     grids: tuple[tuple[int, ...], ...]  # (h, w) of images, or (t, h, w) of items
     budget: int
-    max_images: int
+    max_items: int
 
     @property
     def items(self) -> tuple[tuple[int, int, int], ...]:
@@ -80,8 +80,8 @@ def randn(shape, gen, dtype, device) -> torch.Tensor:
 
 
 def token_meta_for(case: Case, device: torch.device) -> torch.Tensor:
-    plan = build_plan(list(case.grids), case.budget, case.max_images)
-    device_plan = upload_plan(plan, new_device_plan(case.max_images, device))
+    plan = build_plan(list(case.grids), case.budget, case.max_items)
+    device_plan = upload_plan(plan, new_device_plan(case.max_items, device))
     return expand_plan(device_plan, new_token_meta(case.budget, device))
 
 

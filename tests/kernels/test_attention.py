@@ -43,7 +43,7 @@ PLAN_CASES = {k: v for k, v in CASES.items() if torch.cuda.is_available() or v.t
 @pytest.mark.parametrize("heads,head_dim", [(2, 8), (1, 72)], ids=["d8", "d72"])
 def test_plans(case, dtype, heads, head_dim, device):
     """Every image set of the plan tests: zero-length slots, a trailing padding sequence, all-padding."""
-    plan = build_plan(list(case.grids), case.budget, case.max_images)
+    plan = build_plan(list(case.grids), case.budget, case.max_items)
     cu = plan_cu_seqlens(plan).to(device)
     gen = generator(case, dtype, head_dim)
     qkv = randn((case.budget, 3 * heads * head_dim), gen, dtype, device)
@@ -148,7 +148,7 @@ def test_real_size_against_flash_attention(config, device):
     from torch.nn.attention.varlen import varlen_attn
 
     heads, head_dim = 16, 72
-    plan = build_plan(list(REAL_SIZE.grids), REAL_SIZE.budget, REAL_SIZE.max_images)
+    plan = build_plan(list(REAL_SIZE.grids), REAL_SIZE.budget, REAL_SIZE.max_items)
     cu = plan_cu_seqlens(plan).to(device)
     qkv = randn((REAL_SIZE.budget, 3 * heads * head_dim), generator("real"), torch.bfloat16, device)
     qkv[REAL_SIZE.total:] = float("nan")

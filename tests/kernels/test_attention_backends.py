@@ -43,7 +43,7 @@ def refused(backend, device, head_dim=72) -> bool:
 def test_plans(backend, case, heads, head_dim, device):
     if refused(backend, device):
         return
-    plan = build_plan(list(case.grids), case.budget, case.max_images)
+    plan = build_plan(list(case.grids), case.budget, case.max_items)
     cu = plan_cu_seqlens(plan).to(device)
     qkv = randn((case.budget, 3 * heads * head_dim), generator(case, backend, head_dim), dtype_for(device), device)
     qkv[case.total:] = float("nan")
@@ -91,7 +91,7 @@ def test_graph_replay_under_new_plans(backend, heads, head_dim, device):
         return
     from fused_moonvit.moonvit.runner import capture_graph
 
-    budget, slots = REAL_SIZE.budget, REAL_SIZE.max_images
+    budget, slots = REAL_SIZE.budget, REAL_SIZE.max_items
     device_plan = new_device_plan(slots, device)
     upload_plan(build_plan([], budget, slots), device_plan, budget=budget)
     cu = plan_cu_seqlens(device_plan)

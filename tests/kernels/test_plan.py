@@ -46,8 +46,8 @@ def test_size_depends_only_on_slots():
 
 @case_params
 def test_every_row_in_exactly_one_sequence(case):
-    cu = plan_cu_seqlens(build_plan(list(case.grids), case.budget, case.max_images)).tolist()
-    assert len(cu) == case.max_images + 2 and cu[0] == 0 and cu[-1] == case.budget
+    cu = plan_cu_seqlens(build_plan(list(case.grids), case.budget, case.max_items)).tolist()
+    assert len(cu) == case.max_items + 2 and cu[0] == 0 and cu[-1] == case.budget
     assert all(a <= b for a, b in zip(cu, cu[1:]))
     assert cu[-2] == case.total
 
@@ -91,16 +91,16 @@ def test_expand_meta_of_video_chunks(device):
 
 @case_params
 def test_expand_matches_reference(case, device):
-    plan = build_plan(list(case.grids), case.budget, case.max_images)
+    plan = build_plan(list(case.grids), case.budget, case.max_items)
     meta = new_token_meta(case.budget, device).fill_(12345)  # poison: every entry must be written
-    expand_plan(upload_plan(plan, new_device_plan(case.max_images, device)), meta)
+    expand_plan(upload_plan(plan, new_device_plan(case.max_items, device)), meta)
     torch.testing.assert_close(meta.cpu(), expand_plan_reference(plan, case.budget), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", ["many", "video_mix"])
 def test_reference_against_a_per_image_loop(name):
     case = CASES[name]
-    plan = build_plan(list(case.grids), case.budget, case.max_images)
+    plan = build_plan(list(case.grids), case.budget, case.max_items)
     meta = expand_plan_reference(plan, case.budget)
     rows, cols, times, srcs = [], [], [], []
     start = 0
