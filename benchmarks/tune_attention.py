@@ -7,8 +7,9 @@ For each case (a budget and the items in it: the benchmark sets of docs/design.m
 padded, and the sizes Kimi-K2.5 users send, up to one 16384-patch photo or 4-frame video chunk), at 16
 heads of 72 (Kimi-VL, Kimi-K2.5 / K2.6) and 12 heads of 128 (Kimi-K3), every candidate runs on the same
 random bf16 qkv the way the encoder calls it: the plan's cu_seqlens with its padding sequence and 64 item
-slots, max_seqlen = the budget, inside a CUDA graph of 5 back-to-back calls (the inputs stay where the
-QKV GEMM left them), median of do_bench. Candidates: the Triton kernel per tile configuration, vLLM's
+slots, max_seqlen = the budget, inside a CUDA graph of 5 back-to-back calls, median of do_bench (L2 flushed
+before each replay, so the first call reads its inputs from memory and the next four as the previous
+one left them). Candidates: the Triton kernel per tile configuration, vLLM's
 FlashAttention-3 (where it loads) and PyTorch's FlashAttention-2. TFLOP/s count head-dim-wide products (72, not FA3's 96). Each output is checked against an fp64 reference (SDPA per sequence) and its padding
 rows against zeros; a candidate that fails either is not ranked.
 

@@ -138,10 +138,8 @@ def replay_values(encoder: FusedMoonVit, pixel_values: torch.Tensor, items: Item
     _check_pixels(pixel_values, encoder.config.patch_size)
     items = Items.of(items, max_frames=encoder.config.max_frames)
     rows = pixel_values.shape[0]
-    # Built for the pixel rows: build_plan checks that the items need no more rows than that; fewer is
-    # caught below.
-    plan = items_plan(items, rows, slots)
     items.check_rows(rows)
+    plan = items_plan(items, rows, slots)
     return {PIXELS_KEY: pixel_values, PLAN_KEY: plan.to(pixel_values.device, non_blocking=True)}
 
 

@@ -1,7 +1,8 @@
 """Fused Triton kernels of the MoonVit forward, and the per-call plan they read.
 
-Host, per call:   plan = build_plan(Items.of(grid), B, S); upload_plan(plan, device_plan)
-Device, in graph: expand_plan(device_plan, token_meta)
+Host, per call:   plan = build_plan(Items.of(grid), total, S); upload_plan(plan, device_plan)
+Device, in graph: extend_padding_sequence(device_plan, B)    (the plan's padding sequence ends at B)
+                  expand_plan(device_plan, token_meta)
                   interp_pos_embed(x, pos_table, token_meta, bias, time_table=..., mode=...)
                   apply_rope_2d(qkv, token_meta, cos_sin, num_heads, head_dim)   (each layer)
                   varlen_attention_fwd(qkv, cu_seqlens, num_heads, head_dim)     (each layer)

@@ -71,6 +71,5 @@ def launch_settings(table: Sequence[dict], kernel: object, device: torch.device,
             cls = FALLBACK_GPU_CLASS
     row = select_row(table, device_class=cls, **keys)
     if row is None:
-        raise LookupError(f"no launch settings for {cls} and {keys}: every table has {INTERPRETER} and "
-                          f"{FALLBACK_GPU_CLASS} rows")
+        raise LookupError(f"no launch settings for {cls} and {keys}: the table has no row for them")
     return row

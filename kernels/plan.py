@@ -171,10 +171,10 @@ def upload_plan(plan: torch.Tensor, device_plan: torch.Tensor, budget: int | Non
 def extend_padding_sequence(device_plan: torch.Tensor, budget: int) -> torch.Tensor:
     """End an uploaded plan's padding sequence at `budget` rows, in place, with device work only.
 
-    For a plan built before its graph's budget was known: `build_plan(grid, total, S)` with the images'
+    For a plan built before its graph's budget was known: `build_plan(items, total, S)` with the items'
     own patch total as the budget leaves no padding sequence. Recorded in a CUDA graph captured for B
     rows, this call sets the last cu_seqlens entry to B at every replay, so rows [total, B) become the
-    padding sequence and the plan equals `build_plan(grid, B, S)`. The images must fit (total <= B),
+    padding sequence and the plan equals `build_plan(items, B, S)`. The items must fit (total <= B),
     which the caller checks on the host where the total is known: reading the plan here would sync.
     """
     check_tensor("device_plan", device_plan, dtypes=(torch.int32,), shape=(None,))
@@ -260,8 +260,9 @@ def expand_plan(device_plan: torch.Tensor, token_meta: torch.Tensor) -> torch.Te
     token_meta: the int32 (META_ROWS, B) output buffer (static inside a graph), from
         `new_token_meta(B, device)`; it is what tells the launcher B.
 
-    B must equal the budget the plan was built for (cu_seqlens[S + 1]); that is not checked here, as
-    reading the plan would sync with the device (`upload_plan(..., budget=B)` checks it on the host).
+    B must equal the plan's last cu_seqlens entry (cu_seqlens[S + 1]); that is not checked here, as
+    reading the plan would sync with the device (`upload_plan(..., budget=B)` checks it on the host, or
+    `extend_padding_sequence(device_plan, B)` sets it on the device first).
     """
     check_tensor("device_plan", device_plan, dtypes=(torch.int32,), shape=(None,))
     num_slots = plan_max_items(device_plan)

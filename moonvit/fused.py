@@ -70,12 +70,13 @@ class FusedMoonVit(MoonVitModules):
 
     @torch.no_grad()
     def forward_static(self, pixel_values: torch.Tensor, device_plan: torch.Tensor,
-                       token_meta: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
-        """The graph body: (B, 3, p, p) pixels and an uploaded plan for budget B -> (B/4, output_size).
+                       max_seqlen: int | None = None) -> torch.Tensor:
+        """The static forward: (B, 3, p, p) pixels and an uploaded plan for budget B -> (B/4, output_size).
 
-        No host sync on CUDA, and every shape depends on B alone. The plan must have been built for this
-        B (`build_plan(items, B, S)`, whose last cu_seqlens entry is B): reading it back to check would sync,
-        so `upload_plan(plan, buffer, budget=B)` checks it on the host instead.
+        No host sync on CUDA, and every shape depends on B alone. The plan's last cu_seqlens entry must be
+        B, which reading it back to check would sync on: either it was built for B (`build_plan(items, B,
+        S)`, uploaded with `upload_plan(plan, buffer, budget=B)`, which checks it on the host), or the
+        graph body sets it on the device first (`runner.graph_body`, the path every graph takes).
 
         max_seqlen: the longest sequence of the plan in patches, the padding sequence included, when the
         caller knows it (the eager forward does); a graph, which must serve any plan, leaves it at B.
@@ -91,9 +92,7 @@ class FusedMoonVit(MoonVitModules):
             raise ValueError(f"pixel_values must be {self.dtype} on {self.device} like the model, "
                              f"got {pixel_values.dtype} on {pixel_values.device}")
         heads, head_dim = cfg.num_attention_heads, cfg.head_dim
-        if token_meta is None:
-            token_meta = new_token_meta(budget, pixel_values.device)
-        meta = expand_plan(device_plan, token_meta)
+        meta = expand_plan(device_plan, new_token_meta(budget, pixel_values.device))
         cu_seqlens = plan_cu_seqlens(device_plan)
         cos_sin = self.rope_table(pixel_values.device)
         attention = choose_attention(budget, pixel_values.device, head_dim, self.attention_backend)

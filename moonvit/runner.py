@@ -223,6 +223,8 @@ class MoonVitGraphRunner:
                               stacklevel=3)
                 self._warned_lazy_capture = True
             self._capture_one(budget)  # before the upload: capture runs an all-padding plan
+        if items.patches > budget:  # plan_chunks' invariant; past it the graph would run a wrong plan
+            raise ValueError(f"{items.patches} patches do not fit the {budget}-patch graph")
         plan = items_plan(items, items.patches, self.max_items)
         self._claim_buffers()
         upload_plan(plan, self.device_plan)

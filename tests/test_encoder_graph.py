@@ -66,7 +66,7 @@ def test_replay_values_plan_ends_at_the_images(encoder):
 
 @pytest.mark.parametrize("pixels,grid,slots,error,match", [
     (torch.zeros(64, 3, 14, 14), [[2, 2], [6, 10]], 1, ValueError, "got 2 items but max_items is 1"),
-    (torch.zeros(60, 3, 14, 14), [[2, 2], [6, 10]], 4, ValueError, "more than the budget 60"),
+    (torch.zeros(60, 3, 14, 14), [[2, 2], [6, 10]], 4, ValueError, "has 60 patches but the grid .* needs 64"),
     (torch.zeros(68, 3, 14, 14), [[2, 2], [6, 10]], 4, ValueError, "has 68 patches but the grid .* needs 64"),
     (torch.zeros(15, 3, 14, 14), [[3, 5]], 4, ValueError, "h must be even"),
     (torch.zeros(64, 3, 16, 16), [[8, 8]], 4, ValueError, r"shape \(N, 3, 14, 14\)"),
