@@ -25,11 +25,12 @@ except ModuleNotFoundError as err:
         raise
     pytest.skip("this vLLM has no Kimi-K2.5 model (vllm.model_executor.models.kimi_k25)", allow_module_level=True)
 
-from moonvit_fixtures import random_model, rel_err, tiny_config
+from moonvit_fixtures import random_model, tiny_config
 from vllm_manager import captured_manager, poison
-from vllm_peer import (MAX_MODEL_LEN, assert_matches, build, build_refusing_stock_tower, encoder_state, init_vllm_cpu,
-                       kimi_k25_config_json, stock_and_ours_fixtures, thw_mm_kwargs, vllm_config,
-                       write_tiny_kimi_k25_dir)
+from vllm_peer import (MAX_MODEL_LEN, assert_embeds_as_stock, assert_mapper_drops_only_projector_renames,
+                       assert_matches, assert_normalises_raw_pixels_as_stock, build, build_refusing_stock_tower,
+                       encoder_state, init_vllm_cpu, kimi_k25_config_json, stock_and_ours_fixtures, thw_mm_kwargs,
+                       vllm_config, write_tiny_kimi_k25_dir)
 
 from fused_moonvit.integration.encoder_graph import PADDING_LOGICS, PLAN_KEY
 
@@ -152,13 +153,10 @@ def test_both_models_load_the_projector_from_the_checkpoint_names(ours, stock, c
 
 
 def test_weight_mapper_drops_only_the_projector_renames():
-    mapper, parent = ours_class().hf_to_vllm_mapper, stock_class().hf_to_vllm_mapper
-    for name in ("mm_projector.proj.0.weight", "mm_projector.proj.2.bias", "vision_tower.patch_embed.proj.weight"):
-        assert mapper.map_name(name) == name
-    assert parent.map_name("mm_projector.proj.0.weight") == "mm_projector.linear_1.weight"
-    # The parent's other renames stay: legacy checkpoints' language-model names.
-    legacy = "language_model.layers.0.mlp.down_proj.weight"
-    assert mapper.map_name(legacy) == parent.map_name(legacy) == "language_model.model.layers.0.mlp.down_proj.weight"
+    assert_mapper_drops_only_projector_renames(
+        ours_class(), stock_class(),
+        kept=("mm_projector.proj.0.weight", "mm_projector.proj.2.bias", "vision_tower.patch_embed.proj.weight"),
+        renamed=("mm_projector.proj.0.weight", "mm_projector.linear_1.weight"))
 
 
 def test_loads_legacy_language_model_names(model_dir, checkpoint, ours):
@@ -252,11 +250,7 @@ def test_refuses_vision_names_that_disagree_with_vllms():
 
 @pytest.mark.parametrize("item_set", sorted(ITEM_SETS))
 def test_embeddings_match_stock(ours, reference, item_set):
-    items = ITEM_SETS[item_set]
-    with torch.inference_mode():
-        got = ours.embed_multimodal(**thw_mm_kwargs(items))
-    assert [g.shape for g in got] == [(h * w // 4, TEXT_HIDDEN) for _, h, w in items]
-    assert_matches(got, reference[item_set])
+    assert_embeds_as_stock(ours, ITEM_SETS[item_set], reference[item_set], TEXT_HIDDEN)
 
 
 @pytest.fixture(scope="module")
@@ -271,23 +265,13 @@ def test_raw_pixels_are_normalised_as_vllm_does(raw_models):
     norm = ours.vision_tower.patch_embed.input_norm
     assert isinstance(norm, FusedMMInputNorm) and ours.pixel_input_dtype == torch.uint8
     assert torch.allclose(norm.bias, -torch.tensor(MEAN) / torch.tensor(STD))
-    kwargs = thw_mm_kwargs(ITEM_SETS["mix"], seed=7, raw=True)
-    with torch.inference_mode():
-        got = ours.embed_multimodal(**kwargs)
-        want = stock.embed_multimodal(**kwargs)
-    assert_matches(got, want)
-    # The normalisation matters: the same pixels, read as already normalised, give other embeddings.
-    with torch.inference_mode():
-        unnormalised = ours.fused_encoder(kwargs["pixel_values"].float(), kwargs["grid_thws"])
-    assert rel_err(unnormalised[: want[0].shape[0]], want[0]) > 0.1
+    assert_normalises_raw_pixels_as_stock(stock, ours, ITEM_SETS["mix"])
 
 
 def test_data_parallel_mode_matches_stock(model_dir, checkpoint, reference):
     model = build(ours_class(), model_dir, checkpoint, mm_encoder_tp_mode="data")
     assert model.use_data_parallel
-    with torch.inference_mode():
-        got = model.embed_multimodal(**thw_mm_kwargs(ITEM_SETS["mix"]))
-    assert_matches(got, reference["mix"])
+    assert_embeds_as_stock(model, ITEM_SETS["mix"], reference["mix"], TEXT_HIDDEN)
 
 
 @pytest.mark.parametrize("world", [2, 3, 5])

@@ -22,11 +22,12 @@ import torch
 if importlib.util.find_spec("vllm.models.kimi_k3") is None:
     pytest.skip("this vLLM has no Kimi-K3 model (vllm.models.kimi_k3)", allow_module_level=True)
 
-from moonvit_fixtures import K3_OPTIONS, random_model, rel_err, tiny_k25_config
+from moonvit_fixtures import K3_OPTIONS, random_model, tiny_k25_config
 from vllm_manager import captured_manager, poison
-from vllm_peer import (KimiK3LanguageStandIn, assert_matches, build, build_refusing_stock_tower, encoder_state,
-                       init_vllm_cpu, kimi_k3_config_json, stock_and_ours_fixtures, thw_mm_kwargs, vllm_config,
-                       write_tiny_kimi_k3_dir)
+from vllm_peer import (KimiK3LanguageStandIn, assert_embeds_as_stock, assert_mapper_drops_only_projector_renames,
+                       assert_matches, assert_normalises_raw_pixels_as_stock, build, build_refusing_stock_tower,
+                       encoder_state, init_vllm_cpu, kimi_k3_config_json, stock_and_ours_fixtures, thw_mm_kwargs,
+                       vllm_config, write_tiny_kimi_k3_dir)
 
 from fused_moonvit.integration.encoder_graph import PADDING_LOGICS, PLAN_KEY
 from fused_moonvit.moonvit import MoonVitConfig
@@ -122,12 +123,10 @@ def test_tower_and_projector_from_the_checkpoint_names_and_k3_vision_config(mode
 
 
 def test_weight_mapper_drops_only_the_projector_renames():
-    mapper, parent = ours_class().hf_to_vllm_mapper, stock_class().hf_to_vllm_mapper
-    for name in ("mm_projector.proj.0.weight", "mm_projector.proj.2.weight", "mm_projector.post_norm.weight"):
-        assert mapper.map_name(name) == name
-    assert parent.map_name("mm_projector.proj.2.weight") == "mm_projector.linear_2.weight"
-    legacy = "language_model.layers.0.mlp.down_proj.weight"
-    assert mapper.map_name(legacy) == parent.map_name(legacy) == "language_model.model.layers.0.mlp.down_proj.weight"
+    assert_mapper_drops_only_projector_renames(
+        ours_class(), stock_class(),
+        kept=("mm_projector.proj.0.weight", "mm_projector.proj.2.weight", "mm_projector.post_norm.weight"),
+        renamed=("mm_projector.proj.2.weight", "mm_projector.linear_2.weight"))
 
 
 def test_what_init_reads_of_the_tower_is_answered_truthfully(model_dir, stock, monkeypatch):
@@ -170,11 +169,7 @@ def test_refuses_vision_names_that_disagree_with_vllms():
 
 @pytest.mark.parametrize("item_set", sorted(ITEM_SETS))
 def test_embeddings_match_stock(ours, reference, item_set):
-    items = ITEM_SETS[item_set]
-    with torch.inference_mode():
-        got = ours.embed_multimodal(**thw_mm_kwargs(items))
-    assert [g.shape for g in got] == [(h * w // 4, TEXT_HIDDEN) for _, h, w in items]
-    assert_matches(got, reference[item_set])
+    assert_embeds_as_stock(ours, ITEM_SETS[item_set], reference[item_set], TEXT_HIDDEN)
 
 
 def test_raw_pixels_are_normalised_as_vllm_does(tmp_path_factory, checkpoint):
@@ -184,21 +179,13 @@ def test_raw_pixels_are_normalised_as_vllm_does(tmp_path_factory, checkpoint):
                                      image_std=STD)
     stock, ours = build(stock_class(), raw_dir, checkpoint), build(ours_class(), raw_dir, checkpoint)
     assert ours.pixel_input_dtype == torch.uint8
-    kwargs = thw_mm_kwargs(ITEM_SETS["mix"], seed=7, raw=True)
-    with torch.inference_mode():
-        want = stock.embed_multimodal(**kwargs)
-        assert_matches(ours.embed_multimodal(**kwargs), want)
-        # The normalisation matters: the same pixels, read as already normalised, give other embeddings.
-        unnormalised = ours.fused_encoder(kwargs["pixel_values"].float(), kwargs["grid_thws"])
-    assert rel_err(unnormalised[: want[0].shape[0]], want[0]) > 0.1
+    assert_normalises_raw_pixels_as_stock(stock, ours, ITEM_SETS["mix"])
 
 
 def test_data_parallel_mode_matches_stock(model_dir, checkpoint, reference):
     model = build(ours_class(), model_dir, checkpoint, mm_encoder_tp_mode="data")
     assert model.use_data_parallel
-    with torch.inference_mode():
-        got = model.embed_multimodal(**thw_mm_kwargs(ITEM_SETS["mix"]))
-    assert_matches(got, reference["mix"])
+    assert_embeds_as_stock(model, ITEM_SETS["mix"], reference["mix"], TEXT_HIDDEN)
 
 
 # -- SupportsEncoderCudaGraph, through vLLM's own manager --

@@ -364,3 +364,36 @@ def encoder_state(model, checkpoint) -> tuple[dict[str, torch.Tensor], set[str]]
     """The model's state outside its language model, and the checkpoint's names there."""
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("language_model.")}
     return state, {k for k in checkpoint if not k.startswith("language_model.")}
+
+
+def assert_mapper_drops_only_projector_renames(ours_class, stock_class, kept: tuple[str, ...],
+                                               renamed: tuple[str, str]):
+    """Our drop-in's weight mapper keeps the checkpoint's encoder names (`kept`) where the stock class renames
+    its projector (`renamed`: a checkpoint name and stock vLLM's), and keeps the parent's other renames:
+    legacy checkpoints' language-model names."""
+    mapper, parent = ours_class.hf_to_vllm_mapper, stock_class.hf_to_vllm_mapper
+    for name in kept:
+        assert mapper.map_name(name) == name
+    assert parent.map_name(renamed[0]) == renamed[1]
+    legacy = "language_model.layers.0.mlp.down_proj.weight"
+    assert mapper.map_name(legacy) == parent.map_name(legacy) == "language_model.model.layers.0.mlp.down_proj.weight"
+
+
+def assert_embeds_as_stock(model, items, want, text_hidden: int) -> None:
+    """`model` embeds MoonViT3d items (random pixels, `thw_mm_kwargs`) into h/2 * w/2 rows each, as stock
+    vLLM did (`want`)."""
+    with torch.inference_mode():
+        got = model.embed_multimodal(**thw_mm_kwargs(items))
+    assert [g.shape for g in got] == [(h * w // 4, text_hidden) for _, h, w in items]
+    assert_matches(got, want)
+
+
+def assert_normalises_raw_pixels_as_stock(stock, ours, items) -> None:
+    """Given raw uint8 pixels, ours embeds them as stock vLLM does, and the normalisation matters: the same
+    pixels, read as already normalised, give other embeddings."""
+    kwargs = thw_mm_kwargs(items, seed=7, raw=True)
+    with torch.inference_mode():
+        want = stock.embed_multimodal(**kwargs)
+        assert_matches(ours.embed_multimodal(**kwargs), want)
+        unnormalised = ours.fused_encoder(kwargs["pixel_values"].float(), kwargs["grid_thws"])
+    assert rel_err(unnormalised[: want[0].shape[0]], want[0]) > 0.1
