@@ -77,10 +77,10 @@ def _upright_rgb(image: Image.Image) -> tuple[Image.Image, list[tuple[str, str]]
             bits = values.dtype.itemsize * 8
             depth = f"{bits}-bit {_WIDE[values.dtype.kind]}"
             fractions = " and dropping fractions" if values.dtype.kind == "f" else ""
-            notes.append(("bits", f"{depth} grayscale ({upright.mode}): converted to 8 bits as vLLM converts it, "
-                                  f"clipping values to 0..255{fractions}, which changes {_percent(changed.mean())} "
-                                  f"of its pixels (values above 255 become white); to keep its contrast, scale it "
-                                  f"to 0..255 before encoding or serving it"))
+            notes.append(("bits", f"{depth} grayscale ({upright.mode}): "
+                                  f"converted to 8 bits as vLLM converts it, clipping values to 0..255{fractions}, "
+                                  f"which changes {_percent(changed.mean())} of its pixels (values above 255 become "
+                                  f"white); to keep its contrast, scale it to 0..255 before encoding or serving it"))
     try:
         return (upright if upright.mode == "RGB" else upright.convert("RGB")), notes
     except ValueError as err:
