@@ -49,7 +49,9 @@ def _read(image) -> tuple[Image.Image, list[tuple[str, str]]]:
 def _upright_rgb(image: Image.Image) -> tuple[Image.Image, list[tuple[str, str]]]:
     notes = []
     frames = getattr(image, "n_frames", 1)
-    if frames > 1:
+    # An MPO file's later frames are not more of the picture but a preview, another view or an HDR gain
+    # map (Android's Ultra HDR photos), so keeping its first frame, the picture itself, changes nothing seen.
+    if frames > 1 and image.format != "MPO":
         which = "the first" if image.tell() == 0 else f"frame {image.tell()} (counting from 0), the one it is at,"
         notes.append(("frames", f"holds {frames} frames (an animated or multi-page image); only {which} is "
                                 f"encoded, as vLLM encodes it"))

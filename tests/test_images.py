@@ -137,6 +137,18 @@ def test_animated_gif_keeps_its_first_frame_and_says_so(tmp_path):
                      "it is at, is encoded, as vLLM encodes it"]
 
 
+def test_mpo_photo_keeps_its_picture_without_a_note(tmp_path):
+    """A JPEG whose Multi-Picture data holds a second image (a preview, or the gain map of an Ultra HDR photo):
+    the picture is the first frame, and keeping it drops nothing seen."""
+    picture = _noise(16, 24, seed=40)
+    Image.fromarray(picture).save(tmp_path / "photo.jpg", "MPO", save_all=True,
+                                  append_images=[Image.new("RGB", (12, 8), (9, 9, 9))], quality=95)
+    with Image.open(tmp_path / "photo.jpg") as opened:
+        assert opened.format == "MPO" and opened.n_frames == 2
+        decoded = np.asarray(opened.convert("RGB"))
+    assert np.array_equal(np.asarray(_quiet_load(tmp_path / "photo.jpg")), decoded)
+
+
 def test_preprocess_warns_from_the_callers_line(tmp_path):
     _animated_gif(tmp_path / "anim.gif")
     with pytest.warns(ImageNote, match="holds 3 frames") as caught:
@@ -314,6 +326,8 @@ def _files_of_every_kind(tmp_path) -> list[Path]:
     paletted.save(tmp_path / "p.png", transparency=5)
     Image.fromarray(_noise(12, 20, seed=37, channels=4), "CMYK").save(tmp_path / "print.tif")
     Image.fromarray(_noise(12, 20, seed=38, channels=1) > 127).save(tmp_path / "bilevel.png")
+    Image.fromarray(_noise(16, 24, seed=39)).save(tmp_path / "mpo.jpg", "MPO", save_all=True,
+                                                  append_images=[Image.new("RGB", (12, 8))])
     return sorted(p for p in tmp_path.iterdir())
 
 
@@ -323,7 +337,7 @@ def test_every_kind_matches_vllms_loader_bit_for_bit(tmp_path):
 
     served = ImageMediaIO()
     paths = _files_of_every_kind(tmp_path)
-    assert len(paths) == 17
+    assert len(paths) == 18
     for path in paths:
         want = served.load_bytes(path.read_bytes()).media
         with warnings.catch_warnings():
