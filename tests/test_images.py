@@ -103,6 +103,22 @@ def test_k25_image_and_frame_folder_are_turned_upright(tmp_path):
     assert names == ["0.png", "1.png", "2.png"] and np.array_equal(got, np.stack(frames))
 
 
+# EXIF data whose TIFF header is not one: Pillow cannot read its orientation.
+BROKEN_EXIF = b"Exif\x00\x00XX\x00*\x00\x00\x00\x08"
+
+
+def test_exif_that_cannot_be_applied_leaves_the_image_as_stored_and_says_so(tmp_path):
+    stored = _noise(14, 28, seed=41)
+    Image.fromarray(stored).save(tmp_path / "broken.png", exif=BROKEN_EXIF)
+    notes = []
+    got = load_image(tmp_path / "broken.png", notes=notes)
+    assert np.array_equal(np.asarray(got), stored)
+    assert len(notes) == 1 and notes[0].startswith("its EXIF orientation cannot be applied (not a TIFF file")
+    assert notes[0].endswith("); it is encoded as stored, as vLLM encodes it")
+    # The image handed on carries no EXIF to fail on again (the command line reads each image twice).
+    assert np.array_equal(np.asarray(_quiet_load(got)), stored)
+
+
 # --- Animated and multi-frame files ------------------------------------------------------------------------
 
 def _animated_gif(path, frames=3):
@@ -328,6 +344,7 @@ def _files_of_every_kind(tmp_path) -> list[Path]:
     Image.fromarray(_noise(12, 20, seed=38, channels=1) > 127).save(tmp_path / "bilevel.png")
     Image.fromarray(_noise(16, 24, seed=39)).save(tmp_path / "mpo.jpg", "MPO", save_all=True,
                                                   append_images=[Image.new("RGB", (12, 8))])
+    Image.fromarray(_noise(12, 20, seed=40)).save(tmp_path / "broken_exif.png", exif=BROKEN_EXIF)
     return sorted(p for p in tmp_path.iterdir())
 
 
@@ -337,7 +354,7 @@ def test_every_kind_matches_vllms_loader_bit_for_bit(tmp_path):
 
     served = ImageMediaIO()
     paths = _files_of_every_kind(tmp_path)
-    assert len(paths) == 18
+    assert len(paths) == 19
     for path in paths:
         want = served.load_bytes(path.read_bytes()).media
         with warnings.catch_warnings():
