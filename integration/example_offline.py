@@ -40,9 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isfile(path):
             parser.error(f"--image {path}: no such image file")
         try:
-            images.append(Image.open(path).convert("RGB"))
+            image = Image.open(path)
+            image.load()  # decoded here, so that a bad file is reported here
         except OSError as err:
             parser.error(f"--image {path}: {' '.join(str(err).split())}")
+        # Passed as read: vLLM applies its EXIF orientation and makes it RGB (transparency onto white) itself.
+        images.append(image)
     try:
         from vllm import LLM, SamplingParams
     except ImportError as err:

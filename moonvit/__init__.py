@@ -4,12 +4,14 @@ loading, and image and video preprocessing."""
 from .checkpoint import CheckpointError, load_encoder_state
 from .config import MoonVitConfig
 from .loading import build_model, check_model_dir
-from .preprocess import KimiK25Inputs, preprocess_image, preprocess_images, read_frame_folder, read_video_file
+from .preprocess import (ImageNote, KimiK25Inputs, load_image, preprocess_image, preprocess_images, read_frame_folder,
+                         read_video_file)
 from .reference import MoonVitReference
 
 __all__ = [
     "CheckpointError",
     "FusedMoonVit",
+    "ImageNote",
     "KimiK25Inputs",
     "MoonVitGraphRunner",
     "MoonVitConfig",
@@ -17,6 +19,7 @@ __all__ = [
     "build_model",
     "check_model_dir",
     "load_encoder_state",
+    "load_image",
     "preprocess_image",
     "preprocess_images",
     "read_frame_folder",

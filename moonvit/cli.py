@@ -237,13 +237,17 @@ class _Item:
         self.key, self.label, self.pixels, self.items, self.what = key, label, pixels, items, what
 
 
-def _image_items(sources: list, config, inputs, in_token_limit: int | None) -> list[_Item]:
-    """Every image, read and cut into patches: by hand for Kimi-VL, by transformers' processor for MoonViT3d."""
-    from .preprocess import preprocess_image
+def _image_items(sources: list, config, inputs, in_token_limit: int | None, notes: list[str]) -> list[_Item]:
+    """Every image, read as vLLM reads it (what that changes unseen is noted) and cut into patches: by hand
+    for Kimi-VL, by transformers' processor for MoonViT3d."""
+    from .preprocess import load_image, preprocess_image
 
     items = []
     for i, (label, image) in enumerate(sources):
         try:
+            said = []
+            image = load_image(image, notes=said)
+            notes.extend(f"note: {label}: {text}" for text in said)
             if inputs is None:
                 pixels, grid = preprocess_image(image, in_token_limit=in_token_limit or IN_TOKEN_LIMIT_INSTRUCT)
             else:
@@ -270,7 +274,9 @@ def _video_items(paths: list[str | None], config, inputs, notes: list[str]) -> l
                 path = "demo clip"
                 summary = f"{len(frames)} frames of {frames.shape[2]}x{frames.shape[1]} px, generated"
             elif os.path.isdir(path):
-                frames, names = read_frame_folder(path)
+                said = []
+                frames, names = read_frame_folder(path, notes=said)
+                notes.extend(f"note: {path}: {text}" for text in said)
                 origin = names
                 summary = f"{len(names)} frames from the folder"
             else:
@@ -361,7 +367,7 @@ def _encode_checked(args: argparse.Namespace) -> int:
     sources = [("demo", _demo_image())] if args.demo else []
     sources += [(p, p) for p in args.images]
     notes = []
-    items = _image_items(sources, config, inputs, args.in_token_limit)
+    items = _image_items(sources, config, inputs, args.in_token_limit, notes)
     items += _video_items([None] * demo_clip + args.videos, config, inputs, notes)
     # Said once every input has passed, so that a mistake is the command's only line.
     if inputs is not None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import warnings
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from fused_moonvit.kernels.limits import MAX_GRID_SIDE, MERGE_SIDE
 
@@ -19,14 +21,98 @@ IN_TOKEN_LIMIT_THINKING = 16384
 MEAN = STD = 0.5
 
 
-def _as_rgb(image: Image.Image | str | os.PathLike) -> Image.Image:
+class ImageNote(UserWarning):
+    """An image changed on its way to RGB in a way its file does not show: only its first frame kept, its
+    16-bit values clipped to 8 bits... (`load_image`). vLLM changes it the same way; this says so."""
+
+
+# vLLM composites these modes, and any image whose info names a transparent colour, onto white; every other
+# mode goes through Pillow's own RGB conversion (RGBa and La, premultiplied, included: vLLM treats them so).
+_ALPHA_MODES = ("RGBA", "LA", "PA")
+_WIDE = {"u": "integer", "i": "integer", "f": "float"}
+
+
+def _percent(fraction: float) -> str:
+    return "under 1%" if 0 < fraction < 0.005 else f"{fraction:.0%}"
+
+
+def _read(image) -> tuple[Image.Image, list[tuple[str, str]]]:
+    """(the RGB image vLLM hands a model's processor, [(kind, note)] on what changed unseen)."""
     if isinstance(image, (str, os.PathLike)):
         with Image.open(image) as opened:
-            opened.load()
-            image = opened.copy()
+            return _upright_rgb(opened)
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL image or a path, got {type(image).__name__}")
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return _upright_rgb(image)
+
+
+def _upright_rgb(image: Image.Image) -> tuple[Image.Image, list[tuple[str, str]]]:
+    notes = []
+    frames = getattr(image, "n_frames", 1)
+    # An MPO file's later frames are not more of the picture but a preview, another view or an HDR gain
+    # map (Android's Ultra HDR photos), so keeping its first frame, the picture itself, changes nothing seen.
+    if frames > 1 and image.format != "MPO":
+        which = "the first" if image.tell() == 0 else f"frame {image.tell()} (counting from 0), the one it is at,"
+        notes.append(("frames", f"holds {frames} frames (an animated or multi-page image); only {which} is "
+                                f"encoded, as vLLM encodes it"))
+    image.load()  # a file that cannot be decoded fails here, with Pillow's own message
+    try:
+        upright = ImageOps.exif_transpose(image)
+    except Exception as err:  # vLLM too keeps the image as stored when its EXIF data cannot be applied
+        upright = image.copy()
+        upright.info.pop("exif", None)  # so that nothing downstream tries it again
+        notes.append(("exif", f"its EXIF orientation cannot be applied ({err}); it is encoded as stored, as vLLM "
+                              f"encodes it"))
+    if upright.mode in _ALPHA_MODES or "transparency" in upright.info:
+        # Transparent pixels show the white background, as vLLM's default rgba_background_color.
+        rgba = upright if upright.mode == "RGBA" else upright.convert("RGBA")
+        rgb = Image.new("RGB", rgba.size, (255, 255, 255))
+        rgb.paste(rgba, mask=rgba.getchannel("A"))
+        return rgb, notes
+    values = np.asarray(upright) if upright.mode in ("I", "F") or upright.mode.startswith("I;16") else None
+    if values is not None:
+        # Pillow's conversion to 8 bits clips to 0..255 and truncates fractions; it does not rescale.
+        changed = (values < 0) | (values > 255)
+        if values.dtype.kind == "f":
+            changed |= np.floor(values) != values
+        if changed.any():
+            bits = values.dtype.itemsize * 8
+            depth = f"{bits}-bit {_WIDE[values.dtype.kind]}"
+            fractions = " and dropping fractions" if values.dtype.kind == "f" else ""
+            notes.append(("bits", f"{depth} grayscale ({upright.mode}): "
+                                  f"converted to 8 bits as vLLM converts it, clipping values to 0..255{fractions}, "
+                                  f"which changes {_percent(changed.mean())} of its pixels (values above 255 become "
+                                  f"white); to keep its contrast, scale it to 0..255 before encoding or serving it"))
+    try:
+        return (upright if upright.mode == "RGB" else upright.convert("RGB")), notes
+    except ValueError as err:
+        raise ValueError(f"its pixels, of mode {upright.mode}, cannot be converted to RGB ({err})") from None
+
+
+def _caller_level() -> int:
+    """The `stacklevel` of the first caller outside this package, so that a warning names the user's line."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("fused_moonvit."):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+def load_image(image: Image.Image | str | os.PathLike, notes: list[str] | None = None) -> Image.Image:
+    """An image (PIL or path) as vLLM hands it to a model's processor, for every path of this package.
+
+    Its EXIF orientation is applied, as an image viewer shows it; of an animated or multi-page image,
+    only the frame it is at (a file's first) is kept; transparent pixels become white; other modes go
+    through Pillow's RGB conversion, which clips 16- and 32-bit values to 0..255. What changed unseen
+    (more than one frame, values clipped, EXIF that cannot be applied) is appended to `notes`, each note
+    a sentence without the image's name, or without `notes` warned as an `ImageNote` that names it."""
+    rgb, said = _read(image)
+    if notes is not None:
+        notes.extend(text for _, text in said)
+    else:
+        name = os.fspath(image) if isinstance(image, (str, os.PathLike)) else "image"
+        for _, text in said:
+            warnings.warn(f"{name}: {text}", ImageNote, stacklevel=_caller_level())
+    return rgb
 
 
 def fit_to_limit(image: Image.Image, in_token_limit: int, patch_size: int = PATCH_SIZE) -> Image.Image:
@@ -45,7 +131,7 @@ def preprocess_image(image, in_token_limit: int = IN_TOKEN_LIMIT_INSTRUCT, patch
     """One image -> ((h*w, 3, p, p) fp32 patches row-major, (h, w) in patches)."""
     if in_token_limit < 1:
         raise ValueError(f"in_token_limit must be >= 1, got {in_token_limit}")
-    image = fit_to_limit(_as_rgb(image), in_token_limit, patch_size)
+    image = fit_to_limit(load_image(image), in_token_limit, patch_size)
     w, h = image.size
     unit = patch_size * MERGE_SIDE
     padded_w, padded_h = -(-w // unit) * unit, -(-h // unit) * unit
@@ -243,7 +329,7 @@ class KimiK25Inputs:
     def image_inputs(self, image, max_patches: int | None = None) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """One image (PIL or path) -> ((h*w, 3, p, p) fp32 patches, (1, h, w))."""
         kwargs = {} if max_patches is None else {"max_patches": int(max_patches)}
-        out = self.image(images=[_as_rgb(image)], return_tensors="pt", **kwargs)
+        out = self.image(images=[load_image(image)], return_tensors="pt", **kwargs)
         (grid,) = out["image_grid_thw"].tolist()
         return out["pixel_values"].float().contiguous(), tuple(int(v) for v in grid)
 
@@ -296,19 +382,34 @@ def frame_files(folder: str | os.PathLike) -> list[str]:
     return frames
 
 
-def read_frame_folder(folder: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
-    """(frames (T, H, W, 3) uint8 RGB, their file names): every frame of the folder, in name order."""
+def read_frame_folder(folder: str | os.PathLike, notes: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """(frames (T, H, W, 3) uint8 RGB, their file names): every frame of the folder, in name order, each
+    read by `load_image`. Its notes are gathered by kind over the frames, naming the first frame of each
+    kind and how many more share it; appended to `notes`, or warned as `ImageNote`s naming the folder."""
     paths = frame_files(folder)
-    frames = []
+    frames, kinds = [], {}
     for path in paths:
         try:
-            image = _as_rgb(path)
+            image, said = _read(path)
         except OSError as err:
             raise ValueError(f"frame {path} cannot be read: {err}") from None
+        except ValueError as err:
+            raise ValueError(f"frame {path}: {err}") from None
         if frames and image.size != (frames[0].shape[1], frames[0].shape[0]):
             raise ValueError(f"frame {path} is {image.size[0]}x{image.size[1]} px, but {paths[0]} is "
                              f"{frames[0].shape[1]}x{frames[0].shape[0]}: a video's frames share one size")
         frames.append(np.asarray(image, dtype=np.uint8))
+        for kind, text in said:
+            kinds.setdefault(kind, []).append((os.path.basename(path), text))
+    gathered = []
+    for shared in kinds.values():
+        (first, text), more = shared[0], len(shared) - 1
+        gathered.append(f"frame {first}" + (f" (and {more} more like it)" if more else "") + f": {text}")
+    if notes is not None:
+        notes.extend(gathered)
+    else:
+        for text in gathered:
+            warnings.warn(f"{os.fspath(folder)}: {text}", ImageNote, stacklevel=_caller_level())
     return np.stack(frames), [os.path.basename(p) for p in paths]
 
 

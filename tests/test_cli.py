@@ -335,3 +335,73 @@ def test_encode_kimi_k25_in_token_limit_and_demo(tmp_path, capsys):
     assert main([*args, "--in-token-limit", "16"]) == 0
     printed = capsys.readouterr().out
     assert f"{image}: grid 6x6 patches -> 9 tokens x 24" in printed
+
+
+# --- Images read as vLLM reads them: EXIF orientation, animated files, 16-bit values, and their notes ---
+
+def _encode_in_a_subprocess(*args):
+    script = Path(sys.executable).with_name("fused-moonvit")
+    proc = subprocess.run([str(script), "encode", *map(str, args)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def _oriented(pixels, path, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, exif=exif)
+
+
+def _deep(values, path):
+    """A 16-bit grayscale (I;16) file of `values`."""
+    Image.frombytes("I;16", values.shape[::-1], values.astype("<u2").tobytes()).save(path)
+
+
+SIXTEEN_BIT_NOTE = ("16-bit integer grayscale (I;16): converted to 8 bits as vLLM converts it, clipping values to "
+                    "0..255, which changes 100% of its pixels (values above 255 become white); to keep its "
+                    "contrast, scale it to 0..255 before encoding or serving it")
+
+
+def test_encode_turns_photos_upright_and_notes_frames_and_clipping(tmp_path):
+    """One run (a new interpreter costs seconds) through Kimi-K2.5's processors; the command reads images the
+    same way for Kimi-VL, whose preprocessing tests/test_images.py covers."""
+    image_proc, video_proc = _k25_processors()
+    src = write_k25_checkpoint(tmp_path / "k25", tiny_k25_config(), seed=61, preprocessor=KIMI_K25_PREPROCESSOR_JSON)
+    rng = np.random.default_rng(61)
+    stored = rng.integers(0, 256, (30, 60, 3), dtype=np.uint8)  # 60x30 px as stored, shown 30x60
+    _oriented(stored, tmp_path / "portrait.png", 6)
+    palette = rng.integers(0, 256, 768).tolist()
+    gif = [Image.fromarray(rng.integers(0, 256, (20, 40), dtype=np.uint8), "P") for _ in range(3)]
+    for frame in gif:
+        frame.putpalette(palette)
+    gif[0].save(tmp_path / "anim.gif", save_all=True, append_images=gif[1:], duration=100)
+    _deep(rng.integers(1000, 65536, (20, 40)), tmp_path / "scan.tif")
+    frames = rng.integers(0, 256, (4, 40, 30, 3), dtype=np.uint8)
+    frames[2:] = 255  # the two 16-bit frames below, clipped
+    (tmp_path / "frames").mkdir()
+    Image.fromarray(frames[0]).save(tmp_path / "frames" / "0.png")
+    _oriented(np.ascontiguousarray(np.rot90(frames[1], 1)), tmp_path / "frames" / "1.png", 6)
+    for i in (2, 3):
+        _deep(rng.integers(1000, 65536, (40, 30)), tmp_path / "frames" / f"{i}.png")
+    images = [tmp_path / "portrait.png", tmp_path / "anim.gif", tmp_path / "scan.tif"]
+    out = tmp_path / "emb.safetensors"
+    proc = _encode_in_a_subprocess(*images, "--video", tmp_path / "frames", "--model", tmp_path / "k25", "--out", out)
+
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("note: /")]
+    assert notes == [f"note: {images[1]}: holds 3 frames (an animated or multi-page image); only the first is "
+                     f"encoded, as vLLM encodes it",
+                     f"note: {images[2]}: {SIXTEEN_BIT_NOTE}",
+                     f"note: {tmp_path / 'frames'}: frame 2.png (and 1 more like it): {SIXTEEN_BIT_NOTE}"], proc.stderr
+    assert "Warning" not in proc.stderr
+    assert f"{images[0]}: grid 6x4 patches -> 6 tokens x 24" in proc.stdout  # upright: 30 px wide, 60 high
+    upright = Image.fromarray(np.ascontiguousarray(np.rot90(stored, -1)))  # EXIF 6: turned clockwise
+    white = Image.new("RGB", (40, 20), (255, 255, 255))
+    img = image_proc(images=[upright, gif[0].convert("RGB"), white], return_tensors="pt")
+    vid = video_proc(videos=[frames], do_sample_frames=False, return_tensors="pt")
+    assert img["image_grid_thw"].tolist() == [[1, 6, 4], [1, 2, 4], [1, 2, 4]]
+    assert vid["video_grid_thw"].tolist() == [[4, 4, 4]]
+    want = _split(src(img["pixel_values"], img["image_grid_thw"]), img["image_grid_thw"])
+    want.append(src(vid["pixel_values_videos"], vid["video_grid_thw"]))
+    with safe_open(out, framework="pt") as f:
+        for key, w in zip(["image_0", "image_1", "image_2", "video_0_chunk_0"], want):
+            _assert_close(f.get_tensor(key), w)

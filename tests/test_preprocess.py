@@ -54,11 +54,16 @@ def test_over_limit_is_scaled_by_sqrt():
 
 
 def test_modes_are_converted_to_rgb():
-    for mode in ("L", "RGBA"):
-        img = noise_image(30, 40, mode, seed=2)
-        pix, grid = preprocess_image(img)
-        ref, ref_grid = preprocess_image(img.convert("RGB"))
-        assert grid == ref_grid and torch.equal(pix, ref)
+    img = noise_image(30, 40, "L", seed=2)
+    pix, grid = preprocess_image(img)
+    ref, ref_grid = preprocess_image(img.convert("RGB"))
+    assert grid == ref_grid and torch.equal(pix, ref)
+    # Transparent pixels show white, as vLLM composites them (tests/test_images.py covers every mode).
+    rgba = np.asarray(noise_image(30, 40, "RGBA", seed=2), dtype=np.float64)
+    alpha = rgba[..., 3:] / 255
+    pix, (gh, gw) = preprocess_image(Image.fromarray(rgba.astype(np.uint8), "RGBA"))
+    want = torch.from_numpy((rgba[..., :3] * alpha + 255 * (1 - alpha)) / 255 * 2 - 1).float()
+    assert (unpatchify(pix, gh, gw)[:40, :30] - want).abs().max() <= 2 / 255 + 1e-6
     gray, (gh, gw) = preprocess_image(noise_image(30, 40, "L", seed=3))
     full = unpatchify(gray, gh, gw)
     assert torch.equal(full[..., 0], full[..., 1]) and torch.equal(full[..., 1], full[..., 2])
