@@ -10,7 +10,8 @@ random bf16 qkv the way the encoder calls it: the plan's cu_seqlens with its pad
 slots, max_seqlen = the budget, inside a CUDA graph of 5 back-to-back calls, median of do_bench (L2 flushed
 before each replay, so the first call reads its inputs from memory and the next four as the previous
 one left them). Candidates: the Triton kernel per tile configuration, vLLM's
-FlashAttention-3 (where it loads) and PyTorch's FlashAttention-2. TFLOP/s count head-dim-wide products (72, not FA3's 96). Each output is checked against an fp64 reference (SDPA per sequence) and its padding
+FlashAttention-3 (where it loads), PyTorch's FlashAttention-2 and the Gluon kernel per tile configuration
+(on Hopper). TFLOP/s count head-dim-wide products (72, not FA3's 96). Each output is checked against an fp64 reference (SDPA per sequence) and its padding
 rows against zeros; a candidate that fails either is not ranked.
 
 Writes DIR/attention_tuning-hd72-hd128.json (every candidate's time and error per case) and the table
@@ -61,18 +62,33 @@ TRITON_CONFIGS = [
     (64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 4, 3), (128, 64, 8, 2),
     (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 4, 2),
 ]
+# The Gluon kernel's tiles (GluonAttentionConfig fields), where it runs (Hopper, Triton with Gluon).
+GLUON_CONFIGS = [
+    dict(block_m=128, block_n=128, stages=2, overlap=True, groups=1),
+    dict(block_m=128, block_n=128, stages=2, overlap=True, groups=2),
+    dict(block_m=128, block_n=64, stages=3, overlap=True, groups=2),
+    dict(block_m=128, block_n=128, stages=2, overlap=False, groups=2),
+    dict(block_m=64, block_n=128, stages=2, overlap=True, groups=1),
+]
 LIBRARIES = ("fa3", "fa2")
 CALLS = 5
 SLOTS = 64
 MAX_REL_ERR = 1e-2  # bf16: every backend lands near 2e-3 (P rounded to bf16 before the second product)
 
 
-def candidates(device):
-    """(name, AttentionChoice) for every Triton configuration and every library that runs here."""
+def candidates(device, head_dim):
+    """(name, AttentionChoice) for every Triton configuration, every Gluon configuration and every library
+    that runs here."""
     from fused_moonvit.kernels.attention import AttentionConfig
 
     out = [(f"triton:{bm}x{bn}/w{w}/s{s}", AttentionChoice("triton", AttentionConfig(bm, bn, w, s)))
            for bm, bn, w, s in TRITON_CONFIGS]
+    if backend_available("gluon", device, head_dim):
+        from fused_moonvit.kernels.attention_gluon import GluonAttentionConfig
+
+        for c in GLUON_CONFIGS:
+            name = f"gluon:{c['block_m']}x{c['block_n']}/s{c['stages']}/g{c['groups']}" + ("/o" if c["overlap"] else "")
+            out.append((name, AttentionChoice("gluon", GluonAttentionConfig(**c))))
     out += [(lib, AttentionChoice(lib)) for lib in LIBRARIES if backend_available(lib, device)]
     return out
 
@@ -138,11 +154,13 @@ def main(argv=None) -> int:
             flops = attention_flops(items, heads * head_dim)
             case = {"name": name, "budget": budget, "items": [list(i) for i in items], "valid_rows": valid,
                     "heads": heads, "head_dim": head_dim, "candidates": {}}
-            for cand, choice in candidates(device):
+            for cand, choice in candidates(device, head_dim):
                 entry = {"backend": choice.backend}
-                if choice.config is not None:
-                    c = choice.config
+                c = choice.config
+                if choice.backend == "triton":
                     entry["config"] = [c.block_m, c.block_n, c.num_warps, c.num_stages]
+                elif choice.backend == "gluon":
+                    entry["config"] = {f: getattr(c, f) for f in ("block_m", "block_n", "stages", "overlap", "groups")}
                 try:
                     out = packed_attention(qkv, cu, heads, head_dim, budget, choice)
                     torch.cuda.synchronize()
@@ -163,9 +181,10 @@ def main(argv=None) -> int:
             if not ranked:
                 print(f"error: {name} hd{head_dim}: no candidate ran and matched the reference", file=sys.stderr)
                 return 1
-            best_triton = next(n for n in ranked if n.startswith("triton"))
+            # The fastest configuration of each kernel, and every library.
+            best = {k: next((n for n in ranked if n.startswith(k)), None) for k in ("triton", "gluon")}
             line = "  ".join(f"{n} {case['candidates'][n]['us']:.0f}" for n in ranked
-                             if not n.startswith("triton") or n == best_triton)
+                             if n.split(":")[0] not in best or n in best.values())
             print(f"hd{head_dim} {name:16s} B={budget:6d}  {line}", flush=True)
             results[head_dim][name] = case
             del qkv, exact

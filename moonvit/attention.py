@@ -1,10 +1,12 @@
 """Block-diagonal attention over packed items, shared by every model class here, and the choice of
 kernel per (device class, head dim, budget).
 
-Three backends compute the same thing: each row attends to the rows of its own sequence of cu_seqlens,
+Four backends compute the same thing: each row attends to the rows of its own sequence of cu_seqlens,
 and the plan's trailing padding sequence is not attended (its rows come out as zeros).
 - "triton": `fused_moonvit.kernels.attention`, head dim 72 as 64 + 16 columns (not padded to 96),
   programs only for real query blocks. On a CPU it runs under the Triton interpreter.
+- "gluon": `fused_moonvit.kernels.attention_gluon`, the same work on Hopper in Gluon: TMA loads by a
+  producer warp, asynchronous wgmma, head dim 72 as 80 columns. Hopper only (Gluon has no interpreter).
 - "fa3": vLLM's FlashAttention-3 (`_vllm_fa3_C`, Hopper only), what vLLM itself runs ViT attention on
   there. Found in the installed vLLM without importing it, or loaded from the file that
   $FUSED_MOONVIT_FA3_LIB names (where vLLM itself is not installed).
@@ -37,14 +39,15 @@ from fused_moonvit.kernels.launch import device_class, select_row
 
 ATTENTION_ENV = "FUSED_MOONVIT_ATTENTION"
 FA3_LIB_ENV = "FUSED_MOONVIT_FA3_LIB"
-BACKENDS = ("triton", "fa3", "fa2")
+BACKENDS = ("triton", "gluon", "fa3", "fa2")
 TABLE_PATH = Path(__file__).with_name("attention_table.json")
 
 
 @dataclass(frozen=True)
 class AttentionChoice:
     backend: str
-    # Tile sizes for the Triton kernel (a `fused_moonvit.kernels.attention.AttentionConfig`), None otherwise.
+    # Tile sizes: a `fused_moonvit.kernels.attention.AttentionConfig` for "triton", a
+    # `fused_moonvit.kernels.attention_gluon.GluonAttentionConfig` for "gluon", None otherwise.
     config: object | None = None
 
 
@@ -164,14 +167,20 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 # ---- the choice ----------------------------------------------------------------------------------------
 
-def backend_unavailable_reason(backend: str, device: torch.device | str) -> str | None:
-    """Why `backend` cannot run on `device` here, or None. The Triton kernel (interpreted on a CPU) and
-    fa2 (SDPA per sequence on a CPU) run anywhere."""
-    return fa3_unavailable_reason(device_class(device)) if backend == "fa3" else None
+def backend_unavailable_reason(backend: str, device: torch.device | str, head_dim: int | None = None) -> str | None:
+    """Why `backend` cannot run on `device` (for `head_dim`, where given) here, or None. The Triton kernel
+    (interpreted on a CPU) and fa2 (SDPA per sequence on a CPU) run anywhere."""
+    if backend == "fa3":
+        return fa3_unavailable_reason(device_class(device))
+    if backend == "gluon":
+        from fused_moonvit.kernels.attention_gluon import gluon_unavailable_reason
+
+        return gluon_unavailable_reason(device, head_dim)
+    return None
 
 
-def backend_available(backend: str, device: torch.device | str) -> bool:
-    return backend_unavailable_reason(backend, device) is None
+def backend_available(backend: str, device: torch.device | str, head_dim: int | None = None) -> bool:
+    return backend_unavailable_reason(backend, device, head_dim) is None
 
 
 def forced_attention_backend(backend: str | None) -> str | None:
@@ -187,7 +196,8 @@ def forced_attention_backend(backend: str | None) -> str | None:
 @lru_cache(maxsize=None)
 def attention_table() -> dict:
     """The measured table: {"measured": {device class: where and how}, "rows": [{device_class, head_dim, max_budget,
-    ranking: [{backend, config?}, ...]}, ...]}, rows of one (device class, head dim) in budget order."""
+    ranking: [{backend, config?}, ...]}, ...]}, rows of one (device class, head dim) in budget order; config is
+    the Triton kernel's [block_m, block_n, warps, stages] or the Gluon kernel's tiles by name."""
     with open(TABLE_PATH) as f:
         return json.load(f)
 
@@ -220,14 +230,18 @@ def choose_attention(budget: int, device: torch.device | str, head_dim: int,
     row = select_row(attention_table()["rows"], device_class=cls, head_dim=head_dim, budget=budget)
     ranking = row["ranking"] if row is not None else [{"backend": "fa3"}, {"backend": "triton"}]
     if forced is not None:
-        reason = backend_unavailable_reason(forced, device)
+        reason = backend_unavailable_reason(forced, device, head_dim)
         if reason is not None:
             raise RuntimeError(f"attention backend {forced!r} cannot run on {device} here: {reason}")
         ranking = [e for e in ranking if e["backend"] == forced] or [{"backend": forced}]
     for entry in ranking:
         if entry["backend"] == "triton":
             return _triton(entry.get("config"), budget, device)
-        if backend_available(entry["backend"], device):
+        if backend_available(entry["backend"], device, head_dim):
+            if entry["backend"] == "gluon":
+                from fused_moonvit.kernels.attention_gluon import GluonAttentionConfig
+
+                return AttentionChoice("gluon", GluonAttentionConfig(**entry.get("config", {})))
             return AttentionChoice(entry["backend"])
     return _triton(None, budget, device)
 
@@ -242,6 +256,10 @@ def packed_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: int
         from fused_moonvit.kernels.attention import varlen_attention_fwd
 
         return varlen_attention_fwd(qkv, cu_seqlens, num_heads, head_dim, config=choice.config)
+    if choice.backend == "gluon":
+        from fused_moonvit.kernels.attention_gluon import gluon_attention_fwd
+
+        return gluon_attention_fwd(qkv, cu_seqlens, num_heads, head_dim, config=choice.config)
     q, k, v = qkv.view(budget, 3, num_heads, head_dim).unbind(1)
     # The item sequences alone: cu_seqlens[:-1] ends where the padding starts, so no library attends it.
     items = cu_seqlens[:-1]
