@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from tqdm import tqdm
 
-    from fused_moonvit.benchmarks.hostmeta import HostMetadataGraph, VllmEagerTower
+    from fused_moonvit.benchmarks.hostmeta import HostMetadataGraph, VllmEagerTower, baseline_rope
     from fused_moonvit.moonvit import FusedMoonVit, MoonVitGraphRunner, MoonVitReference, build_model
     from fused_moonvit.moonvit.attention import backend_available
 
@@ -370,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                     "row replays one graph of exactly that budget"),
         "max_images": max_images,
         "rows": {**ROW_MEANINGS, "vllm": f"the ratios' 'vllm' is {ROWS[vllm_key]!r}, what vLLM runs here"},
+        "baseline_rope": baseline_rope(config.tower),
         "setup_s": setup_s,
         "sets": results,
         "targets_apply": full_run,

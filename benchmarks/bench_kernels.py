@@ -6,7 +6,9 @@ same run.
 
 Rows, for every image set of docs/design.md section 4.2 (bf16, hidden 1152, 16 heads x 72, the 64x64 table):
   pos_embed  ours: interp_pos_embed                vLLM: per-image F.interpolate of the table, cat, x + pe
-  rope       ours: apply_rope_2d (one layer)       vLLM: apply_rope on q and k with the per-call freqs_cis
+  rope       ours: apply_rope_2d (one layer)       vLLM 0.34's MoonViT3d: q and k rotated in place by its
+                                                   packed-QKV Triton kernel (benchmarks/vllm_rope.py) from
+                                                   the per-call freqs_cis
   merge      ours: merge_patches                   vLLM: per-image view/permute (patch_merger), cat, pre_norm
   plan       ours: build_plan on the host (median wall time) and expand_plan on the device
   attention  ours: the Triton kernel, tiles as chosen for the budget
@@ -75,24 +77,6 @@ def vllm_pos_embed(x, table, grids):
             pe = F.interpolate(table.permute(2, 0, 1).unsqueeze(0), size=(h, w), mode="bicubic")
             pes.append(pe.squeeze(0).permute(1, 2, 0).flatten(end_dim=1))
     return x + torch.cat(pes)
-
-
-def vllm_freqs_cis(freqs, grids):
-    """Per-call slice of Rope2DPosEmb.precomputed_freqs_cis (built once per call, outside the layers)."""
-    max_h, max_w = max(h for h, _ in grids), max(w for _, w in grids)
-    flat = torch.arange(max_h * max_w, device=freqs.device).float()
-    x_cis = torch.polar(torch.ones(flat.numel(), freqs.numel(), device=freqs.device), torch.outer(flat % max_w, freqs))
-    y_cis = torch.polar(torch.ones(flat.numel(), freqs.numel(), device=freqs.device), torch.outer(flat // max_w, freqs))
-    table = torch.stack([x_cis, y_cis], dim=-1).reshape(max_h, max_w, -1)
-    return torch.cat([table[:h, :w].reshape(-1, table.shape[-1]) for h, w in grids])
-
-
-def vllm_apply_rope(qkv, freqs_cis, heads, head_dim):
-    xq, xk, _ = qkv.view(qkv.shape[0], 3, heads, head_dim).unbind(dim=-3)
-    f = freqs_cis.unsqueeze(-2)
-    xq_ = torch.view_as_complex(xq.float().view(*xq.shape[:-1], -1, 2))
-    xk_ = torch.view_as_complex(xk.float().view(*xk.shape[:-1], -1, 2))
-    return torch.view_as_real(xq_ * f).flatten(-2).type_as(xq), torch.view_as_real(xk_ * f).flatten(-2).type_as(xk)
 
 
 def vllm_merge_prenorm(x, grids, weight, bias):
@@ -208,17 +192,22 @@ def bench_set(name, grids, cfg, device, timer, copy_tbps, gen, kernels):
         rows.append(row("pos_embed", name, tokens, timer, ours, base, nbytes, err, copy_tbps))
 
     if "rope" in kernels:
-        freqs = rope_frequencies(hd).to(device)
-        cos_sin = rope_cos_sin_table(freqs)
-        freqs_cis = vllm_freqs_cis(freqs, grids)
+        from fused_moonvit.benchmarks.hostmeta import call_freqs_cis, rope_table
+        from fused_moonvit.benchmarks.vllm_rope import packed_qk_rope_
+
+        theta = 10000.0
+        cos_sin = rope_cos_sin_table(rope_frequencies(hd, theta).to(device))
+        freqs_cis = call_freqs_cis(rope_table(hd, theta, device=device), [(1, h, w) for h, w in grids])
         qkv = rand(tokens, 3 * heads * hd)
-        q_want, k_want = vllm_apply_rope(qkv, freqs_cis, heads, hd)
+        base_qkv = qkv.clone().view(tokens, 3, heads, hd)
+        want = packed_qk_rope_(base_qkv.clone(), freqs_cis).flatten(1)
         rotated = apply_rope_2d(qkv.clone(), meta, cos_sin, heads, hd)
-        err = relerr(rotated[:, : 2 * heads * hd], torch.cat([q_want.flatten(1), k_want.flatten(1)], 1))
-        # In place: repeated calls keep rotating the same buffer, which leaves its norms unchanged.
+        err = relerr(rotated[:, : 2 * heads * hd], want[:, : 2 * heads * hd])
+        # In place, both: repeated calls keep rotating the same buffer, which leaves its norms unchanged.
         ours = lambda: apply_rope_2d(qkv, meta, cos_sin, heads, hd)  # noqa: E731
-        base = lambda: vllm_apply_rope(qkv, freqs_cis, heads, hd)  # noqa: E731
-        rows.append(row("rope", name, tokens, timer, ours, base, 2 * tokens * 2 * heads * hd * es, err, copy_tbps))
+        base = lambda: packed_qk_rope_(base_qkv, freqs_cis)  # noqa: E731
+        rows.append(row("rope", name, tokens, timer, ours, base, 2 * tokens * 2 * heads * hd * es, err, copy_tbps,
+                        baseline_name="vLLM 0.34's packed q/k RoPE kernel"))
 
     if "merge" in kernels:
         x, weight, bias = rand(tokens, c), rand(c), rand(c)
@@ -396,6 +385,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import triton
 
+    from fused_moonvit.benchmarks.hostmeta import baseline_rope
     from fused_moonvit.benchmarks.image_sets import IMAGE_SETS, USER_IMAGE_SETS
 
     cfg = SMOKE if args.smoke else FULL
@@ -445,6 +435,7 @@ def main(argv=None) -> int:
         command=shlex.join(["fused-moonvit", "bench", "kernels", *(sys.argv[1:] if argv is None else argv)]),
         smoke=args.smoke, dtype=str(cfg["dtype"]), hidden=cfg["hidden"], heads=cfg["heads"], head_dim=cfg["head_dim"],
         copy_ceiling_tbps=args.copy_tbps, copy_measured_tbps=copy_measured,
+        baseline_rope=baseline_rope("moonvit3d"),
         timing="CUDA-graph replays: _us do_bench median, L2 zeroed before each call; _warm_us ten calls back to back"
         if cuda
         else "wall time of one interpreted call each: meaningless",

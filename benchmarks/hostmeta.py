@@ -4,11 +4,16 @@ chunks (its encoder graphs take images only).
 
 This is the "host-metadata graph" baseline of docs/design.md section 4.1. Like vLLM, every call builds all the
 grid-dependent inputs with PyTorch on the host side of the graph (a bicubic interpolation of the
-position table per image, slices of a precomputed complex RoPE table, `cu_seqlens` and the 2x2 merge
-gather index), copies them into static buffers, and replays one graph of patch embed -> blocks ->
-final norm -> merge gather -> projector. It differs from vLLM on one point on purpose: `max_seqlen` is
-baked as the budget in patches (the true bound), not vLLM's output-token budget, which is 4x too small
-for attention over patches (docs/design.md section 3.4); the cost is the same.
+position table per image, `freqs_cis`: slices of a complex RoPE table precomputed once, `cu_seqlens` and
+the 2x2 merge gather index), copies them into static buffers, and replays one graph of patch embed ->
+blocks -> final norm -> merge gather -> projector. It differs from vLLM on one point on purpose:
+`max_seqlen` is baked as the budget in patches (the true bound), not vLLM's output-token budget, which is
+4x too small for attention over patches (docs/design.md section 3.4); the cost is the same.
+
+RoPE inside the blocks is applied as vLLM 0.34 applies it for the tower (`baseline_rope`): MoonViT3d
+(Kimi-K2.5 / K2.6 / K3) rotates q and k in place inside the packed QKV buffer with one Triton launch per
+layer (benchmarks/vllm_rope.py, vLLM's `packed_qk_rope_` contract); Kimi-VL's MoonVit still rotates them
+through complex64 tensors (vLLM's `moonvit.apply_rope`).
 
 Both reuse the weights of a `MoonVitReference` (no copy), so they are compared on the same model, and
 both take the attention vLLM runs: "fa3" (vLLM's FlashAttention-3, what vLLM picks for ViT attention on
@@ -22,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fused_moonvit.benchmarks.vllm_rope import packed_qk_rope_
 from fused_moonvit.moonvit.attention import backend_unavailable_reason, fa3_varlen, varlen_attention
 from fused_moonvit.moonvit.runner import capture_graph
 from fused_moonvit.kernels.limits import MAX_GRID_SIDE, check_budget, check_int
@@ -30,6 +36,21 @@ from fused_moonvit.moonvit.modules import rope_frequencies
 from fused_moonvit.moonvit.reference import MoonVitReference, merge_2x2, rope_angles
 
 VLLM_ATTENTION = ("fa3", "fa2")
+
+# How vLLM 0.34 applies the 2D RoPE in each tower (MoonVitConfig.tower), as the benchmarks record it.
+BASELINE_ROPE = {
+    "moonvit3d": "in place in the packed QKV buffer, one Triton launch per layer (benchmarks/vllm_rope.py, "
+                 "vLLM 0.34's packed_qk_rope_ contract, as its MoonViT3d runs it), from the per-call freqs_cis",
+    "moonvit": "q and k through complex64 tensors in every layer (vLLM 0.34's moonvit.apply_rope, as its "
+               "Kimi-VL MoonVit runs it), from the per-call freqs_cis",
+}
+
+
+def baseline_rope(tower: str) -> str:
+    """How the vLLM baseline of `tower` applies RoPE, in words."""
+    if tower not in BASELINE_ROPE:
+        raise ValueError(f"tower must be one of {', '.join(BASELINE_ROPE)}, got {tower!r}")
+    return BASELINE_ROPE[tower]
 
 
 def merge_gather_index(grid: list[tuple[int, int]]) -> np.ndarray:
@@ -50,6 +71,12 @@ def rope_table(head_dim: int, theta: float, side: int = MAX_GRID_SIDE, device=No
     return torch.polar(torch.ones_like(angles), angles).view(side, side, -1)
 
 
+def call_freqs_cis(table: torch.Tensor, items) -> torch.Tensor:
+    """(sum t*h*w, head_dim // 2) complex64: the per-call `freqs_cis` vLLM 0.34 builds on the device from
+    its precomputed `table` (`rope_table`), each (t, h, w) item's [:h, :w] slice repeated over its frames."""
+    return torch.cat([table[:h, :w].reshape(h * w, -1).repeat(t, 1) for t, h, w in items])
+
+
 def check_vllm_attention(attention: str, device: torch.device) -> str:
     if attention not in VLLM_ATTENTION:
         raise ValueError(f"attention must be one of {', '.join(VLLM_ATTENTION)}, got {attention!r}")
@@ -68,11 +95,12 @@ def vllm_attention(attention: str, q, k, v, cu_seqlens: torch.Tensor, max_seqlen
 
 
 def tower_blocks(model: MoonVitReference, pixel_values, pos_embeds, freqs_cis, attend) -> torch.Tensor:
-    """Patch embed + position embedding, the blocks with complex RoPE from `freqs_cis` and `attend(q, k, v)`,
-    and the final norm: vLLM's MoonVit tower up to the merge."""
+    """Patch embed + position embedding, the blocks with RoPE by `freqs_cis` as vLLM 0.34 applies it for
+    the tower (`baseline_rope`) and `attend(q, k, v)`, and the final norm: vLLM's tower up to the merge."""
     tower, cfg = model.vision_tower, model.config
     proj = tower.patch_embed.proj
     x = F.linear(pixel_values.flatten(1), proj.weight.flatten(1), proj.bias) + pos_embeds
+    in_place = cfg.tower == "moonvit3d"
 
     def rotate(t: torch.Tensor) -> torch.Tensor:
         tc = torch.view_as_complex(t.float().unflatten(-1, (-1, 2)))
@@ -80,8 +108,13 @@ def tower_blocks(model: MoonVitReference, pixel_values, pos_embeds, freqs_cis, a
 
     for block in tower.encoder.blocks:
         qkv = block.wqkv(block.norm0(x)).unflatten(-1, (3, cfg.num_attention_heads, cfg.head_dim))
-        q, k, v = qkv.unbind(1)
-        x = x + block.wo(attend(rotate(q), rotate(k), v).flatten(1))
+        if in_place:
+            # q, k and v stay views of the packed buffer, as attention takes them in vLLM.
+            q, k, v = packed_qk_rope_(qkv, freqs_cis).unbind(1)
+        else:
+            q, k, v = qkv.unbind(1)
+            q, k = rotate(q), rotate(k)
+        x = x + block.wo(attend(q, k, v).flatten(1))
         x = x + block.mlp(block.norm1(x))
     return tower.encoder.final_layernorm(x)
 
@@ -120,7 +153,7 @@ class VllmEagerTower:
         cfg = self.model.config
         items = check_inputs(pixel_values, items, cfg.patch_size, cfg.max_frames)
         device = self.model.device
-        freqs = torch.cat([self.rope[:h, :w].reshape(h * w, -1).repeat(t, 1) for t, h, w in items])
+        freqs = call_freqs_cis(self.rope, items)
         bounds = items.offsets
         cu = torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True)
         longest = items.longest
@@ -204,7 +237,7 @@ class HostMetadataGraph:
 
         # Host metadata, as vLLM's prepare_encoder_metadata builds it on every call.
         pos_embeds = item_pos_embeds(self.model, items)
-        freqs = torch.cat([self.rope[:h, :w].reshape(h * w, -1) for h, w in grid])
+        freqs = call_freqs_cis(self.rope, items)
         cu = np.empty(self.max_images + 2, dtype=np.int32)
         cu[0] = 0
         cu[1:n + 1] = np.cumsum(lens)

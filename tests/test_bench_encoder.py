@@ -9,7 +9,8 @@ import torch
 from moonvit_fixtures import K3_OPTIONS, random_model, random_pixels, rel_err, tiny_config, tiny_k25_config
 from fused_moonvit.benchmarks.bench_encoder import main, vllm_call
 from fused_moonvit.benchmarks.flops import encoder_flops, encoder_flops_breakdown
-from fused_moonvit.benchmarks.hostmeta import HostMetadataGraph, VllmEagerTower
+from fused_moonvit.benchmarks import hostmeta
+from fused_moonvit.benchmarks.hostmeta import BASELINE_ROPE, HostMetadataGraph, VllmEagerTower
 from fused_moonvit.moonvit import MoonVitConfig
 
 # (grids, budget, image slots): exact fit, padding rows and unused slots, the table's own size (the
@@ -39,13 +40,18 @@ def test_host_metadata_matches_reference(model, grids, budget, slots):
     assert rel_err(out, expected) <= 1e-5
 
 
-def test_buffers_reused_across_calls_and_padding_isolated(model):
-    """Later calls see what earlier ones left in the buffers; poisoned padding rows must not leak."""
+@pytest.mark.parametrize("tower", ["moonvit", "moonvit3d"])
+def test_buffers_reused_across_calls_and_padding_isolated(model, tower):
+    """Later calls see what earlier ones left in the buffers; poisoned padding rows must not leak, also
+    where MoonViT3d's in-place RoPE kernel rotates them by their poisoned freqs_cis rows."""
+    if tower == "moonvit3d":
+        model = random_model(tiny_k25_config(), seed=3)
     graph = HostMetadataGraph(model, 640, 4)
     for seed, grids in enumerate([[(20, 12), (16, 16)], [(2, 2)], [(6, 10), (4, 4), (2, 2)]]):
         total = sum(h * w for h, w in grids)
         graph.pixel_values[total:] = float("nan")
         graph.pos_embeds[total:] = float("nan")
+        graph.freqs_cis[total:] = complex("nan+nanj")
         pixels = random_pixels(grids, seed=seed)
         out = graph(pixels, grids)
         assert torch.isfinite(out).all()
@@ -73,6 +79,32 @@ def test_host_metadata_moonvit3d(k3):
     chunks = [(3, 4, 4), (2, 6, 2)]
     pixels = random_pixels(chunks, seed=7)
     assert rel_err(vllm_call(None, eager, pixels, chunks)(), model(pixels, torch.tensor(chunks))) <= 1e-5
+
+
+@pytest.mark.parametrize("config", [tiny_config(), tiny_k25_config()], ids=["moonvit", "moonvit3d"])
+def test_rope_as_vllm_applies_it(config, monkeypatch):
+    """MoonViT3d's baseline rotates q and k with the packed kernel, once per layer, in both vLLM paths;
+    Kimi-VL's MoonVit never calls it (vLLM 0.34 rotates through complex tensors there)."""
+    calls = []
+
+    def counted(qkv, freqs_cis):
+        calls.append(qkv.data_ptr())
+        return packed_qk_rope_(qkv, freqs_cis)
+
+    packed_qk_rope_ = hostmeta.packed_qk_rope_
+    monkeypatch.setattr(hostmeta, "packed_qk_rope_", counted)
+    model = random_model(config, seed=8)
+    grids = [(1, 6, 10), (1, 4, 4)] if config.tower == "moonvit3d" else [(6, 10), (4, 4)]
+    pixels = random_pixels(grids, seed=9)
+    want = model(pixels, torch.tensor(grids))
+    assert rel_err(HostMetadataGraph(model, 128, 2)(pixels, grids), want) <= 1e-5
+    assert rel_err(VllmEagerTower(model, "fa2")(pixels, grids), want) <= 1e-5
+    in_place = config.tower == "moonvit3d"
+    assert len(calls) == (2 * config.num_hidden_layers if in_place else 0)
+    assert set(BASELINE_ROPE) == {"moonvit", "moonvit3d"}
+    assert ("packed QKV buffer" in hostmeta.baseline_rope(config.tower)) == in_place
+    with pytest.raises(ValueError, match="tower must be one of moonvit3d, moonvit, got 'vit'"):
+        hostmeta.baseline_rope("vit")
 
 
 def test_host_metadata_rejects_what_does_not_fit(model):
@@ -138,6 +170,7 @@ def test_smoke_end_to_end(tmp_path):
     with open(tmp_path / "encoder.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert report["smoke"] and report["targets_apply"] is False
+    assert report["baseline_rope"] == BASELINE_ROPE["moonvit"]
     assert report["command"] and report["versions"]["torch"] == torch.__version__
     assert [s["name"] for s in report["sets"]] == ["1x4x4", "3mix", "3mix-in-512"]
     assert [s["budget"] for s in report["sets"]] == [64, 192, 512]
@@ -160,6 +193,7 @@ def test_smoke_moonvit3d(tmp_path):
     assert main(["--smoke", "--model", "kimi-k25", "--sets", "1x4x4,video-mix", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "encoder-kimi-k25.json").read_text())
     assert report["model"] == "kimi-k25" and report["config"]["tower"] == "moonvit3d"
+    assert report["baseline_rope"] == BASELINE_ROPE["moonvit3d"]
     video = report["sets"][1]
     assert video["name"] == "video-mix" and video["patches"] == 24 + 64 + 24 and video["output_tokens"] == 6 + 4 + 3
     assert all(video["outputs_finite"].values()) and max(video["rel_err_vs_reference_eager"].values()) <= 1e-4

@@ -120,7 +120,11 @@ def test_bench_kernels_writes_into_a_directory(tmp_path, capsys):
     assert "default: benchmarks/results" in " ".join(usage.split())
     assert main(["bench", "kernels", "--smoke", "--sets", "one", "--out", str(tmp_path / "k")]) == 0
     assert sorted(os.listdir(tmp_path / "k")) == ["kernels.json", "kernels.png"]
-    assert json.loads((tmp_path / "k" / "kernels.json").read_text())["results"]
+    report = json.loads((tmp_path / "k" / "kernels.json").read_text())
+    assert report["results"]
+    # The RoPE row's baseline is vLLM 0.34's in-place kernel, as the metadata says.
+    assert "packed QKV buffer" in report["meta"]["baseline_rope"]
+    assert {r["baseline"] for r in report["results"] if r["kernel"] == "rope"} == {"vLLM 0.34's packed q/k RoPE kernel"}
 
 
 def test_huge_image_is_encoded_without_pillows_warning(tmp_path, tiny_model_dir):
