@@ -50,6 +50,7 @@ ROWS = {
     "vllm_fa2": "vLLM's way, FA2",
     "vllm_fa3": "vLLM's way, FA3",
     "fused_triton": "fused graph, Triton attn",
+    "fused_gluon": "fused graph, Gluon attn",
     "fused_graph": "fused graph",
 }
 
@@ -109,6 +110,7 @@ ROW_MEANINGS = {
     "vllm_fa3": "as vllm_fa2, with vLLM 0.34's own FlashAttention-3 (_vllm_fa3_C), which vLLM runs ViT "
                 "attention on on Hopper",
     "fused_triton": "the fused graph with its Triton attention forced",
+    "fused_gluon": "the fused graph with its Gluon attention (Hopper) forced",
     "fused_graph": "the fused graph with the attention choose_attention picks (the row's 'attention')",
 }
 
@@ -250,10 +252,6 @@ def main(argv: list[str] | None = None) -> int:
     from fused_moonvit.moonvit.attention import backend_available
 
     device = torch.device("cuda" if cuda else "cpu")
-    # vLLM's way runs FA3 where vLLM would (Hopper); the FA2 row is kept beside it everywhere.
-    runnable = [k for k in ROWS if k != "vllm_fa3" or backend_available("fa3", device)]
-    timed = _timed_rows(args, parser, runnable)
-    vllm_key = "vllm_fa3" if "vllm_fa3" in runnable else "vllm_fa2"
     fields = dict(MODELS[args.model])
     if args.smoke:
         fields.update(SMOKE_CONFIG)
@@ -262,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.layers is not None:
         fields["num_hidden_layers"] = args.layers
     config = MoonVitConfig(**fields)
+    # vLLM's way runs FA3 where vLLM would (Hopper); the FA2 row is kept beside it everywhere.
+    # Rows whose attention cannot run here (FA3 and Gluon off Hopper) are left out.
+    needs = {"vllm_fa3": "fa3", "fused_gluon": "gluon"}
+    runnable = [k for k in ROWS if k not in needs or backend_available(needs[k], device, config.head_dim)]
+    timed = _timed_rows(args, parser, runnable)
+    vllm_key = "vllm_fa3" if "vllm_fa3" in runnable else "vllm_fa2"
     t0 = time.perf_counter()
     ref = build_model(MoonVitReference, config=config, dtype=dtype, device=device, seed=args.seed)
     with torch.device(device):
@@ -302,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
                 run_row(key, vllm_call(host_graph, VllmEagerTower(ref, attention), pixels, grids), budget=budget)
                 del host_graph  # frees its graph's private memory pool before the next row
 
-            for key, attention in (("fused_triton", "triton"), ("fused_graph", None)):
+            for key, attention in (("fused_triton", "triton"), ("fused_gluon", "gluon"), ("fused_graph", None)):
+                if key not in runnable:
+                    continue
                 # One graph of exactly this budget. The backend holds for the whole row: a graph bakes it
                 # in at capture, and on the CPU every call runs the forward again.
                 fused.attention_backend = attention
