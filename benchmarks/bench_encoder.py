@@ -8,10 +8,13 @@ and, for MoonViT3d, video sets), in one run on the same random weights and input
   attention vLLM runs on Hopper (its own FlashAttention-3, loaded from vLLM or $FUSED_MOONVIT_FA3_LIB) or
   PyTorch's FlashAttention-2. "vLLM" in every ratio means the FA3 row where FA3 runs, else the FA2 row;
 - "fused graph, Triton attn": this encoder with its own Triton attention forced;
-- "fused graph": this encoder with the attention `choose_attention` picks (`MoonVitGraphRunner.encode`).
-Every graph row replays one graph of the set's budget: its patch count rounded up to 64, or the padded
-case's budget. Each row times the whole call, host work included: CUDA events around the call on an idle
-GPU, median of `--iters` calls after `--warmup`. Writes DIR/encoder.json and DIR/encoder.png (with
+- "fused graph": this encoder with the attention `choose_attention` picks (`MoonVitGraphRunner.encode`);
+- "fused, default runner": `MoonVitGraphRunner(model)` as the Python API's user builds it (the default
+  budget ladder and item slots), captured once before the sets.
+Every other graph row replays one graph of the set's budget: its patch count rounded up to 64, or the
+padded case's budget; the default runner replays the smallest of its budgets that holds the set. Each row
+times the whole call, host work included: CUDA events around the call on an idle GPU, median of `--iters`
+calls after `--warmup`. Writes DIR/encoder.json and DIR/encoder.png (with
 `--model kimi-k25` or `kimi-k3`: encoder-kimi-k25.json and .png, and so on), DIR being `--out`,
 benchmarks/results by default.
 
@@ -52,6 +55,7 @@ ROWS = {
     "fused_triton": "fused graph, Triton attn",
     "fused_gluon": "fused graph, Gluon attn",
     "fused_graph": "fused graph",
+    "fused_default": "fused, default runner",
 }
 
 # The fused graph's speedup over vLLM's way with the attention vLLM runs (FA3 on Hopper), whole call,
@@ -112,6 +116,8 @@ ROW_MEANINGS = {
     "fused_triton": "the fused graph with its Triton attention forced",
     "fused_gluon": "the fused graph with its Gluon attention (Hopper) forced",
     "fused_graph": "the fused graph with the attention choose_attention picks (the row's 'attention')",
+    "fused_default": "MoonVitGraphRunner(model) with its defaults (default_budgets(), 64 item slots), captured once "
+                     "before the sets; the row's 'budgets' are the graphs the set replays",
 }
 
 
@@ -276,6 +282,18 @@ def main(argv: list[str] | None = None) -> int:
     max_images = max(len(g) for g, _ in sets.values())
     setup_s = time.perf_counter() - t0
 
+    # The Python API's default runner, captured once for every set, with the attention choose_attention
+    # picks (a graph keeps the backend it was captured with).
+    default_runner, default_info = None, None
+    if "fused_default" in timed:
+        default_runner = MoonVitGraphRunner(fused)
+        t1 = time.perf_counter()
+        if cuda:
+            default_runner.capture(progress=False)
+        default_info = {"budgets": default_runner.budgets, "max_items": default_runner.max_items,
+                        "capture_s": time.perf_counter() - t1 if cuda else None,
+                        "graph_memory_bytes": sum(default_runner.graph_memory().values()) if cuda else None}
+
     results = []
     timing = dict(cuda=cuda, iters=args.iters, warmup=args.warmup)
     with tqdm(total=len(sets) * len(timed), desc="encoder benchmark", unit="row", file=sys.stderr) as bar:
@@ -322,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
                     del runner
                 finally:
                     fused.attention_backend = None
+
+            if default_runner is not None:
+                replays = [b for _, _, b in default_runner.plan_chunks(grid)]
+                run_row("fused_default", lambda: torch.cat(default_runner.encode(pixels, grid)), budgets=replays,
+                        attention=[default_runner.attention_choice(b).backend if b else "eager" for b in replays])
 
             for row in rows.values():
                 row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
@@ -373,8 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         "gemm_ceiling_tflops": GEMM_CEILING_TFLOPS,
         "flops_counted": "matrix products only (patch embed, layer GEMMs, attention, projector), padding excluded",
         "budgets": ("per set: its patch count rounded up to 64, or the padded case's budget; every graph "
-                    "row replays one graph of exactly that budget"),
+                    "row but fused_default replays one graph of exactly that budget"),
         "max_images": max_images,
+        "default_runner": default_info,
         "rows": {**ROW_MEANINGS, "vllm": f"the ratios' 'vllm' is {ROWS[vllm_key]!r}, what vLLM runs here"},
         "baseline_rope": baseline_rope(config.tower),
         "setup_s": setup_s,

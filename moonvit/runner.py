@@ -13,6 +13,7 @@ discarded, so a call copies in its items' rows only.
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from collections.abc import Sequence
@@ -81,6 +82,28 @@ def default_budgets(max_budget: int = 16384, min_budget: int = 64) -> list[int]:
         step = budgets[-1] if budgets[-1] < 1024 else budgets[-1] // 4
         budgets.append(min(max_budget, -(-(budgets[-1] + step) // LADDER_STEP) * LADDER_STEP))
     return budgets
+
+
+def octave_budgets(steps_per_octave: int, max_budget: int = 16384, min_budget: int = 64) -> list[int]:
+    """A ladder anchored on powers of two: min_budget * 2^k for every k up to max_budget, and between two
+    anchors `steps_per_octave` - 1 budgets at geometric steps of 2^(1/steps_per_octave), rounded up to
+    multiples of `LADDER_STEP` (so low octaves get fewer). Square 448 and 896 px images and 16 images of
+    448 px then fit a budget exactly, and above 4096 patches a budget pads at most 2^(1/steps) - 1 plus
+    the rounding: 8 steps pad under 10%, as densely as vLLM 0.34's default encoder grid does there."""
+    steps = check_int("steps_per_octave", steps_per_octave, 1)
+    min_budget, max_budget = check_budget(min_budget, "min_budget"), check_budget(max_budget, "max_budget")
+    if max_budget < min_budget:
+        raise ValueError(f"max_budget {max_budget} is below min_budget {min_budget}")
+    budgets = {max_budget}
+    anchor = min_budget
+    while anchor < max_budget:
+        budgets.add(anchor)
+        for j in range(1, steps):
+            budget = math.ceil(anchor * 2 ** (j / steps) / LADDER_STEP) * LADDER_STEP
+            if budget < min(2 * anchor, max_budget):
+                budgets.add(budget)
+        anchor *= 2
+    return sorted(budgets)
 
 
 class MoonVitGraphRunner:
@@ -163,9 +186,11 @@ class MoonVitGraphRunner:
 
     def _release_buffers(self) -> None:
         if self.uses_graphs:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self.device))
-            self._buffers_released = event
+            # One event, recorded again by every call: a stream that waits on it waits for its latest record,
+            # the last replay, and a wait already queued keeps the record it was queued with.
+            if self._buffers_released is None:
+                self._buffers_released = torch.cuda.Event()
+            self._buffers_released.record(torch.cuda.current_stream(self.device))
 
     def graph_memory(self) -> dict[int, int]:
         """Bytes the shared pool grew by when each budget's graph was captured."""

@@ -12,6 +12,7 @@ from fused_moonvit.benchmarks.flops import encoder_flops, encoder_flops_breakdow
 from fused_moonvit.benchmarks import hostmeta
 from fused_moonvit.benchmarks.hostmeta import BASELINE_ROPE, HostMetadataGraph, VllmEagerTower
 from fused_moonvit.moonvit import MoonVitConfig
+from fused_moonvit.moonvit.runner import default_budgets
 
 # (grids, budget, image slots): exact fit, padding rows and unused slots, the table's own size (the
 # identity interpolation), up- and downsampling of the 16x16 table, many images.
@@ -174,13 +175,17 @@ def test_smoke_end_to_end(tmp_path):
     assert report["command"] and report["versions"]["torch"] == torch.__version__
     assert [s["name"] for s in report["sets"]] == ["1x4x4", "3mix", "3mix-in-512"]
     assert [s["budget"] for s in report["sets"]] == [64, 192, 512]
+    default = report["default_runner"]
+    assert default["budgets"] == default_budgets() and default["max_items"] == 64
     for s in report["sets"]:
         # No FA3 on a CPU: vLLM's way is the FA2 row, and the ratios say so.
-        assert set(s["rows"]) == {"reference_eager", "vllm_fa2", "fused_triton", "fused_graph"}
+        assert set(s["rows"]) == {"reference_eager", "vllm_fa2", "fused_triton", "fused_graph", "fused_default"}
         assert s["vllm_row"] == "vLLM's way, FA2"
         assert s["speedup_of_fused_over"]["vllm"] == s["speedup_of_fused_over"]["vllm_fa2"]
         assert s["rows"]["fused_triton"]["attention"] == "triton"
         assert all(s["rows"][k]["budget"] == s["budget"] for k in ("vllm_fa2", "fused_triton", "fused_graph"))
+        # The default runner replays the smallest default budget that holds the set, whatever its own budget.
+        assert s["rows"]["fused_default"]["budgets"] == [min(b for b in default_budgets() if b >= s["patches"])]
         assert all(row["ms"] > 0 and row["tflops"] > 0 for row in s["rows"].values())
         assert all(s["outputs_finite"].values())
         # fp32 on the CPU: both graph paths agree with the reference to rounding.
@@ -204,7 +209,8 @@ def test_rows_option_times_only_those(tmp_path):
     assert main(["--smoke", "--sets", "1x4x4", "--rows", "vllm_fa2,fused_graph", "--out", str(tmp_path)]) == 0
     (only,) = json.loads((tmp_path / "encoder.json").read_text())["sets"]
     assert set(only["rows"]) == {"vllm_fa2", "fused_graph"}
-    # Every path still ran once, for the errors against the reference.
+    # Every path still ran once, for the errors against the reference, but the default runner: its whole
+    # ladder is captured only when its row is timed.
     assert set(only["rel_err_vs_reference_eager"]) == {"vllm_fa2", "fused_triton", "fused_graph"}
 
 

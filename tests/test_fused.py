@@ -5,7 +5,7 @@ import torch
 
 from moonvit_fixtures import K3_OPTIONS, random_model, random_pixels, rel_err, tiny_config, tiny_k25_config
 from fused_moonvit.moonvit import FusedMoonVit, MoonVitGraphRunner
-from fused_moonvit.moonvit.runner import default_budgets
+from fused_moonvit.moonvit.runner import default_budgets, octave_budgets
 
 IMAGE_SETS = [
     [(4, 6)],
@@ -196,6 +196,28 @@ def test_default_budgets():
     assert all(b % 64 == 0 for b in ladder) and ladder == sorted(set(ladder))
     assert all(hi <= 2 * lo for lo, hi in zip(ladder, ladder[1:]))
     assert all(hi <= 1.25 * lo + 64 for lo, hi in zip(ladder, ladder[1:]) if lo >= 1024)
+
+
+@pytest.mark.parametrize("steps", [1, 4, 8])
+def test_octave_budgets(steps):
+    ladder = octave_budgets(steps)
+    assert ladder == sorted(set(ladder)) and ladder[0] == 64 and ladder[-1] == 16384
+    assert all(64 << k in ladder for k in range(9))  # 448 px, 896 px, 16 x 448 px fit exactly
+    assert all(b % 64 == 0 for b in ladder)
+    for k in range(8):  # at most `steps` budgets per octave, each step at most 2^(1/steps) before rounding
+        octave = [b for b in ladder if 64 << k <= b <= 128 << k]
+        assert len(octave) <= steps + 1
+        assert all(hi <= lo * 2 ** (1 / steps) + 64 for lo, hi in zip(octave, octave[1:]))
+    if steps == 8:  # as dense as vLLM 0.34's default grid above 4096 patches
+        assert all(hi <= 1.1 * lo for lo, hi in zip(ladder, ladder[1:]) if lo >= 4096)
+    assert octave_budgets(1) == [64 << k for k in range(9)]
+    assert octave_budgets(4, max_budget=3000, min_budget=100) == [100, 128, 192, 200, 256, 320, 384, 400, 512,
+                                                                    576, 704, 800, 960, 1152, 1408, 1600, 1920,
+                                                                    2304, 2752, 3000]
+    with pytest.raises(ValueError, match="steps_per_octave must be >= 1, got 0"):
+        octave_budgets(0)
+    with pytest.raises(ValueError, match="max_budget 64 is below min_budget 128"):
+        octave_budgets(4, max_budget=64, min_budget=128)
 
 
 def test_bad_inputs():

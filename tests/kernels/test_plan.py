@@ -1,3 +1,5 @@
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -36,6 +38,27 @@ def test_layout_of_a_padded_plan():
     assert plan_items(plan).tolist() == [[0, 1, 4, 6], [24, 1, 2, 2], [28, 1, 6, 2], [40, 0, 0, 0], [40, 0, 0, 0]]
     assert plan.is_pinned() == torch.cuda.is_available()
     assert torch.equal(build_plan([[4, 6], [2, 2], [6, 2]], np.int64(48), np.int32(5)), plan)
+
+
+@pytest.mark.parametrize("slots", [1, 3, 16, 64, 257])
+def test_plan_matches_the_documented_layout(slots):
+    """Every entry against the module docstring's layout, written out entry by entry, for random images and
+    video chunks from none up to every slot filled."""
+    rng = random.Random(slots)
+    for n in sorted({0, 1, slots // 2, slots}):
+        items = [(rng.randint(1, 4), 2 * rng.randint(1, 8), 2 * rng.randint(1, 8)) for _ in range(n)]
+        total = sum(t * h * w for t, h, w in items)
+        budget = max(4, total + 4 * rng.randint(0, 20))
+        starts, outputs = [0], [0]
+        for t, h, w in items:
+            starts.append(starts[-1] + t * h * w)
+            outputs.append(outputs[-1] + h * w // 4)
+        want = starts + [total] * (slots - n) + [budget]
+        want += outputs + [outputs[-1]] * (slots - n)
+        for i in range(slots):
+            want += [starts[i], *items[i]] if i < n else [total, 0, 0, 0]
+        plan = build_plan(items, budget, slots)
+        assert plan.dtype == torch.int32 and plan.tolist() == want, (n, items)
 
 
 def test_size_depends_only_on_slots():
