@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # fail before the long run, not after it
         import matplotlib  # noqa: F401
     except ImportError:
-        parser.error("the plot needs matplotlib: pip install 'fused-moonvit[bench]'")
+        parser.error('the plot needs matplotlib: pip install -e ".[bench]" in the fused-moonvit checkout')
 
     if not cuda:
         # The fused kernels need Triton's interpreter on the CPU; Triton reads this when they are first

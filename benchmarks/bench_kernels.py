@@ -334,7 +334,8 @@ def plot(results, path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'fused-moonvit[bench]')", file=sys.stderr)
+        print('matplotlib is not installed: no plot (pip install -e ".[bench]" in the fused-moonvit checkout)',
+              file=sys.stderr)
         return None
     kernels = [k for k in ("pos_embed", "rope", "merge", "attention", "add_norm", "fc0_gelu")
                if any(r["kernel"] == k for r in results)]

@@ -1,6 +1,6 @@
 """Offline Kimi-VL inference with vLLM, through the fused MoonVit encoder.
 
-    pip install "fused-moonvit[vllm]"
+    pip install -e ".[vllm]"        # in the fused-moonvit checkout
     python -m fused_moonvit.integration.example_offline --image photo.jpg
 
 Nothing here names the plugin: installing fused-moonvit next to vLLM is what swaps the encoder in, and
@@ -17,7 +17,8 @@ import os
 
 from fused_moonvit.moonvit.cli import OneLineParser
 
-VLLM_MISSING = "vLLM is not installed in this environment; install it with: pip install 'fused-moonvit[vllm]'"
+VLLM_MISSING = ('vLLM is not installed in this environment; install it with: pip install -e ".[vllm]" in the '
+                'fused-moonvit checkout')
 
 
 def main(argv: list[str] | None = None) -> int:

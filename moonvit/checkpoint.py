@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .families import FAMILIES
+from .families import FAMILIES, titles
 
 TOWER_PREFIX = "vision_tower."
 # Every projector prefix a checkpoint may hold: the families' (MoonVitConfig.projector_name values).
@@ -76,6 +76,16 @@ def _checkpoint_files(model_dir: str) -> dict[str, list[str]]:
         with _open_safetensors(single_path) as f:
             return {single_path: list(f.keys())}
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir!r}: the directory holds no weights")
+
+
+def _encoder_names() -> str:
+    """Where each model kind's checkpoint keeps the encoder, for the error that finds none of it."""
+    by_projector: dict[str, list] = {}
+    for family in FAMILIES.values():
+        by_projector.setdefault(family.projector_name, []).append(family)
+    kinds = [f"a {titles(families)} checkpoint names them {TOWER_PREFIX}* and {projector}.*"
+             for projector, families in by_projector.items()]
+    return ", ".join(kinds) + ", a standalone MoonViT tower's patch_embed.* and encoder.*"
 
 
 def _open_safetensors(path: str):
@@ -167,9 +177,7 @@ def match_checkpoint(model_dir: str | os.PathLike, expected: Mapping[str, Sequen
     if problems:
         summary = f"checkpoint {model_dir!r} does not match the model"
         if not sources:
-            summary += (" (none of its tensors is the encoder's: a Kimi-VL or MoonViT checkpoint names them "
-                        "vision_tower.* and multi_modal_projector.*, a Kimi-K2.5 / K2.6 / K3 one vision_tower.* "
-                        "and mm_projector.*)")
+            summary += f" (none of its tensors is the encoder's: {_encoder_names()})"
         elif other_projector:
             found = ", ".join(f"{p}.*" for p in sorted(other_projector))
             summary += (f" (its projector is {found}, but config.json describes a model whose projector is "

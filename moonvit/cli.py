@@ -25,8 +25,12 @@ from .arguments import (DEBUG_ENV, DTYPES, OneLineParser, UsageError, cannot_wri
 from fused_moonvit.kernels.items import Items
 from fused_moonvit.kernels.limits import MERGE_SIDE
 
+from .families import KIMI_K25, KIMI_VL, family_of, titles, video_families
 from .preprocess import IN_TOKEN_LIMIT_INSTRUCT, IN_TOKEN_LIMIT_THINKING
 
+# The model kinds messages name, from the family declarations, so that they stay in step with them.
+MODELS = f"{titles()} (or a standalone MoonViT tower)"
+VIDEO_MODELS = titles(video_families())
 KEYS_PER_KIND = 3  # checkpoint keys named per kind of mismatch in the one-line error
 MODEL_DIR_LAYOUT = "config.json plus model.safetensors, or model.safetensors.index.json and its shards"
 # Larger images are refused up front (--max-image-pixels raises it): 250 MP covers the largest camera
@@ -35,7 +39,6 @@ MAX_IMAGE_PIXELS = 250_000_000
 # An image's smallest patch grid is one 2x2 merge: a patch limit below it can never be met.
 MIN_IN_TOKEN_LIMIT = MERGE_SIDE * MERGE_SIDE
 INTERRUPTED = 130  # the shell's status for a command ended by SIGINT (128 + 2)
-KIMI_K25_TEXT_HIDDEN = 7168  # Kimi-K2.5's and K2.6's text width: the demo's projector output
 # The demo clip: few and small frames, since the real-size tower runs eagerly on a CPU (two chunks of
 # 4 x 6 x 8 patches, a few seconds each on two cores).
 DEMO_CLIP_FRAMES, DEMO_CLIP_SIZE = 8, (84, 112)
@@ -145,15 +148,16 @@ def _check_out(path: str) -> None:
         raise UsageError(f"--out {path}: cannot create a file in {parent} ({why})")
 
 
-def _check_model(model_dir: str, cls):
+def _check_model(model_dir: str, cls, video: bool):
     """Reads config.json and the checkpoint's headers, and compares them, without building anything;
-    returns the config."""
+    returns the config. `video`: the command has videos to encode, which only some models take."""
     from .checkpoint import CheckpointError
     from .loading import check_model_dir
 
     if not os.path.isdir(model_dir):
         what = "is not a directory" if os.path.exists(model_dir) else "does not exist"
-        raise UsageError(f"--model {model_dir} {what}; give a local model directory ({MODEL_DIR_LAYOUT})")
+        raise UsageError(f"--model {model_dir} {what}; give a local model directory of "
+                         f"{VIDEO_MODELS if video else MODELS}: {MODEL_DIR_LAYOUT}")
     try:
         return check_model_dir(model_dir, cls=cls)
     except CheckpointError as err:
@@ -311,8 +315,8 @@ def _encode_checked(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     if not args.images and not args.demo and not args.videos:
-        raise UsageError("give at least one IMAGE, or --demo for a built-in synthetic image, or --video PATH "
-                         "with a Kimi-K2.5 --model, or --demo --video for a built-in clip")
+        raise UsageError(f"give at least one IMAGE, or --demo for a built-in synthetic image, or --video PATH "
+                         f"with a {VIDEO_MODELS} --model, or --demo --video for a built-in clip")
     # A bare --video stands for the demo clip, which runs first, as the demo image does.
     demo_clip = None in args.videos
     args.videos = [v for v in args.videos if v is not None]
@@ -330,27 +334,22 @@ def _encode_checked(args: argparse.Namespace) -> int:
 
     cls = _model_class(device)
     if args.model is None:
-        from .config import MoonVitConfig, moonvit3d_fields
-
         # Random weights of the real architecture: Kimi-K2.5's for the demo clip, else Kimi-VL's.
-        config = (MoonVitConfig(**moonvit3d_fields({}), text_hidden_size=KIMI_K25_TEXT_HIDDEN) if demo_clip
-                  else MoonVitConfig())
+        config = (KIMI_K25 if demo_clip else KIMI_VL).real_size_config()
     else:
-        config = _check_model(args.model, cls)
-    from .families import family_of
-
+        config = _check_model(args.model, cls, video=bool(args.videos))
     family = family_of(config)
-    moonvit3d = family.inputs == "kimi_k25"  # transformers' Kimi-K2.5 processors: images and videos
+    moonvit3d = family in video_families()  # transformers' Kimi-K2.5 processors: images and videos
     if (args.videos or demo_clip) and not moonvit3d:
         raise UsageError(
-            "--video needs a Kimi-K2.5 / K2.6 / K3 model (MoonViT3d): "
-            + ("without --model the random-weight model is Kimi-VL's MoonVit, which takes images only; give "
-               "--model DIR of a Kimi-K2.5 checkpoint (or try --demo --video, a built-in clip through random "
+            f"--video needs a {VIDEO_MODELS} model (MoonViT3d): "
+            + (f"without --model the random-weight model is {family.title}'s, whose encoder takes images only; "
+               "give --model DIR of such a checkpoint (or try --demo --video, a built-in clip through random "
                "Kimi-K2.5 weights)" if args.model is None else
-               f"--model {args.model} is a Kimi-VL / MoonVit directory, whose encoder takes images only"))
+               f"--model {args.model} holds {family.title}'s encoder, which takes images only"))
     elif args.videos and args.model is None:
-        raise UsageError("--video PATH needs a Kimi-K2.5 / K2.6 / K3 --model DIR: the random weights of the demo "
-                         "take the built-in clip only (--demo --video)")
+        raise UsageError(f"--video PATH needs a {VIDEO_MODELS} --model DIR: the random weights of the demo take "
+                         f"the built-in clip only (--demo --video)")
 
     # Every input is read and checked before the model is built, so a bad one costs nothing.
     inputs = None
@@ -377,8 +376,7 @@ def _encode_checked(args: argparse.Namespace) -> int:
         print(note, file=sys.stderr)
 
     if args.model is None:
-        architecture = ("Kimi-K2.5 MoonViT3d architecture (real size)" if moonvit3d else
-                        "Kimi-VL MoonVit architecture")
+        architecture = f"{family.title} architecture ({family.tower}, real size)"
         print(f"note: no --model given: using the {architecture} with seeded random weights "
               f"(seed {args.seed}); the embeddings are not meaningful", file=sys.stderr)
     if device.type != "cuda":
@@ -434,14 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("images", nargs="*", metavar="IMAGE", help="image files (anything Pillow opens)")
     enc.add_argument("--video", dest="videos", action="append", default=[], nargs="?", const=None, metavar="PATH",
                      help="a video file (decoded with PyAV) or a folder of its frames (image files, sorted by "
-                          "name); needs a Kimi-K2.5 / K2.6 / K3 --model; may be repeated. With --demo and no PATH: "
+                          f"name); needs a {VIDEO_MODELS} --model; may be repeated. With --demo and no PATH: "
                           "a built-in generated clip (8 frames of 112x84 px), through random Kimi-K2.5 weights "
                           "without --model")
     enc.add_argument("--demo", action="store_true", help="also encode a built-in synthetic 336x224 image (and a "
                                                          "built-in clip with --video)")
     enc.add_argument("--model", metavar="DIR",
-                     help=f"local Kimi-VL, Kimi-K2.5 / K2.6 / K3 or MoonViT model directory ({MODEL_DIR_LAYOUT}); "
-                          "without it, Kimi-VL's architecture with seeded random weights")
+                     help=f"local model directory of {MODELS}: {MODEL_DIR_LAYOUT}; without it, Kimi-VL's "
+                          "architecture with seeded random weights")
     enc.add_argument("--out", default="embeddings.safetensors", metavar="FILE",
                      help="output safetensors file, float32 whatever --dtype is (default: %(default)s)")
     enc.add_argument("--in-token-limit", type=in_token_limit, metavar="N",

@@ -170,27 +170,34 @@ class MoonVitConfig(_HFConfig):
         MoonViT config (no `vision_config`) gives a tower without projector unless it names a
         `text_hidden_size` (as one saved by `save_pretrained` does). Hub names are not fetched.
         """
+        from .families import family_of_model_type, titles  # families.py builds on this module
+
         cfg_path = os.path.join(os.fspath(path), "config.json")
         if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"no config.json in model directory {os.fspath(path)!r}; a Kimi-VL or MoonViT "
-                                    f"model directory holds config.json and the weights (model.safetensors, or "
-                                    f"model.safetensors.index.json and its shards)")
+            raise FileNotFoundError(f"no config.json in model directory {os.fspath(path)!r}; a model directory of "
+                                    f"{titles()} (or of a standalone MoonViT tower) holds config.json and the "
+                                    f"weights (model.safetensors, or model.safetensors.index.json and its shards)")
         with open(cfg_path) as f:
             try:
                 raw = json.load(f)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{cfg_path} is not valid JSON: {err}") from None
-        if not isinstance(raw, dict) or not ("vision_config" in raw or any(k in raw for k in cls._FIELDS)):
-            raise ValueError(f"{cfg_path} describes neither Kimi-VL (it has no vision_config) nor a MoonViT tower "
-                             f"(it has none of {', '.join(cls._FIELDS[:4])}, ...)")
+        if not isinstance(raw, dict):
+            raise ValueError(f"{cfg_path} does not hold a JSON object, which a config of {titles()} is")
+        family = family_of_model_type(raw.get("model_type"))
+        if "vision_config" not in raw and family is not None:
+            raise ValueError(f"{cfg_path} names model_type {raw['model_type']!r} ({family.title}) but has no "
+                             f"vision_config, which holds the encoder's settings in configs of {titles()}")
+        if "vision_config" not in raw and not any(k in raw for k in cls._FIELDS):
+            raise ValueError(f"{cfg_path} describes no model this encoder reads: no vision_config, as configs of "
+                             f"{titles()} have, and none of a standalone MoonViT tower's fields "
+                             f"({', '.join(cls._FIELDS[:4])}, ...)")
         if "vision_config" in raw:
             vision = dict(raw["vision_config"])
             text = raw.get("text_config") or {}
             if "hidden_size" not in text:
-                raise ValueError(f"{cfg_path}: a Kimi-VL or Kimi-K2.5 config needs text_config.hidden_size")
-            from .families import family_of_model_type  # families.py builds on this module
-
-            family = family_of_model_type(raw.get("model_type"))
+                raise ValueError(f"{cfg_path} has a vision_config but no text_config.hidden_size (the projector's "
+                                 f"output width), which configs of {titles()} have")
             if family is not None or _is_moonvit3d(vision):
                 try:
                     vision = (family.vision_fields if family is not None else moonvit3d_fields)(vision)

@@ -13,7 +13,7 @@ Nothing here imports vLLM or Triton: the plugin reads these declarations in ever
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from torch import nn
@@ -56,7 +56,8 @@ class Family:
     # videos, transformers' Kimi-K2.5 processors, `preprocess.KimiK25Inputs`).
     inputs: str
     vllm: VllmModel
-    benchmark: Mapping[str, Any]  # MoonVitConfig fields at the real model's sizes
+    # MoonVitConfig fields at the real model's sizes: what the benchmarks time and random weights are built as.
+    benchmark: Mapping[str, Any]
 
     def moonvit_config(self, hf_config) -> MoonVitConfig:
         """Our encoder's config from vLLM's (Hugging Face's) config object of this family's model. A
@@ -72,6 +73,11 @@ class Family:
                                  f"{fields[name]!r} from the checkpoint's other names for it (e.g. vt_{name}); "
                                  f"{UNSUPPORTED}")
         return MoonVitConfig(**fields, text_hidden_size=hf_config.text_config.hidden_size)
+
+    def real_size_config(self) -> MoonVitConfig:
+        """The encoder at the released model's sizes and options: what random weights of this family are
+        built as (`build_model(cls, family=name)`, the CLI without `--model`) and what the benchmarks time."""
+        return MoonVitConfig(**self.benchmark)
 
 
 # The fields vLLM's Kimi-VL MoonViTConfig defines; vLLM hard-codes the LayerNorm eps and RoPE base, which
@@ -140,6 +146,26 @@ KIMI_K3 = Family(
 )
 
 FAMILIES = {family.name: family for family in (KIMI_VL, KIMI_K25, KIMI_K3)}
+
+
+def family_named(name: str) -> Family:
+    """The family called `name` ("kimi-vl", "kimi-k25", "kimi-k3")."""
+    if name not in FAMILIES:
+        known = ", ".join(f"{n!r} ({f.title})" for n, f in FAMILIES.items())
+        raise ValueError(f"unknown model family {name!r}; the families are {known}")
+    return FAMILIES[name]
+
+
+def titles(families: Iterable[Family] | None = None) -> str:
+    """The families' titles for a message: "Kimi-VL, Kimi-K2.5 / K2.6 or Kimi-K3 / K3.1" for all of them."""
+    names = [f.title for f in (FAMILIES.values() if families is None else families)]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def video_families() -> list[Family]:
+    """The families whose encoder takes video chunks (their inputs come from transformers' Kimi-K2.5
+    processors, which cut videos too)."""
+    return [f for f in FAMILIES.values() if f.inputs == "kimi_k25"]
 
 
 def family_of(config: MoonVitConfig) -> Family:

@@ -44,7 +44,8 @@ class FusedMoonVit(MoonVitModules):
 
     @classmethod
     def from_pretrained(cls, model_dir, *, dtype: torch.dtype = torch.bfloat16, device="cuda", **kwargs):
-        """Builds the model from a local Kimi-VL or MoonViT directory (see `build_model`)."""
+        """Builds the model from a local model directory, or with seeded random weights for None (see
+        `build_model`, which takes the other keyword arguments)."""
         from .loading import build_model
 
         return build_model(cls, model_dir, dtype=dtype, device=device, **kwargs)

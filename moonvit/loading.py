@@ -10,6 +10,7 @@ from torch import nn
 
 from .checkpoint import load_encoder_state, match_checkpoint
 from .config import MoonVitConfig
+from .families import KIMI_VL, family_named, family_of
 from .modules import MoonVitModules
 
 M = TypeVar("M", bound=nn.Module)
@@ -30,16 +31,32 @@ def check_model_dir(model_dir: str | os.PathLike, config: MoonVitConfig | None =
     return config
 
 
-def build_model(cls: type[M], model_dir: str | os.PathLike | None = None, *, config: MoonVitConfig | None = None,
-                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0) -> M:
+def build_model(cls: type[M], model_dir: str | os.PathLike | None = None, *, family: str | None = None,
+                config: MoonVitConfig | None = None, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu", seed: int = 0) -> M:
     """`cls(config)` on `device` in `dtype`, filled from `model_dir`, or seeded random weights without it.
 
-    A checkpoint that does not fit the config fails before the model is built (`check_model_dir`).
+    Without `model_dir`, the random weights take `config`, else the real-size architecture of `family`
+    ("kimi-vl", the default; "kimi-k25" for Kimi-K2.5 / K2.6; "kimi-k3" for Kimi-K3 / K3.1). With
+    `model_dir`, its config.json says what the model is, and `family`, if given, must be the one it
+    declares, so that one call serves both. A checkpoint that does not fit the config fails before the
+    model is built (`check_model_dir`).
     """
+    wanted = None
+    if family is not None:
+        wanted = family_named(family)
+        if config is not None:
+            raise ValueError(f"give family={family!r} or config, not both: the family stands for its "
+                             f"real-size config")
     if model_dir is not None:
+        if config is None:
+            config = MoonVitConfig.from_pretrained(model_dir)
+        if wanted is not None and family_of(config) is not wanted:
+            raise ValueError(f"{os.fspath(model_dir)} holds a {family_of(config).title} model (its config.json), "
+                             f"not family {family!r} ({wanted.title})")
         config = check_model_dir(model_dir, config, cls)
     elif config is None:
-        config = MoonVitConfig()
+        config = (wanted or KIMI_VL).real_size_config()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(config)

@@ -188,13 +188,15 @@ def _processor_classes():
     except ImportError as err:
         import transformers
 
+        from .families import titles, video_families
+
+        what = f"{titles(video_families())} inputs are prepared by transformers' Kimi_K25ImageProcessor, which"
         missing = getattr(err, "name", None)
         if missing and missing.split(".")[0] == "torchvision":
-            raise ProcessorUnavailable("Kimi-K2.5 inputs are prepared by transformers' Kimi_K25ImageProcessor, which "
-                                       "needs torchvision: pip install torchvision (or this package's k25 extra)") from err
-        raise ProcessorUnavailable(f"Kimi-K2.5 inputs are prepared by transformers' Kimi_K25ImageProcessor, which "
-                                   f"transformers {transformers.__version__} lacks ({err}); install a release with "
-                                   f"Kimi-K2.5 support (5.22 is tested)") from err
+            raise ProcessorUnavailable(f"{what} needs torchvision: pip install torchvision (or this package's k25 "
+                                       f"extra)") from err
+        raise ProcessorUnavailable(f"{what} transformers {transformers.__version__} lacks ({err}); install a "
+                                   f"release with Kimi-K2.5 support (5.22 is tested)") from err
     return Kimi_K25ImageProcessor, Kimi_K25VideoProcessor
 
 
@@ -259,12 +261,21 @@ class KimiK25Inputs:
     Settings come from the directory's `preprocessor_config.json` (images; its `media_proc_cfg`, the
     layout Kimi-K2.5 and K2.6 ship for their remote-code processor, sets videos too) and
     `video_preprocessor_config.json` (videos), or `processor_config.json`'s `image_processor` and
-    `video_processor` where those files are absent; a directory with none of them, or no directory,
-    gets the processor classes' defaults. Native keys (`max_patches`, `size`, ...) win over
-    `media_proc_cfg`'s. Nothing is downloaded and no remote code runs.
+    `video_processor` where those files are absent; a directory with none of them, or `model_dir=None`,
+    gets the processor classes' defaults (Kimi-K2.5's), and a directory that does not exist is refused.
+    Native keys (`max_patches`, `size`, ...) win over `media_proc_cfg`'s. Nothing is downloaded and no
+    remote code runs.
     """
 
     def __init__(self, model_dir: str | os.PathLike | None = None):
+        if model_dir is not None and not os.path.isdir(model_dir):
+            from .families import titles, video_families
+
+            missing = not os.path.exists(model_dir)
+            raise (FileNotFoundError if missing else NotADirectoryError)(
+                f"model directory {os.fspath(model_dir)!r} {'does not exist' if missing else 'is not a directory'}; "
+                f"give the local directory of a {titles(video_families())} model, or None for the processors' "
+                f"defaults")
         image_cls, video_cls = _processor_classes()
         image_kwargs, video_kwargs = {}, {}
         self.video_patch_limit = None      # media_proc_cfg.in_patch_limit_video: patches over a whole video

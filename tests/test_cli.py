@@ -306,7 +306,7 @@ def test_demo_video_runs_kimi_k25_offline(tmp_path, capsys):
     printed, err = capsys.readouterr()
     assert "settings from the processor classes' defaults" in err
     assert "demo clip: 8 frames of 112x84 px, generated, 2 chunk(s) of up to 4 frames" in err
-    assert "the Kimi-K2.5 MoonViT3d architecture (real size) with seeded random weights (seed 0)" in err
+    assert "the Kimi-K2.5 / K2.6 architecture (moonvit3d, real size) with seeded random weights (seed 0)" in err
     assert "demo: grid 16x24 patches -> 96 tokens x 7168" in printed
     assert "demo clip chunk 1, frame 4 to frame 7: grid 4x6x8 patches -> 12 tokens x 7168" in printed
     assert printed.splitlines()[-1] == (f"wrote 3 float32 embeddings to {out} (seeded random weights (seed 0), "

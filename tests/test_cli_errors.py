@@ -19,6 +19,7 @@ from moonvit_fixtures import (KIMI_K25_PREPROCESSOR_JSON, kimi_k25_config_json, 
                               tiny_config, tiny_k25_config, write_checkpoint, write_k25_checkpoint)
 from fused_moonvit.benchmarks import outdir
 from fused_moonvit.moonvit import cli
+from fused_moonvit.moonvit.families import FAMILIES, video_families
 
 COMMITTED_RESULTS = Path(outdir.__file__).parent / "results"
 
@@ -29,6 +30,8 @@ import os
 import sys
 if os.environ.get("TRIPWIRE_HIDE_PYAV"):
     sys.modules["av"] = None  # as where PyAV is not installed
+if os.environ.get("TRIPWIRE_HIDE_MATPLOTLIB"):
+    sys.modules["matplotlib"] = None  # as after the README's first command, without the bench extra
 from fused_moonvit.moonvit import cli, loading
 
 def tripped(*args, **kwargs):
@@ -98,6 +101,12 @@ def _huge_png(path: Path) -> Path:
     return path
 
 
+def _config_only(path: Path, config: dict) -> Path:
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir()
     return path
@@ -117,12 +126,27 @@ CASES = {
     "model_dir_missing": (
         lambda d: d / "nope", ["encode", "--demo", "--model", "{m}", "--out", "{out}"], {},
         ["--model {m} does not exist", "config.json"]),
+    "model_dir_missing_for_a_video": (
+        lambda d: (_k25_with_frames(d), d / "nope")[1],
+        ["encode", "--video", "{d}/frames", "--model", "{m}", "--out", "{out}"], {},
+        ["--model {m} does not exist; give a local model directory of Kimi-K2.5 / K2.6 or Kimi-K3 / K3.1: "
+         "config.json"]),
     "config_without_weights": (
         lambda d: _config_without_weights(d / "model"), ["encode", "--demo", "--model", "{m}", "--out", "{out}"], {},
         ["no model.safetensors or model.safetensors.index.json in '{m}'"]),
     "empty_config": (
         lambda d: _tiny_checkpoint(d / "model", config_json={}), ["encode", "--demo", "--model", "{m}", "--out", "{out}"],
-        {}, ["{m}/config.json describes neither Kimi-VL", "vision_config"]),
+        {}, ["{m}/config.json describes no model this encoder reads: no vision_config",
+             "a standalone MoonViT tower's fields (num_hidden_layers"]),
+    # A Kimi-K2.5 config.json cut short: its model_type says what it is, so it is not read as a standalone tower.
+    "k25_config_without_vision_config": (
+        lambda d: _config_only(d / "model", {"model_type": "kimi_k25", "hidden_size": 7168}),
+        ["encode", "--demo", "--video", "--model", "{m}", "--out", "{out}"], {},
+        ["{m}/config.json names model_type 'kimi_k25' (Kimi-K2.5 / K2.6) but has no vision_config"]),
+    "config_without_text_width": (
+        lambda d: _config_only(d / "model", {"model_type": "kimi_vl", "vision_config": {}}),
+        ["encode", "--demo", "--model", "{m}", "--out", "{out}"], {},
+        ["{m}/config.json has a vision_config but no text_config.hidden_size"]),
     "checkpoint_wrong_keys": (
         lambda d: _tiny_checkpoint(d / "model", mutate=_wrong_keys),
         ["encode", "--demo", "--model", "{m}", "--out", "{out}"], {},
@@ -172,17 +196,18 @@ CASES = {
     "video_with_kimi_vl_model": (
         lambda d: (_k25_with_frames(d), _tiny_checkpoint(d / "model"))[1],
         ["encode", "--video", "{d}/frames", "--model", "{m}", "--out", "{out}"], {},
-        ["--video needs a Kimi-K2.5 / K2.6 / K3 model (MoonViT3d)", "--model {m} is a Kimi-VL / MoonVit directory",
-         "images only"]),
+        ["--video needs a Kimi-K2.5 / K2.6 or Kimi-K3 / K3.1 model (MoonViT3d)",
+         "--model {m} holds Kimi-VL's encoder, which takes images only"]),
     "video_without_model": (
         lambda d: _k25_with_frames(d), ["encode", "--video", "{d}/frames", "--out", "{out}"], {},
-        ["--video needs a Kimi-K2.5 / K2.6 / K3 model", "without --model the random-weight model is Kimi-VL's"]),
+        ["--video needs a Kimi-K2.5 / K2.6 or Kimi-K3 / K3.1 model", "without --model the random-weight model is "
+         "Kimi-VL's"]),
     "video_without_path_or_demo": (
         lambda d: d, ["encode", "--video", "--out", "{out}"], {},
         ["--video needs a PATH", "--demo --video, with no PATH, encodes a built-in generated clip"]),
     "video_path_beside_the_demo_clip_without_model": (
         lambda d: _k25_with_frames(d), ["encode", "--demo", "--video", "--video", "{d}/frames", "--out", "{out}"], {},
-        ["--video PATH needs a Kimi-K2.5 / K2.6 / K3 --model DIR", "the built-in clip only"]),
+        ["--video PATH needs a Kimi-K2.5 / K2.6 or Kimi-K3 / K3.1 --model DIR", "the built-in clip only"]),
     "video_folder_empty": (
         lambda d: _k25_with_frames(d, frames=0), ["encode", "--video", "{d}/frames", "--model", "{m}", "--out", "{out}"],
         {}, ["--video {d}/frames: frame folder {d}/frames holds no frame images"]),
@@ -212,6 +237,10 @@ CASES = {
     "bench_kernels_unknown_kernel": (
         lambda d: d, ["bench", "kernels", "--smoke", "--kernels", "pos_embed,nope", "--out", "{d}"], {},
         ["fused-moonvit bench kernels: error: unknown kernel(s) ['nope']"]),
+    "bench_encoder_without_matplotlib": (
+        lambda d: d, ["bench", "encoder", "--smoke", "--out", "{d}"], {"TRIPWIRE_HIDE_MATPLOTLIB": "1"},
+        ['fused-moonvit bench encoder: error: the plot needs matplotlib: pip install -e ".[bench]" in the '
+         'fused-moonvit checkout']),
     "bench_encoder_iters": (
         lambda d: d, ["bench", "encoder", "--smoke", "--iters", "0", "--out", "{d}"], {},
         ["fused-moonvit bench encoder: error: argument --iters: must be >= 1, got 0"]),
@@ -232,6 +261,16 @@ CASES = {
          "leave --out out for a temporary directory"])
        for which in ("encoder", "kernels", "fallback")},
 }
+
+
+# The cases whose line says which models the encoder reads, and so must name every one of them (or every one
+# that takes video), as moonvit/families.py declares them.
+NAMES_THE_MODELS = {"model_dir_empty": FAMILIES.values(), "empty_config": FAMILIES.values(),
+                    "k25_config_without_vision_config": FAMILIES.values(),
+                    "config_without_text_width": FAMILIES.values(), "model_dir_missing": FAMILIES.values(),
+                    "model_dir_missing_for_a_video": video_families(), "video_with_kimi_vl_model": video_families(),
+                    "video_without_model": video_families(),
+                    "video_path_beside_the_demo_clip_without_model": video_families()}
 
 
 def _tree(root: Path) -> list[str]:
@@ -275,6 +314,13 @@ def test_one_line_error_before_any_work(results, name):
     assert "_int" not in line and "_device" not in line, "the message names no internal function"
     # Nothing was written: no output file, no partial file, not even inside a directory given as --out.
     assert _tree(Path(fill["d"])) == before
+
+
+@pytest.mark.parametrize("name", list(NAMES_THE_MODELS))
+def test_a_line_about_the_models_names_those_the_encoder_reads(results, name):
+    proc, _, _ = results[name]
+    for family in NAMES_THE_MODELS[name]:
+        assert family.title in proc.stderr, (family.title, proc.stderr)
 
 
 def test_wrong_keys_line_names_three_per_kind(results):
@@ -338,7 +384,8 @@ def test_offline_example_without_vllm(tmp_path, case):
                           text=True, timeout=300)
     prog = "python -m fused_moonvit.integration.example_offline: error: "
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.splitlines() == [prog + ("vLLM is not installed in this environment; install it with: "
-                                                "pip install 'fused-moonvit[vllm]'" if case == "no_vllm" else
+    no_vllm = ('vLLM is not installed in this environment; install it with: pip install -e ".[vllm]" in the '
+               'fused-moonvit checkout')
+    assert proc.stderr.splitlines() == [prog + (no_vllm if case == "no_vllm" else
                                                 f"--image {image}: no such image file")], proc.stderr
     assert proc.stdout == ""

@@ -191,3 +191,48 @@ def _tables_in(text: str) -> list[list[str]]:
             tables.append(current)
             current = []
     return tables
+
+
+def test_readme_lists_every_design_section():
+    """The README's "More" names each top-level section of the design notes, and no other."""
+    (entry,) = [item for item in _sections("README.md")["More"].split("\n- ") if "(docs/design.md)" in item]
+    listed = set()
+    for first, last in re.findall(r"sections? (\d+)(?: to (\d+))?", " ".join(entry.split())):
+        listed.update(range(int(first), int(last or first) + 1))
+    headings = re.findall(r"^## (\d+)\. ", (ROOT / "docs/design.md").read_text(), flags=re.M)
+    assert sorted(listed) == [int(n) for n in headings]
+
+
+def _repository_text_files():
+    """The repository's text files, .ci's included, without hidden folders and build outputs."""
+    for path in sorted(ROOT.rglob("*")):
+        parts = path.relative_to(ROOT).parts
+        hidden = any(p.startswith(".") and p != ".ci" for p in parts)
+        built = any(p in ("build", "__pycache__") or p.endswith(".egg-info") for p in parts)
+        if not hidden and not built and path.is_file() and path.suffix in (".py", ".md", ".toml", ".txt", ""):
+            yield path
+
+
+def test_install_commands_install_from_the_checkout():
+    """fused-moonvit is not on the package index: an extra is installed from the checkout with pip's -e,
+    never by the package's name, and each one named is declared in pyproject.toml."""
+    from importlib.metadata import metadata
+
+    extras = set(metadata("fused-moonvit").get_all("Provides-Extra"))
+    named = 0
+    for path in _repository_text_files():
+        text = path.read_text(errors="replace")
+        assert not re.search(r"fused-moonvit\[", text), path
+        for extra in re.findall(r"""pip install -e ["']\.\[([\w,]+)\]["']""", text):
+            named += 1
+            assert set(extra.split(",")) <= extras, (path, extra)
+    assert named >= 8
+
+
+def test_readme_names_every_extra():
+    """The README's paragraph on the extras names each one pyproject.toml declares."""
+    from importlib.metadata import metadata
+
+    intro = _sections("README.md")["Two commands"]
+    (paragraph,) = [p for p in intro.split("\n\n") if "not on the package index" in p]
+    assert set(re.findall(r"`(\w+)`", paragraph)) == set(metadata("fused-moonvit").get_all("Provides-Extra"))

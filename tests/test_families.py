@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from fused_moonvit.moonvit import MoonVitConfig
+from fused_moonvit.moonvit import MoonVitConfig, build_model
 from fused_moonvit.moonvit.checkpoint import PROJECTOR_PREFIXES
 from fused_moonvit.moonvit.families import FAMILIES, family_of, vllm_architectures
 from fused_moonvit.moonvit.modules import MoonVitModules
@@ -82,3 +82,35 @@ def test_vllm_declaration_names_the_installed_class(name):
     for arch in archs:
         assert vllm_architectures()[arch] is family
         assert ModelRegistry._try_load_model_cls(arch) is stock  # the plugin is not loaded in this process
+
+
+# --- build_model's family: random weights of a family's real-size architecture ------------------------------
+
+def test_build_model_family_without_a_directory():
+    from fused_moonvit.moonvit.config import moonvit3d_fields
+
+    with torch.device("meta"):  # the real sizes, laid out without memory
+        default = build_model(MoonVitModules, device="meta")
+        k25 = build_model(MoonVitModules, None, family="kimi-k25", device="meta")
+        k3 = build_model(MoonVitModules, family="kimi-k3", device="meta")
+    # Independently of the declarations: Kimi-VL-A3B's vision config, and Kimi-K2.5's (vLLM's MoonViT3d
+    # defaults, a 7168-wide text model).
+    assert default.config.to_dict() == MoonVitConfig().to_dict()
+    assert k25.config.to_dict() == MoonVitConfig(**moonvit3d_fields({}), text_hidden_size=7168).to_dict()
+    assert family_of(k3.config) is FAMILIES["kimi-k3"] and k3.config.norm_type == "rmsnorm"
+
+
+def test_build_model_family_checks_the_directory(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "kimi_k25", "vision_config": VISION_CONFIGS["kimi-k25"], "text_config": {"hidden_size": 24}}))
+    with pytest.raises(ValueError, match=f"{tmp_path} holds a Kimi-K2.5 / K2.6 model \\(its config.json\\), not "
+                                         f"family 'kimi-k3' \\(Kimi-K3 / K3.1\\)"):
+        build_model(MoonVitModules, tmp_path, family="kimi-k3")
+
+
+def test_build_model_family_mistakes():
+    with pytest.raises(ValueError, match="unknown model family 'kimi-k2.5'; the families are 'kimi-vl' \\(Kimi-VL\\), "
+                                         "'kimi-k25' \\(Kimi-K2.5 / K2.6\\), 'kimi-k3' \\(Kimi-K3 / K3.1\\)"):
+        build_model(MoonVitModules, family="kimi-k2.5")
+    with pytest.raises(ValueError, match="give family='kimi-k25' or config, not both"):
+        build_model(MoonVitModules, family="kimi-k25", config=MoonVitConfig())

@@ -195,6 +195,16 @@ def test_k25_defaults_without_processor_files(tmp_path, k25):
         assert (inputs.video.fps, inputs.frames_per_chunk, inputs.image.size.max_height) == (2, 4, 512)
 
 
+def test_k25_missing_directory_is_refused(tmp_path):
+    """A directory that is not there is a mistake (a typo), not a request for the defaults."""
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(FileNotFoundError, match=f"model directory '{tmp_path}/nope' does not exist; give the local "
+                                                f"directory of a Kimi-K2.5 / K2.6 or Kimi-K3 / K3.1 model, or None"):
+        KimiK25Inputs(tmp_path / "nope")
+    with pytest.raises(NotADirectoryError, match=f"model directory '{tmp_path}/a-file' is not a directory"):
+        KimiK25Inputs(str(tmp_path / "a-file"))
+
+
 def test_k25_settings_from_the_shipped_media_proc_cfg(tmp_path):
     cfg = json.loads(json.dumps(KIMI_K25_PREPROCESSOR_JSON))
     cfg["media_proc_cfg"].update(in_patch_limit=1000, patch_limit_on_one_side=20, in_patch_limit_each_frame=300,
