@@ -55,9 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(VLLM_MISSING)
 
     # Budgets count output tokens (a 448x448 image is 256); vLLM packs each step's images into the
-    # smallest that fits and runs larger batches eagerly.
+    # smallest that fits and runs larger batches eagerly. Dense, as vLLM 0.34's own grid is: a step pays
+    # the layers' GEMMs for its whole budget (0.33's default grid doubles).
     encoder_graphs = {"cudagraph_mm_encoder": True,
-                      "encoder_cudagraph_token_budgets": [256, 512, 1024, 2048, 4096, 8192],
+                      "encoder_cudagraph_token_budgets": [64, 128, 256, 384, 512, 640, 768, 1024, 1280, 1536, 2048,
+                                                          2560, 3072, 4096],
                       "encoder_cudagraph_max_vision_items_per_batch": 32}
     llm = LLM(
         model=args.model,
