@@ -44,12 +44,13 @@ class GluonAttentionConfig:
     """One launch's tiles: BLOCK_M query rows per program (64 per consumer warp group), BLOCK_N key rows per
     step, STAGES key/value buffers, OVERLAP the intra-warpgroup pipelining."""
 
+    # The defaults measured fastest on an H100 at one 16384-patch sequence (docs/design.md section 15).
     block_m: int = 128
     block_n: int = 128
     stages: int = 2
-    overlap: bool = True
+    overlap: bool = False
     # 1: one consumer partition of block_m / 16 warps; 2: two partitions of one warp group (64 rows) each.
-    groups: int = 1
+    groups: int = 2
     producer_regs: int = 24
     consumer_regs: int = 240
 

@@ -87,18 +87,15 @@ for heads, head_dim, fields in json.loads(sys.argv[1]):
                 "wgmma": "wgmma.mma_async" in ptx, "tma": "cp.async.bulk.tensor" in ptx, "setmaxnreg": "setmaxnreg" in ptx})
 print(json.dumps(out))
 """
-BUILDS = [
-    (16, 72, dict(block_m=128, block_n=128, stages=2, overlap=True, groups=2)),
-    (12, 128, dict(block_m=128, block_n=128, stages=2, overlap=True, groups=2)),
-    (4, 64, dict(block_m=128, block_n=64, stages=3, overlap=False, groups=1)),
-]
+# The default tiles (what the backend runs unless the table names others) at the three head dims.
+BUILDS = [(16, 72, {}), (12, 128, {}), (4, 64, {})]
 
 
 @needs_gluon
 def test_builds_for_sm90_without_spills():
     """Compiled for sm_90a by this machine's Triton (no GPU needed), at head dims 72, 128 and 64: the
-    asynchronous wgmma, TMA loads and per-partition register budgets are there, no array went to local
-    memory, and ptxas spilled at most a few scalars (a stack frame of 64 bytes or less)."""
+    asynchronous wgmma, TMA loads and per-partition register budgets are there, and nothing spills to local
+    memory (no stack frame either: the OVERLAP variants, which hold two score tiles, spill a few scalars)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", BUILD, json.dumps(BUILDS)], capture_output=True, text=True,
                           env=env, timeout=1800)
@@ -107,7 +104,7 @@ def test_builds_for_sm90_without_spills():
     assert len(builds) == len(BUILDS)
     for (heads, head_dim, fields), build in zip(BUILDS, builds):
         assert build["wgmma"] and build["tma"] and build["setmaxnreg"], (head_dim, fields, build)
-        assert build["resources"]["LOCAL"] == 0 and build["resources"]["STACK"] <= 64, (head_dim, fields, build)
+        assert build["resources"]["LOCAL"] == 0 and build["resources"]["STACK"] == 0, (head_dim, fields, build)
 
 
 @pytest.mark.gpu
