@@ -10,7 +10,7 @@ included, median of `--iters` after `--warmup`), the replay alone by the same ev
    16x448 (16384) through each runner configuration: "default" (`MoonVitGraphRunner(model)`:
    `default_budgets()`, 64 item slots), "ladder16" (that ladder, 16 slots), "exact16" (one graph of the
    set's budget, 16 slots: `bench encoder`'s fused graph row), "exact64" (one graph, 64 slots),
-   "octave4" and "octave8" (`octave_budgets(4)` and `(8)`, 64 slots), and "default" again last (drift).
+   "octave4" (`octave_budgets(4)`, the sparser octave ladder, 64 slots), and "default" again last (drift).
    Per configuration: capture time (kernels compiled beforehand), pool growth and graph count; per set:
    the whole call, its host time, the replay alone, the budgets replayed, the error against exact16.
 2. inputs: the default runner fed the pixels as users have them: bf16 on the GPU (part 1), fp32 on the
@@ -65,7 +65,6 @@ CONFIGS = {
     "exact16": (None, 16),
     "exact64": (None, 64),
     "octave4": ("octave4", 64),
-    "octave8": ("octave8", 64),
 }
 BASELINE = "exact16"
 PROFILED = ("default", "ladder16", "exact16", "exact64")
@@ -94,8 +93,7 @@ VLLM_TOKEN_LISTS = {
 def ladders(top: int) -> dict[str, list[int]]:
     from fused_moonvit.moonvit.runner import default_budgets, octave_budgets
 
-    return {"default": default_budgets(max_budget=top), "octave4": octave_budgets(4, max_budget=top),
-            "octave8": octave_budgets(8, max_budget=top)}
+    return {"default": default_budgets(max_budget=top), "octave4": octave_budgets(4, max_budget=top)}
 
 
 def release(cuda: bool) -> None:

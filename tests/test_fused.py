@@ -191,11 +191,13 @@ def test_concurrent_threads_get_their_own_images():
 
 
 def test_default_budgets():
+    """The default ladder is the 8-step octave ladder: every power of two (448 and 896 px images and 16 x 448
+    px fit exactly), 10% padding at most above 4096 patches."""
     ladder = default_budgets()
-    assert ladder[0] == 64 and ladder[-1] == 16384
-    assert all(b % 64 == 0 for b in ladder) and ladder == sorted(set(ladder))
-    assert all(hi <= 2 * lo for lo, hi in zip(ladder, ladder[1:]))
-    assert all(hi <= 1.25 * lo + 64 for lo, hi in zip(ladder, ladder[1:]) if lo >= 1024)
+    assert ladder == octave_budgets(8) and len(ladder) == 48
+    assert ladder[0] == 64 and ladder[-1] == 16384 and all(64 << k in ladder for k in range(9))
+    assert all(hi <= 1.1 * lo for lo, hi in zip(ladder, ladder[1:]) if lo >= 4096)
+    assert default_budgets(max_budget=4096, min_budget=128) == octave_budgets(8, 4096, 128)
 
 
 @pytest.mark.parametrize("steps", [1, 4, 8])
