@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from forked_cases import HANG_GUARD_S
 from moonvit_fixtures import kimi_vl_config_json, random_model, tiny_config, write_checkpoint
 from fused_moonvit.moonvit import build_model, preprocess_image, MoonVitConfig, MoonVitReference
 from fused_moonvit.benchmarks.bench_encoder import ROWS
@@ -58,7 +59,7 @@ def test_console_script_demo_random_weights(tmp_path):
     """The README's first command, at the real size with seeded random weights."""
     out = tmp_path / "demo.safetensors"
     proc = subprocess.run([sys.executable, "-m", "fused_moonvit.moonvit.cli", "encode", "--demo", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr
     assert "seeded random weights" in proc.stderr
     assert "no CUDA device (cpu)" in proc.stderr and "eager reference" in proc.stderr
@@ -134,7 +135,7 @@ def test_huge_image_is_encoded_without_pillows_warning(tmp_path, tiny_model_dir)
     out = tmp_path / "emb.safetensors"
     script = Path(sys.executable).with_name("fused-moonvit")
     proc = subprocess.run([str(script), "encode", str(tmp_path / "huge.png"), "--model", str(tiny_model_dir),
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+                           "--out", str(out)], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr
     assert "DecompressionBomb" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
     # 4096 patches' worth, as the processor scales it: sqrt(4096 / (1142 * 857)) of each side
@@ -164,7 +165,7 @@ def test_ctrl_c_mid_encode_exits_130_with_one_line_and_no_file(tmp_path):
     time.sleep(1.0)
     assert proc.poll() is None, "the encode ended before the interrupt"
     proc.send_signal(signal.SIGINT)
-    stdout, after = proc.communicate(timeout=120)
+    stdout, after = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == 130, "".join(before) + after
     assert "Traceback" not in after and "KeyboardInterrupt" not in after, after
     # Besides the progress bar's lines, the interrupt says one thing.
@@ -191,7 +192,7 @@ def test_bench_smoke_from_the_repository_root_leaves_the_committed_results(tmp_p
     assert "encoder.json" in before
     script = Path(sys.executable).with_name("fused-moonvit")
     proc = subprocess.run([str(script), "bench", *bench, "--smoke"], cwd=root, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "TMPDIR": str(tmp_path)})
+                          timeout=HANG_GUARD_S, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     assert _files(committed) == before
     (made,) = tmp_path.iterdir()

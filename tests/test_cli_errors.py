@@ -1,20 +1,21 @@
 """A user's mistakes, as the command line meets them: each is one line on stderr that names the bad value,
 exit status 2, no traceback, and nothing built or written first.
 
-Every case runs the CLI in its own interpreter. Starting one costs seconds (torch and transformers are
-imported), so the module starts them all at once and each test reads its own result.
+Every case runs the CLI in a process of its own. Importing the CLI costs seconds (torch and transformers),
+so the cases are forked, one after another, from one interpreter that has imported it (forked_cases.py), and
+each test reads its own result.
 """
 
 import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
+from forked_cases import HANG_GUARD_S, run_cases
 from moonvit_fixtures import (KIMI_K25_PREPROCESSOR_JSON, kimi_k25_config_json, kimi_vl_config_json, random_model,
                               tiny_config, tiny_k25_config, write_checkpoint, write_k25_checkpoint)
 from fused_moonvit.benchmarks import outdir
@@ -24,7 +25,8 @@ from fused_moonvit.moonvit.families import FAMILIES, video_families
 COMMITTED_RESULTS = Path(outdir.__file__).parent / "results"
 
 # The CLI's own main, with building a model turned into a failure that says so: every mistake here must
-# be caught before that point.
+# be caught before that point. The cases are forked after TRIPWIRE_PRELUDE, which imports no PyAV.
+TRIPWIRE_PRELUDE = "from fused_moonvit.moonvit import cli, loading"
 TRIPWIRE = """
 import os
 import sys
@@ -277,9 +279,9 @@ def _tree(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
-def _run(args, env):
-    return subprocess.run([sys.executable, "-c", TRIPWIRE, *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env})
+# --debug's cases run with the mistakes' cases: a model directory that does not exist, the flag or the variable.
+DEBUG_CASES = {f"debug_{how}": ["encode", "--demo", "--model", "{d}/nope", *extra]
+               for how, extra in (("env", []), ("flag", ["--debug"]))}
 
 
 @pytest.fixture(scope="module")
@@ -290,9 +292,13 @@ def results(tmp_path_factory):
         case_dir = tmp_path_factory.mktemp(name)
         fill = {"d": str(case_dir), "m": str(setup(case_dir)), "out": str(case_dir / "out.safetensors")}
         prepared[name] = ([a.format(**fill) for a in args], env, fill, _tree(case_dir))
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-        futures = {name: pool.submit(_run, args, env) for name, (args, env, _, _) in prepared.items()}
-        return {name: (futures[name].result(), before, fill) for name, (_, _, fill, before) in prepared.items()}
+    for name, args in DEBUG_CASES.items():
+        case_dir = tmp_path_factory.mktemp(name)
+        fill = {"d": str(case_dir)}
+        env = {"FUSED_MOONVIT_DEBUG": "1"} if name == "debug_env" else {}
+        prepared[name] = ([a.format(**fill) for a in args], env, fill, _tree(case_dir))
+    procs = run_cases(TRIPWIRE_PRELUDE, TRIPWIRE, {name: (args, env) for name, (args, env, _, _) in prepared.items()})
+    return {name: (procs[name], before, fill) for name, (_, _, fill, before) in prepared.items()}
 
 
 def assert_one_line_error(proc, needles):
@@ -330,18 +336,17 @@ def test_wrong_keys_line_names_three_per_kind(results):
 
 
 @pytest.mark.parametrize("how", ["env", "flag"])
-def test_debug_shows_the_traceback(tmp_path, how):
-    args = ["encode", "--demo", "--model", str(tmp_path / "nope")]
-    proc = _run([*args, "--debug"], {}) if how == "flag" else _run(args, {"FUSED_MOONVIT_DEBUG": "1"})
+def test_debug_shows_the_traceback(results, how):
+    proc, _, fill = results[f"debug_{how}"]
     assert proc.returncode == 1
-    assert "Traceback" in proc.stderr and f"UsageError: --model {tmp_path / 'nope'} does not exist" in proc.stderr
+    assert "Traceback" in proc.stderr and f"UsageError: --model {fill['d']}/nope does not exist" in proc.stderr
 
 
 def test_version_from_the_package_metadata():
     from importlib.metadata import version
 
     script = Path(sys.executable).with_name("fused-moonvit")
-    proc = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"fused-moonvit {version('fused-moonvit')}"
 
@@ -381,7 +386,7 @@ def test_offline_example_without_vllm(tmp_path, case):
     if case == "no_vllm":
         Image.new("RGB", (28, 28)).save(image)
     proc = subprocess.run([sys.executable, "-c", WITHOUT_VLLM, "--image", str(image)], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=HANG_GUARD_S)
     prog = "python -m fused_moonvit.integration.example_offline: error: "
     assert proc.returncode == 2, proc.stderr
     no_vllm = ('vLLM is not installed in this environment; install it with: pip install -e ".[vllm]" in the '

@@ -116,9 +116,12 @@ def test_importing_the_reference_leaves_triton_alone():
     import subprocess
     import sys
 
+    from forked_cases import HANG_GUARD_S
+
     code = ("import sys, fused_moonvit.moonvit as m, fused_moonvit.kernels as k; m.MoonVitReference; "
             "k.MAX_GRID_SIDE; print('triton' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            timeout=HANG_GUARD_S)
     assert result.stdout.strip() == "False"
 
 

@@ -1,19 +1,20 @@
 """The `vllm.general_plugins` entry point, through the installed vLLM's (0.33.0 or 0.34.0) own plugin loader and
 model registry.
 
-Each case runs in a fresh interpreter: plugin loading and model registration are process-wide state in
-vLLM, and the switches under test are environment variables read at load time.
+Each case runs in a process of its own: plugin loading and model registration are process-wide state in
+vLLM, and the switches under test are environment variables read at load time. The cases are forked, one
+after another, from one interpreter that has imported vLLM and loaded no plugin (forked_cases.py): importing
+vLLM is most of a case's time.
 """
 
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from importlib.metadata import entry_points
 
 import pytest
 
+from forked_cases import run_cases
 from moonvit_fixtures import K3_OPTIONS, tiny_config
 from vllm_peer import write_tiny_kimi_k3_dir, write_tiny_kimi_k25_dir, write_tiny_kimi_vl_dir
 
@@ -31,6 +32,15 @@ LOG_MARK = "fused-moonvit:"
 HAS_K25 = importlib.util.find_spec("vllm.model_executor.models.kimi_k25") is not None
 # Kimi-K3: vLLM 0.33.0 registers KimiK3ForConditionalGeneration, 0.34.0 K3.1 as well (one class). Which
 # names this vLLM knows is read from its registry in the probe; the plugin must swap exactly those.
+
+# Imported once for all cases: what PROBE imports before it loads the plugins, and vLLM's own Kimi model
+# modules, which resolving an architecture imports, stock or ours (seconds each). Nothing of ours.
+PRELUDE = """
+from vllm import ModelRegistry
+from vllm.config import LoggingConfig
+from vllm.logger import configure_logging
+from vllm.plugins import load_general_plugins
+"""
 
 PROBE = r"""
 import json, sys
@@ -101,28 +111,22 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def probes(model_dirs):
-    """Runs every case's probe at once (each spends most of its time importing vLLM)."""
-    running = {}
+    cases = {}
     for name, (env, args) in CASES.items():
-        full_env = {k: v for k, v in os.environ.items() if k not in ("VLLM_PLUGINS", "FUSED_MOONVIT_DISABLE")}
-        full_env.update(env, VLLM_TARGET_DEVICE="cpu")
         args = args + (["--k25"] if HAS_K25 else [])
         if name == "default":
             args = args + ["--model-dirs", *map(str, model_dirs)]
-        running[name] = subprocess.Popen([sys.executable, "-c", PROBE, *args], env=full_env, text=True,
-                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        cases[name] = (args, env)
+    # The switches only where a case sets them.
+    base = {k: v for k, v in os.environ.items() if k not in ("VLLM_PLUGINS", "FUSED_MOONVIT_DISABLE")}
+    stock = [STOCK] + ([STOCK_K25] if HAS_K25 else []) + ([STOCK_K3] if known_k3_archs() else [])
+    prelude = PRELUDE + "".join(f"import {name.split(':')[0]}\n" for name in stock)
     results = {}
-    try:
-        for name, proc in running.items():
-            out, _ = proc.communicate(timeout=300)
-            assert proc.returncode == 0, f"{name} probe failed:\n{out}"
-            line = next(l for l in out.splitlines() if l.startswith("PROBE "))
-            results[name] = (json.loads(line[len("PROBE "):]), [l for l in out.splitlines() if LOG_MARK in l])
-    finally:
-        for proc in running.values():  # a failed or timed-out probe must not leave the others running
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    for name, proc in run_cases(prelude, PROBE, cases, env=base | {"VLLM_TARGET_DEVICE": "cpu"}).items():
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"{name} probe failed:\n{out}"
+        line = next(l for l in out.splitlines() if l.startswith("PROBE "))
+        results[name] = (json.loads(line[len("PROBE "):]), [l for l in out.splitlines() if LOG_MARK in l])
     return results
 
 

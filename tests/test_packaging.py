@@ -6,6 +6,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from forked_cases import HANG_GUARD_S
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -13,7 +15,8 @@ def test_wheel_holds_only_fused_moonvit(tmp_path):
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", ".venv"))
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+                           "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True,
+                          timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("fused_moonvit-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

@@ -5,6 +5,11 @@ that mix them.
 
 vLLM builds its fixed time table in numpy and we in torch; the two differ by an fp32 ulp (under 5e-7),
 which is far below the bound.
+
+Without a GPU, vLLM's tower rotates q and k with its PyTorch path, which vLLM runs where there is no
+Triton: its Triton kernel under the interpreter (a program per 4 tokens per head) took most of this
+module's time. vLLM's kernel matches that path to an ulp; test_fp32_parity_with_vllms_triton_rope holds
+ours to the kernel on one item set.
 """
 
 import pytest
@@ -29,6 +34,18 @@ ITEM_SETS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def stock_rope_without_triton():
+    if torch.cuda.is_available():
+        yield
+        return
+    from vllm.model_executor.models import kimi_k25_vit
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(kimi_k25_vit, "HAS_TRITON", False)
+        yield
+
+
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def models(request):
     cfg = tiny_k25_config(**CONFIGS[request.param])
@@ -40,6 +57,18 @@ def models(request):
 
 @pytest.mark.parametrize("item_set", sorted(ITEM_SETS))
 def test_fp32_parity(models, item_set):
+    _assert_fp32_parity(models, item_set)
+
+
+def test_fp32_parity_with_vllms_triton_rope(models, monkeypatch):
+    """vLLM's Triton kernel for q and k, as on a GPU (the interpreter runs it on the CPU)."""
+    from vllm.model_executor.models import kimi_k25_vit
+
+    monkeypatch.setattr(kimi_k25_vit, "HAS_TRITON", True)
+    _assert_fp32_parity(models, "chunks_2_3")
+
+
+def _assert_fp32_parity(models, item_set):
     ref, fused, peer = models
     items = ITEM_SETS[item_set]
     pix = random_pixels(items, seed=sorted(ITEM_SETS).index(item_set))
