@@ -180,11 +180,9 @@ class MoonVitGraphRunner:
 
     def _release_buffers(self) -> None:
         if self.uses_graphs:
-            # One event, recorded again by every call: a stream that waits on it waits for its latest record,
-            # the last replay, and a wait already queued keeps the record it was queued with.
-            if self._buffers_released is None:
-                self._buffers_released = torch.cuda.Event()
-            self._buffers_released.record(torch.cuda.current_stream(self.device))
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self._buffers_released = event
 
     def graph_memory(self) -> dict[int, int]:
         """Bytes the shared pool grew by when each budget's graph was captured."""
