@@ -141,6 +141,45 @@ if gluon is not None:
         return acc
 
     @gluon.jit
+    def _online_softmax(sc, m_i, l_i, qk_scale, cols, keep, masked):
+        # One step of the online softmax over a score tile: the row maximum kept in log2 units of the scaled
+        # scores (one multiply-add a score before exp2); `masked` drops the columns from `keep` on, where the
+        # sequence's last tile runs past its end. Returns P, the new maximum and sum, and the rescale factor.
+        if masked:
+            sc = gl.where((cols < keep)[None, :], sc, -float("inf"))
+        m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(sc * qk_scale - m_new[:, None])
+        return p, m_new, l_i * alpha + gl.sum(p, 1), alpha
+
+    @gluon.jit
+    def _issue_values(p, acc, acc_t, v_main, v_tail, s, p_layout: gl.constexpr, pt_layout: gl.constexpr,
+                      BLOCK_N: gl.constexpr, D_MAIN: gl.constexpr, TAIL: gl.constexpr, HAS_TAIL: gl.constexpr):
+        # P.V of value buffer s, issued (not waited for); P goes to the tensor cores from registers.
+        p16 = p.to(v_main.dtype)
+        acc = warpgroup_mma(gl.convert_layout(p16, p_layout), v_main.index(s).reshape([BLOCK_N, D_MAIN]), acc,
+                            is_async=True)
+        if HAS_TAIL:
+            acc_t = warpgroup_mma(gl.convert_layout(p16, pt_layout), v_tail.index(s).reshape([BLOCK_N, TAIL]),
+                                  acc_t, is_async=True)
+        return acc, acc_t
+
+    @gluon.jit
+    def _wait_values(acc, acc_t, HAS_TAIL: gl.constexpr):
+        if HAS_TAIL:
+            acc, acc_t = warpgroup_mma_wait(0, deps=(acc, acc_t))
+        else:
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+        return acc, acc_t
+
+    @gluon.jit
+    def _rescale(acc, acc_t, alpha, row_o: gl.constexpr, row_t: gl.constexpr, HAS_TAIL: gl.constexpr):
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        if HAS_TAIL:
+            acc_t = acc_t * gl.convert_layout(alpha, row_t)[:, None]
+        return acc, acc_t
+
+    @gluon.jit
     def _zero_value_rows(v_main, v_tail, s, keep, BLOCK_N: gl.constexpr, D_MAIN: gl.constexpr,
                          TAIL: gl.constexpr, HAS_TAIL: gl.constexpr, num_warps: gl.constexpr):
         # Value rows [keep, BLOCK_N) of buffer s belong to the next sequence (or past the tensor): zero them
@@ -197,6 +236,7 @@ if gluon is not None:
                 sc = warpgroup_mma_wait(0, deps=(sc,))
                 if last == 0:
                     sc = gl.where((cols < last_keep)[None, :], sc, -float("inf"))
+                # The first tile: nothing to rescale yet.
                 m_i = gl.max(sc, 1) * qk_scale
                 p = gl.exp2(sc * qk_scale - m_i[:, None])
                 l_i = gl.sum(p, 1)
@@ -206,43 +246,21 @@ if gluon is not None:
                     mbarrier.wait(k_full.index(s), (j // STAGES) & 1)
                     sc = _scores(qm, qt, k_main, k_tail, s, s_layout, BLOCK_M, BLOCK_N, D_MAIN, TAIL, HAS_TAIL)
                     mbarrier.wait(v_full.index(prev), ((j - 1) // STAGES) & 1)
-                    p16 = p.to(dtype)
-                    acc = warpgroup_mma(gl.convert_layout(p16, p_layout),
-                                        v_main.index(prev).reshape([BLOCK_N, D_MAIN]), acc, is_async=True)
-                    if HAS_TAIL:
-                        acc_t = warpgroup_mma(gl.convert_layout(p16, pt_layout),
-                                              v_tail.index(prev).reshape([BLOCK_N, TAIL]), acc_t, is_async=True)
-                        sc = warpgroup_mma_wait(2, deps=(sc,))
-                    else:
-                        sc = warpgroup_mma_wait(1, deps=(sc,))
-                    if j == last:
-                        sc = gl.where((cols < last_keep)[None, :], sc, -float("inf"))
-                    m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)
-                    alpha = gl.exp2(m_i - m_new)
-                    p = gl.exp2(sc * qk_scale - m_new[:, None])
-                    l_i = l_i * alpha + gl.sum(p, 1)
-                    m_i = m_new
-                    if HAS_TAIL:
-                        acc, acc_t = warpgroup_mma_wait(0, deps=(acc, acc_t))
-                    else:
-                        acc = warpgroup_mma_wait(0, deps=(acc,))
+                    acc, acc_t = _issue_values(p, acc, acc_t, v_main, v_tail, prev, p_layout, pt_layout, BLOCK_N,
+                                               D_MAIN, TAIL, HAS_TAIL)
+                    # Wait for QK^T only: P.V (one or two groups, issued after it) stays in flight.
+                    sc = warpgroup_mma_wait(2 if HAS_TAIL else 1, deps=(sc,))
+                    p, m_i, l_i, alpha = _online_softmax(sc, m_i, l_i, qk_scale, cols, last_keep, j == last)
+                    acc, acc_t = _wait_values(acc, acc_t, HAS_TAIL)
                     mbarrier.arrive(kv_empty.index(prev))
-                    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-                    if HAS_TAIL:
-                        acc_t = acc_t * gl.convert_layout(alpha, row_t)[:, None]
+                    acc, acc_t = _rescale(acc, acc_t, alpha, row_o, row_t, HAS_TAIL)
                 s = last % STAGES
                 mbarrier.wait(v_full.index(s), (last // STAGES) & 1)
                 if last_keep < BLOCK_N:
                     _zero_value_rows(v_main, v_tail, s, last_keep, BLOCK_N, D_MAIN, TAIL, HAS_TAIL, num_warps)
-                p16 = p.to(dtype)
-                acc = warpgroup_mma(gl.convert_layout(p16, p_layout), v_main.index(s).reshape([BLOCK_N, D_MAIN]),
-                                    acc, is_async=True)
-                if HAS_TAIL:
-                    acc_t = warpgroup_mma(gl.convert_layout(p16, pt_layout),
-                                          v_tail.index(s).reshape([BLOCK_N, TAIL]), acc_t, is_async=True)
-                    acc, acc_t = warpgroup_mma_wait(0, deps=(acc, acc_t))
-                else:
-                    acc = warpgroup_mma_wait(0, deps=(acc,))
+                acc, acc_t = _issue_values(p, acc, acc_t, v_main, v_tail, s, p_layout, pt_layout, BLOCK_N, D_MAIN,
+                                           TAIL, HAS_TAIL)
+                acc, acc_t = _wait_values(acc, acc_t, HAS_TAIL)
                 mbarrier.arrive(kv_empty.index(s))
             else:
                 for j in range(n_tiles):
@@ -251,30 +269,16 @@ if gluon is not None:
                     mbarrier.wait(k_full.index(s), phase)
                     sc = _scores(qm, qt, k_main, k_tail, s, s_layout, BLOCK_M, BLOCK_N, D_MAIN, TAIL, HAS_TAIL)
                     sc = warpgroup_mma_wait(0, deps=(sc,))
-                    if j == last:
-                        sc = gl.where((cols < last_keep)[None, :], sc, -float("inf"))
-                    m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)
-                    alpha = gl.exp2(m_i - m_new)
-                    p = gl.exp2(sc * qk_scale - m_new[:, None])
-                    l_i = l_i * alpha + gl.sum(p, 1)
-                    m_i = m_new
-                    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-                    if HAS_TAIL:
-                        acc_t = acc_t * gl.convert_layout(alpha, row_t)[:, None]
+                    p, m_i, l_i, alpha = _online_softmax(sc, m_i, l_i, qk_scale, cols, last_keep, j == last)
+                    acc, acc_t = _rescale(acc, acc_t, alpha, row_o, row_t, HAS_TAIL)
                     mbarrier.wait(v_full.index(s), phase)
                     if j == last:
                         if last_keep < BLOCK_N:
                             _zero_value_rows(v_main, v_tail, s, last_keep, BLOCK_N, D_MAIN, TAIL, HAS_TAIL,
                                              num_warps)
-                    p16 = p.to(dtype)
-                    acc = warpgroup_mma(gl.convert_layout(p16, p_layout),
-                                        v_main.index(s).reshape([BLOCK_N, D_MAIN]), acc, is_async=True)
-                    if HAS_TAIL:
-                        acc_t = warpgroup_mma(gl.convert_layout(p16, pt_layout),
-                                              v_tail.index(s).reshape([BLOCK_N, TAIL]), acc_t, is_async=True)
-                        acc, acc_t = warpgroup_mma_wait(0, deps=(acc, acc_t))
-                    else:
-                        acc = warpgroup_mma_wait(0, deps=(acc,))
+                    acc, acc_t = _issue_values(p, acc, acc_t, v_main, v_tail, s, p_layout, pt_layout, BLOCK_N,
+                                               D_MAIN, TAIL, HAS_TAIL)
+                    acc, acc_t = _wait_values(acc, acc_t, HAS_TAIL)
                     mbarrier.arrive(kv_empty.index(s))
         # Live rows have at least their own key, so l >= 1; the padding sequence (n_tiles == 0) stores zeros.
         inv = gl.where(l_i > 0, 1.0 / l_i, gl.zeros_like(l_i))
