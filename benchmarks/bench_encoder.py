@@ -41,7 +41,7 @@ from fused_moonvit.benchmarks.common import SMOKE_CONFIG, add_run_arguments, mea
 from fused_moonvit.benchmarks.flops import encoder_flops, encoder_flops_breakdown
 from fused_moonvit.benchmarks.image_sets import budgeted_sets, measured_sets
 from fused_moonvit.benchmarks.image_sets import patches as image_patches
-from fused_moonvit.benchmarks.outdir import add_out_argument, check_out, out_dir
+from fused_moonvit.benchmarks.outdir import add_out_argument, out_dir, parse_benchmark_args
 from fused_moonvit.moonvit.arguments import DTYPES, OneLineParser
 from fused_moonvit.moonvit.config import MoonVitConfig
 from fused_moonvit.moonvit.families import FAMILIES
@@ -230,12 +230,8 @@ def _plot(results: list[dict], path: str, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    check_out(args, parser)
+    args, argv = parse_benchmark_args(parser, argv)
     cuda = not args.smoke
-    if cuda and not torch.cuda.is_available():
-        parser.error("the encoder benchmark needs a CUDA device; --smoke checks the script on the CPU")
     dtype = DTYPES[args.dtype or ("float32" if args.smoke else "bfloat16")]
     if cuda and dtype == torch.float32:
         parser.error("varlen attention (FlashAttention) runs in bfloat16 or float16 only")

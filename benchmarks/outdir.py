@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 
 from fused_moonvit.moonvit.arguments import output_dir
@@ -32,6 +33,19 @@ def check_out(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     if getattr(args, "smoke", False) and args.out is not None and is_committed_results(args.out):
         parser.error(f"--out {args.out} is the committed results folder, which a --smoke run (its figures "
                      f"mean nothing) never writes into; leave --out out for a temporary directory, or give another")
+
+
+def parse_benchmark_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The arguments of a benchmark with --smoke and --out, and the argv they came from (for the command a
+    result file records): --out checked, and a run without --smoke refused where there is no CUDA device."""
+    import torch
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    check_out(args, parser)
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("this benchmark needs a CUDA device; --smoke checks the script on the CPU")
+    return args, argv
 
 
 def out_dir(args: argparse.Namespace) -> str:

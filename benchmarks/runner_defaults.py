@@ -40,7 +40,6 @@ import os
 import platform
 import shlex
 import statistics
-import sys
 import time
 from collections import defaultdict
 
@@ -49,7 +48,7 @@ import torch
 from fused_moonvit.benchmarks.common import SMOKE_CONFIG, add_run_arguments, measure, versions
 from fused_moonvit.benchmarks.image_sets import patches as set_patches
 from fused_moonvit.benchmarks.image_sets import round_budget
-from fused_moonvit.benchmarks.outdir import add_out_argument, check_out, out_dir
+from fused_moonvit.benchmarks.outdir import add_out_argument, out_dir, parse_benchmark_args
 from fused_moonvit.moonvit.arguments import OneLineParser, positive_int
 from fused_moonvit.moonvit.config import MoonVitConfig
 from fused_moonvit.moonvit.families import FAMILIES
@@ -240,12 +239,8 @@ def build_parser() -> OneLineParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    check_out(args, parser)
+    args, argv = parse_benchmark_args(parser, argv)
     cuda = not args.smoke
-    if cuda and not torch.cuda.is_available():
-        parser.error("this benchmark needs a CUDA device; --smoke checks the script on the CPU")
     if args.warmup < 0:
         parser.error(f"argument --warmup: must be >= 0, got {args.warmup}")
     if not cuda:
