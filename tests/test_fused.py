@@ -101,12 +101,12 @@ def test_flash_attention_backend_on_the_cpu(monkeypatch):
         assert choose_attention(64, "cpu", 72, model.attention_backend).backend == "fa2"
         assert rel_err(model.eval()(pix, torch.tensor(grids)), want) <= 1e-5
     monkeypatch.setenv(ATTENTION_ENV, "flash3")
-    with pytest.raises(ValueError, match="FUSED_MOONVIT_ATTENTION must be one of triton, fa3, fa2, got 'flash3'"):
+    with pytest.raises(ValueError, match="FUSED_MOONVIT_ATTENTION must be one of triton, gluon, fa3, fa2, got 'flash3'"):
         FusedMoonVit(ref.config)
-    with pytest.raises(ValueError, match="FUSED_MOONVIT_ATTENTION must be one of triton, fa3, fa2, got 'flash3'"):
+    with pytest.raises(ValueError, match="FUSED_MOONVIT_ATTENTION must be one of triton, gluon, fa3, fa2, got 'flash3'"):
         MoonVitGraphRunner(fused, budgets=[64])
     monkeypatch.delenv(ATTENTION_ENV)
-    with pytest.raises(ValueError, match="backend must be one of triton, fa3, fa2, got 'flash'"):
+    with pytest.raises(ValueError, match="backend must be one of triton, gluon, fa3, fa2, got 'flash'"):
         FusedMoonVit(ref.config, attention_backend="flash")
 
 
