@@ -3,7 +3,8 @@
 Gluon (`triton.experimental.gluon`) is experimental and its names move between releases: Triton 3.6
 (the GPU machine's) names the TMA load `tma.async_copy_global_to_shared` and the CTA barrier
 `gl.thread_barrier`; 3.8 (what vLLM 0.33 / 0.34 install, with torch 2.14) adds `tma.async_load`, keeping
-the old name as an alias, and renames the barrier `gl.barrier`; later releases drop the alias. Everything version-dependent is decided here, so the kernel module has no version checks.
+the old name as an alias, and renames the barrier `gl.barrier`; later releases drop the alias. Everything
+version-dependent is decided here, so the kernel module has no version checks.
 
 `GLUON_MISSING` is None where everything imported, else why not (said, never raised, so the attention
 choice can skip the backend with its reason).

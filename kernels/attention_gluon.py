@@ -14,7 +14,7 @@ How the work is laid out, and why:
 - One program per (query tile of one sequence, head), found from cu_seqlens alone, as the Triton kernel
   does. Its producer warp loads the query tile once and streams the sequence's key and value tiles
   through a ring of STAGES shared-memory buffers (full and empty mbarriers); its consumer warp groups
-  (num_warps / 4 of them, 64 query rows each) compute QK^T and P.V on the tensor cores asynchronously.
+  (BLOCK_M / 64 of them, 64 query rows each) compute QK^T and P.V on the tensor cores asynchronously.
 - OVERLAP issues the next tile's QK^T and this tile's P.V before the softmax that sits between them, so
   the softmax runs while the tensor cores work (FlashAttention-3's intra-warpgroup pipelining).
 - Key rows past the sequence's end (only its last key tile reaches them) are masked out of the scores,
@@ -55,8 +55,9 @@ class GluonAttentionConfig:
     consumer_regs: int = 240
 
     def __post_init__(self):
-        if check_int("GluonAttentionConfig.block_m", self.block_m, 64) not in (64, 128, 192, 256):
-            raise ValueError(f"GluonAttentionConfig.block_m must be 64, 128, 192 or 256 (64 rows per warp group), "
+        # One or two consumer warp groups of 64 rows: more would not get the registers a group needs.
+        if check_int("GluonAttentionConfig.block_m", self.block_m, 64) not in (64, 128):
+            raise ValueError(f"GluonAttentionConfig.block_m must be 64 or 128 (64 rows per warp group), "
                              f"got {self.block_m}")
         # Gluon's tensors have power-of-two sides; 256 keys of scores would not fit the registers.
         if check_int("GluonAttentionConfig.block_n", self.block_n, 16) not in (32, 64, 128):

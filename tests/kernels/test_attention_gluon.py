@@ -41,7 +41,8 @@ def test_unavailable_off_hopper_says_why(device):
 
 
 @pytest.mark.parametrize("fields,bad", [
-    (dict(block_m=96), "block_m"), (dict(block_m=32), "block_m"), (dict(block_n=48), "block_n"),
+    (dict(block_m=96), "block_m"), (dict(block_m=32), "block_m"), (dict(block_m=256), "block_m"),
+    (dict(block_n=48), "block_n"),
     (dict(block_n=256), "block_n"), (dict(block_n=96), "block_n"), (dict(stages=0), "stages"), (dict(groups=3), "groups"),
     (dict(block_m=64, groups=2), "groups"), (dict(producer_regs=8), "producer_regs"),
 ])
