@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import torch
 
-from fused_moonvit.benchmarks.common import SMOKE_CONFIG, add_run_arguments, measure, versions
+from fused_moonvit.benchmarks.common import SMOKE_CONFIG, add_run_arguments, measure, rel_err, versions
 from fused_moonvit.benchmarks.flops import encoder_flops, encoder_flops_breakdown
 from fused_moonvit.benchmarks.image_sets import budgeted_sets, measured_sets
 from fused_moonvit.benchmarks.image_sets import patches as image_patches
@@ -72,13 +72,6 @@ SMOKE_VIDEO_SETS = {"video-mix": [(1, 4, 6), (4, 4, 4), (2, 6, 2)]}
 
 # The towers --model picks, at their real sizes: each family's benchmark configuration.
 MODELS = {name: dict(family.benchmark) for name, family in FAMILIES.items()}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    if out.shape != ref.shape:
-        raise RuntimeError(f"output shape {tuple(out.shape)} differs from the reference's {tuple(ref.shape)}")
-    ref = ref.double()
-    return ((out.double() - ref).norm() / ref.norm()).item()
 
 
 def vllm_call(host_graph, eager, pixels: torch.Tensor, grids: list) -> Callable[[], torch.Tensor]:

@@ -87,6 +87,14 @@ def graph_time_us(fn: Callable[[], object], *, calls: int = 1, flush_l2: bool = 
     return statistics.median(times)
 
 
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, in fp64; outputs of another shape than the reference's are refused."""
+    if out.shape != ref.shape:
+        raise RuntimeError(f"output shape {tuple(out.shape)} differs from the reference's {tuple(ref.shape)}")
+    ref = ref.double()
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
 def versions() -> dict[str, str | None]:
     try:
         import triton

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from fused_moonvit.benchmarks.common import graph_time_us
+from fused_moonvit.benchmarks.common import graph_time_us, rel_err
 from fused_moonvit.kernels import build_plan, new_device_plan, plan_cu_seqlens, upload_plan
 from fused_moonvit.kernels.attention import AttentionConfig, varlen_attention_reference
 from fused_moonvit.kernels.attention_gluon import GluonAttentionConfig, gluon_attention_fwd
@@ -39,10 +39,6 @@ def plan_cu(items, budget, dev, slots=64):
     return cu, sum(t * h * w for t, h, w in items)
 
 
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 def check(cis):
     allrows = {ci: [] for ci in cis}
     for heads, hd in ((16, 72), (12, 128), (4, 64)):
@@ -55,7 +51,7 @@ def check(cis):
             fa3 = None
             if backend_available("fa3", dev) and hd != 64:
                 o3 = packed_attention(qkv.clone(), cu, heads, hd, budget, AttentionChoice("fa3"))
-                fa3 = rel(o3[:valid], ref[:valid])
+                fa3 = rel_err(o3[:valid], ref[:valid])
             for ci in cis:
                 cfg = GluonAttentionConfig(**CONFIGS[ci])
                 out = torch.full((budget, heads * hd), float("nan"), dtype=torch.bfloat16, device=dev)
@@ -65,7 +61,7 @@ def check(cis):
                     torch.cuda.synchronize()
                 except Exception as exc:
                     print(f"cfg{ci} hd{hd} failed: {exc!r}"[:400], flush=True); continue
-                e = rel(out[:valid], ref[:valid])
+                e = rel_err(out[:valid], ref[:valid])
                 pad_ok = bool(out[valid:].eq(0).all())
                 allrows[ci].append(dict(heads=heads, hd=hd, budget=budget, items=len(items), err=e, fa3_err=fa3,
                                         pad_zero=pad_ok, nan=bool(out[:valid].isnan().any()), s=round(time.time() - t0, 1)))

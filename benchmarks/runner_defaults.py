@@ -45,7 +45,7 @@ from collections import defaultdict
 
 import torch
 
-from fused_moonvit.benchmarks.common import SMOKE_CONFIG, add_run_arguments, measure, versions
+from fused_moonvit.benchmarks.common import SMOKE_CONFIG, add_run_arguments, measure, rel_err, versions
 from fused_moonvit.benchmarks.image_sets import patches as set_patches
 from fused_moonvit.benchmarks.image_sets import round_budget
 from fused_moonvit.benchmarks.outdir import add_out_argument, out_dir, parse_benchmark_args
@@ -136,11 +136,6 @@ def time_call(runner, pixels, grid, timing: dict) -> tuple[dict, torch.Tensor]:
         replay = measure(runner.graphs[chunks[0][2]].replay, **timing)
         row.update(replay_ms=replay["ms"], replay_ms_min=replay["ms_min"], call_minus_replay_ms=call["ms"] - replay["ms"])
     return row, out
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.double()
-    return ((out.double() - ref).norm() / ref.norm()).item()
 
 
 def kernel_profile(fn, calls: int, fallback=None) -> dict:
