@@ -97,6 +97,16 @@ def _caller_level() -> int:
     return level
 
 
+def _tell(texts: list[str], notes: list[str] | None, name: str) -> None:
+    """Appends `texts` to `notes`, or without `notes` warns each as an `ImageNote` naming `name`, at the
+    caller's line."""
+    if notes is not None:
+        notes.extend(texts)
+    else:
+        for text in texts:
+            warnings.warn(f"{name}: {text}", ImageNote, stacklevel=_caller_level())
+
+
 def load_image(image: Image.Image | str | os.PathLike, notes: list[str] | None = None) -> Image.Image:
     """An image (PIL or path) as vLLM hands it to a model's processor, for every path of this package.
 
@@ -106,12 +116,7 @@ def load_image(image: Image.Image | str | os.PathLike, notes: list[str] | None =
     (more than one frame, values clipped, EXIF that cannot be applied) is appended to `notes`, each note
     a sentence without the image's name, or without `notes` warned as an `ImageNote` that names it."""
     rgb, said = _read(image)
-    if notes is not None:
-        notes.extend(text for _, text in said)
-    else:
-        name = os.fspath(image) if isinstance(image, (str, os.PathLike)) else "image"
-        for _, text in said:
-            warnings.warn(f"{name}: {text}", ImageNote, stacklevel=_caller_level())
+    _tell([text for _, text in said], notes, os.fspath(image) if isinstance(image, (str, os.PathLike)) else "image")
     return rgb
 
 
@@ -416,11 +421,7 @@ def read_frame_folder(folder: str | os.PathLike, notes: list[str] | None = None)
     for shared in kinds.values():
         (first, text), more = shared[0], len(shared) - 1
         gathered.append(f"frame {first}" + (f" (and {more} more like it)" if more else "") + f": {text}")
-    if notes is not None:
-        notes.extend(gathered)
-    else:
-        for text in gathered:
-            warnings.warn(f"{os.fspath(folder)}: {text}", ImageNote, stacklevel=_caller_level())
+    _tell(gathered, notes, os.fspath(folder))
     return np.stack(frames), [os.path.basename(p) for p in paths]
 
 
