@@ -16,7 +16,8 @@ rows against zeros; a candidate that fails either is not ranked.
 
 Writes DIR/attention_tuning-hd72-hd128.json (every candidate's time and error per case) and the table
 (`--table`, by default moonvit/attention_table.json in the source tree): per (device class, head dim,
-budget) the candidates ranked by their total time over that budget's cases. CUDA only.
+budget) the candidates ranked by their total time over that budget's cases. `--cases` re-measures some
+budgets (all cases of each) and keeps the table's other rows. CUDA only.
 """
 
 from __future__ import annotations
@@ -64,12 +65,14 @@ TRITON_CONFIGS = [
 ]
 # The Gluon kernel's tiles (GluonAttentionConfig fields), where it runs (Hopper, Triton with Gluon).
 GLUON_CONFIGS = [
-    dict(block_m=128, block_n=128, stages=2, overlap=True, groups=1),
-    dict(block_m=128, block_n=128, stages=2, overlap=True, groups=2),
-    dict(block_m=128, block_n=64, stages=3, overlap=True, groups=2),
-    dict(block_m=128, block_n=128, stages=2, overlap=False, groups=2),
-    dict(block_m=64, block_n=128, stages=2, overlap=True, groups=1),
+    dict(block_m=128, block_n=128, stages=2, overlap=False, groups=2, pingpong=False),
+    dict(block_m=128, block_n=128, stages=3, overlap=True, groups=2, pingpong=False),
+    dict(block_m=128, block_n=128, stages=2, overlap=True, groups=2, pingpong=True),
+    dict(block_m=128, block_n=128, stages=3, overlap=True, groups=2, pingpong=True),
+    dict(block_m=128, block_n=64, stages=4, overlap=True, groups=2, pingpong=True),
+    dict(block_m=64, block_n=128, stages=2, overlap=True, groups=1, pingpong=False),
 ]
+GLUON_FIELDS = ("block_m", "block_n", "stages", "overlap", "groups", "pingpong")
 LIBRARIES = ("fa3", "fa2")
 CALLS = 5
 SLOTS = 64
@@ -87,7 +90,8 @@ def candidates(device, head_dim):
         from fused_moonvit.kernels.attention_gluon import GluonAttentionConfig
 
         for c in GLUON_CONFIGS:
-            name = f"gluon:{c['block_m']}x{c['block_n']}/s{c['stages']}/g{c['groups']}" + ("/o" if c["overlap"] else "")
+            name = (f"gluon:{c['block_m']}x{c['block_n']}/s{c['stages']}/g{c['groups']}" + ("/o" if c["overlap"] else "")
+                    + ("/p" if c.get("pingpong") else ""))
             out.append((name, AttentionChoice("gluon", GluonAttentionConfig(**c))))
     out += [(lib, AttentionChoice(lib)) for lib in LIBRARIES if backend_available(lib, device)]
     return out
@@ -112,6 +116,22 @@ def ranking_table(results: dict, cls: str) -> list[dict]:
     return rows
 
 
+def merge_table(table: dict, new_rows: list[dict], measured: dict) -> dict:
+    """Puts one run's rows (all of one device class) into `table` in place: rows of other device classes,
+    head dims and budgets stay as they were measured, and the run that measured them is kept beside this
+    one's (as its "other_rows"). Each new row carries the run's date."""
+    cls = measured["device_class"]
+    replaced = {(r["device_class"], r["head_dim"], r["max_budget"]) for r in new_rows}
+    kept = [r for r in table["rows"] if (r["device_class"], r["head_dim"], r["max_budget"]) not in replaced]
+    earlier = table["measured"].get(cls)
+    if earlier is not None and any(r["device_class"] == cls for r in kept):
+        measured = {**measured, "other_rows": earlier}
+    table["rows"] = sorted(kept + [{**r, "date": measured["date"]} for r in new_rows],
+                           key=lambda r: (r["device_class"], r["head_dim"], r["max_budget"]))
+    table["measured"][cls] = measured
+    return table
+
+
 def main(argv=None) -> int:
     parser = OneLineParser(prog="python -m fused_moonvit.benchmarks.tune_attention",
                            description=__doc__.split("\n\n")[0])
@@ -123,15 +143,19 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dims", default="72,128", help="comma-separated subset of 72,128 (default: both)")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        parser.error("needs a CUDA device")
     names = args.cases.split(",") if args.cases else list(CASES)
     unknown = [n for n in names if n not in CASES]
     if unknown:
         parser.error(f"unknown cases {unknown}; choose from {list(CASES)}")
+    # A budget's row ranks the candidates over all of that budget's cases, so a run measures all or none.
+    partial = sorted(n for n in CASES if n not in names and CASES[n][0] in {CASES[m][0] for m in names})
+    if partial:
+        parser.error(f"--cases leaves out {partial}, which share a budget with the cases given; add them")
     head_dims = [int(d) for d in args.head_dims.split(",") if d.strip().isdigit()]
     if not head_dims or len(head_dims) != len(args.head_dims.split(",")) or any(d not in HEADS for d in head_dims):
         parser.error(f"--head-dims: choose from {list(HEADS)}, got {args.head_dims}")
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device")
 
     import triton
 
@@ -160,7 +184,7 @@ def main(argv=None) -> int:
                 if choice.backend == "triton":
                     entry["config"] = [c.block_m, c.block_n, c.num_warps, c.num_stages]
                 elif choice.backend == "gluon":
-                    entry["config"] = {f: getattr(c, f) for f in ("block_m", "block_n", "stages", "overlap", "groups")}
+                    entry["config"] = {f: getattr(c, f) for f in GLUON_FIELDS}
                 try:
                     out = packed_attention(qkv, cu, heads, head_dim, budget, choice)
                     torch.cuda.synchronize()
@@ -200,14 +224,11 @@ def main(argv=None) -> int:
     with open(path, "w") as f:
         json.dump({**measured, "slots": SLOTS, "calls_per_graph": CALLS, "max_rel_err": MAX_REL_ERR,
                    "results": results}, f, indent=1)
-    # Rows of other device classes and head dims stay as they were measured.
     table = {"measured": {}, "rows": []}
     if os.path.isfile(args.table):
         with open(args.table) as f:
             table = json.load(f)
-    table["rows"] = [r for r in table["rows"] if (r["device_class"], r["head_dim"]) not in
-                     {(cls, d) for d in head_dims}] + ranking_table(results, cls)
-    table["measured"][cls] = measured
+    merge_table(table, ranking_table(results, cls), measured)
     with open(args.table, "w") as f:
         json.dump(table, f, indent=1)
     print(f"wrote {path} and {args.table}")

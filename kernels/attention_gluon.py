@@ -44,13 +44,16 @@ class GluonAttentionConfig:
     """One launch's tiles: BLOCK_M query rows per program (64 per consumer warp group), BLOCK_N key rows per
     step, STAGES key/value buffers, OVERLAP the intra-warpgroup pipelining."""
 
-    # The defaults measured fastest on an H100 at one 16384-patch sequence (docs/design.md section 15).
+    # The defaults: FlashAttention-3's schedule (docs/design.md section 15).
     block_m: int = 128
     block_n: int = 128
     stages: int = 2
-    overlap: bool = False
+    overlap: bool = True
     # 1: one consumer partition of block_m / 16 warps; 2: two partitions of one warp group (64 rows) each.
     groups: int = 2
+    # With groups 2 and overlap: the two warp groups take turns issuing their products (FlashAttention-3's
+    # ping-pong), so one group's softmax runs under the other's products.
+    pingpong: bool = True
     producer_regs: int = 24
     consumer_regs: int = 240
 
@@ -66,6 +69,9 @@ class GluonAttentionConfig:
         if self.groups not in (1, 2) or (self.groups == 2 and self.block_m != 128):
             raise ValueError(f"GluonAttentionConfig.groups must be 1, or 2 with block_m 128, got {self.groups} "
                              f"with block_m {self.block_m}")
+        if self.pingpong and not (self.groups == 2 and self.overlap):
+            raise ValueError(f"GluonAttentionConfig.pingpong (on by default) needs groups 2 and overlap, got groups "
+                             f"{self.groups} and overlap {self.overlap}; pass pingpong=False for this schedule")
         check_int("GluonAttentionConfig.producer_regs", self.producer_regs, 24)
         check_int("GluonAttentionConfig.consumer_regs", self.consumer_regs, 24)
 
@@ -104,7 +110,7 @@ if gluon is not None:
 
     @gluon.jit
     def _producer(q_main_desc, q_tail_desc, kv_main_desc, kv_tail_desc, q_main, q_tail, k_main, k_tail, v_main,
-                  v_tail, q_bar, k_full, v_full, kv_empty, row0, start, n_tiles, head,
+                  v_tail, q_bar, k_full, v_full, k_empty, v_empty, row0, start, n_tiles, head,
                   H: gl.constexpr, D_MAIN: gl.constexpr, HAS_TAIL: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr):
         Q_BYTES: gl.constexpr = q_main_desc.block_type.nbytes + (q_tail_desc.block_type.nbytes if HAS_TAIL else 0)
@@ -118,12 +124,16 @@ if gluon is not None:
             s = j % STAGES
             # A fresh barrier counts as having completed the phase before its first: the first pass
             # through the ring does not wait.
-            mbarrier.wait(kv_empty.index(s), ((j // STAGES) & 1) ^ 1)
+            empty_phase = ((j // STAGES) & 1) ^ 1
             row = start + j * BLOCK_N
+            # Keys and values are freed separately: with OVERLAP a key buffer is done a whole step before
+            # the value buffer of the same tile, and its next tile can load in that step.
+            mbarrier.wait(k_empty.index(s), empty_phase)
             mbarrier.expect(k_full.index(s), KV_BYTES)
             tma_load(kv_main_desc, [row, H + head, 0], k_full.index(s), k_main.index(s))
             if HAS_TAIL:
                 tma_load(kv_tail_desc, [row, H + head, D_MAIN], k_full.index(s), k_tail.index(s))
+            mbarrier.wait(v_empty.index(s), empty_phase)
             mbarrier.expect(v_full.index(s), KV_BYTES)
             tma_load(kv_main_desc, [row, 2 * H + head, 0], v_full.index(s), v_main.index(s))
             if HAS_TAIL:
@@ -142,22 +152,22 @@ if gluon is not None:
         return acc
 
     @gluon.jit
-    def _online_softmax(sc, m_i, l_i, qk_scale, cols, keep, masked):
+    def _online_softmax(sc, m_i, l_i, qk_scale, cols, keep, masked, dtype: gl.constexpr):
         # One step of the online softmax over a score tile: the row maximum kept in log2 units of the scaled
         # scores (one multiply-add a score before exp2); `masked` drops the columns from `keep` on, where the
-        # sequence's last tile runs past its end. Returns P, the new maximum and sum, and the rescale factor.
+        # sequence's last tile runs past its end. Returns P already rounded for the second product (so the
+        # issue of that product is wgmma instructions only), the new maximum and sum, and the rescale factor.
         if masked:
             sc = gl.where((cols < keep)[None, :], sc, -float("inf"))
         m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(sc * qk_scale - m_new[:, None])
-        return p, m_new, l_i * alpha + gl.sum(p, 1), alpha
+        return p.to(dtype), m_new, l_i * alpha + gl.sum(p, 1), alpha
 
     @gluon.jit
-    def _issue_values(p, acc, acc_t, v_main, v_tail, s, p_layout: gl.constexpr, pt_layout: gl.constexpr,
+    def _issue_values(p16, acc, acc_t, v_main, v_tail, s, p_layout: gl.constexpr, pt_layout: gl.constexpr,
                       BLOCK_N: gl.constexpr, D_MAIN: gl.constexpr, TAIL: gl.constexpr, HAS_TAIL: gl.constexpr):
         # P.V of value buffer s, issued (not waited for); P goes to the tensor cores from registers.
-        p16 = p.to(v_main.dtype)
         acc = warpgroup_mma(gl.convert_layout(p16, p_layout), v_main.index(s).reshape([BLOCK_N, D_MAIN]), acc,
                             is_async=True)
         if HAS_TAIL:
@@ -181,10 +191,25 @@ if gluon is not None:
         return acc, acc_t
 
     @gluon.jit
+    def _take_turn(turn, count, GROUP: gl.constexpr, PINGPONG: gl.constexpr):
+        # Ping-pong: warp group GROUP issues its count-th set of products only after the other group issued
+        # its previous set, so the tensor cores run one group's products while the other does its softmax.
+        # Turns alternate strictly, so a barrier is never more than one phase ahead of its waiter and parity
+        # suffices; group 0 goes first (a fresh barrier passes a wait on parity 1).
+        if PINGPONG:
+            mbarrier.wait(turn.index(GROUP), (count & 1) ^ (1 - GROUP))
+
+    @gluon.jit
+    def _pass_turn(turn, GROUP: gl.constexpr, PINGPONG: gl.constexpr):
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - GROUP))
+
+    @gluon.jit
     def _zero_value_rows(v_main, v_tail, s, keep, BLOCK_N: gl.constexpr, D_MAIN: gl.constexpr,
                          TAIL: gl.constexpr, HAS_TAIL: gl.constexpr, num_warps: gl.constexpr):
         # Value rows [keep, BLOCK_N) of buffer s belong to the next sequence (or past the tensor): zero them
-        # before P.V reads them, so a NaN there cannot reach this sequence through 0 * NaN.
+        # before P.V reads them, so a NaN there cannot reach this sequence through 0 * NaN. Both consumer
+        # groups may do this to the same buffer: they write the same zeros and leave the other rows alone.
         layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
         rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
         main = v_main.index(s).reshape([BLOCK_N, D_MAIN])
@@ -200,11 +225,11 @@ if gluon is not None:
         cta_barrier()
 
     @gluon.jit
-    def _consumer(q_main, q_tail, k_main, k_tail, v_main, v_tail, q_bar, k_full, v_full, kv_empty, out_ptr,
-                  q_off, row0, start, end, n_tiles, head, qk_scale,
+    def _consumer(q_main, q_tail, k_main, k_tail, v_main, v_tail, q_bar, k_full, v_full, k_empty, v_empty, turn,
+                  out_ptr, row0, start, end, n_tiles, head, qk_scale,
                   H: gl.constexpr, D: gl.constexpr, D_MAIN: gl.constexpr, TAIL: gl.constexpr,
                   HAS_TAIL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  OVERLAP: gl.constexpr, num_warps: gl.constexpr):
+                  OVERLAP: gl.constexpr, GROUP: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr):
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -218,12 +243,13 @@ if gluon is not None:
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         row_t: gl.constexpr = gl.SliceLayout(1, t_layout)
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        # This partition's BLOCK_M rows of the query tile.
+        q_off: gl.constexpr = GROUP * BLOCK_M
 
         acc = gl.zeros([BLOCK_M, D_MAIN], gl.float32, o_layout)
         acc_t = gl.zeros([BLOCK_M, TAIL], gl.float32, t_layout)
         l_i = gl.zeros([BLOCK_M], gl.float32, row_s)
         if n_tiles > 0:
-            # This partition's BLOCK_M rows of the query tile, from row q_off.
             qm = q_main.reshape([q_main.shape[0], D_MAIN]).slice(q_off, BLOCK_M)
             qt = q_tail.reshape([q_tail.shape[0], TAIL]).slice(q_off, BLOCK_M)
             mbarrier.wait(q_bar, 0)
@@ -233,36 +259,47 @@ if gluon is not None:
             last_keep = end - start - last * BLOCK_N
             if OVERLAP:
                 mbarrier.wait(k_full.index(0), 0)
+                _take_turn(turn, 0, GROUP, PINGPONG)
                 sc = _scores(qm, qt, k_main, k_tail, 0, s_layout, BLOCK_M, BLOCK_N, D_MAIN, TAIL, HAS_TAIL)
+                _pass_turn(turn, GROUP, PINGPONG)
                 sc = warpgroup_mma_wait(0, deps=(sc,))
+                mbarrier.arrive(k_empty.index(0))
                 if last == 0:
                     sc = gl.where((cols < last_keep)[None, :], sc, -float("inf"))
                 # The first tile: nothing to rescale yet.
                 m_i = gl.max(sc, 1) * qk_scale
                 p = gl.exp2(sc * qk_scale - m_i[:, None])
                 l_i = gl.sum(p, 1)
+                p16 = p.to(dtype)
                 for j in range(1, n_tiles):
                     s = j % STAGES
                     prev = (j - 1) % STAGES
                     mbarrier.wait(k_full.index(s), (j // STAGES) & 1)
-                    sc = _scores(qm, qt, k_main, k_tail, s, s_layout, BLOCK_M, BLOCK_N, D_MAIN, TAIL, HAS_TAIL)
                     mbarrier.wait(v_full.index(prev), ((j - 1) // STAGES) & 1)
-                    acc, acc_t = _issue_values(p, acc, acc_t, v_main, v_tail, prev, p_layout, pt_layout, BLOCK_N,
+                    # The next tile's QK^T and this tile's P.V go to the tensor cores together; the softmax
+                    # between them runs while P.V does.
+                    _take_turn(turn, j, GROUP, PINGPONG)
+                    sc = _scores(qm, qt, k_main, k_tail, s, s_layout, BLOCK_M, BLOCK_N, D_MAIN, TAIL, HAS_TAIL)
+                    acc, acc_t = _issue_values(p16, acc, acc_t, v_main, v_tail, prev, p_layout, pt_layout, BLOCK_N,
                                                D_MAIN, TAIL, HAS_TAIL)
+                    _pass_turn(turn, GROUP, PINGPONG)
                     # Wait for QK^T only: P.V (one or two groups, issued after it) stays in flight.
                     sc = warpgroup_mma_wait(2 if HAS_TAIL else 1, deps=(sc,))
-                    p, m_i, l_i, alpha = _online_softmax(sc, m_i, l_i, qk_scale, cols, last_keep, j == last)
+                    mbarrier.arrive(k_empty.index(s))
+                    p16, m_i, l_i, alpha = _online_softmax(sc, m_i, l_i, qk_scale, cols, last_keep, j == last, dtype)
                     acc, acc_t = _wait_values(acc, acc_t, HAS_TAIL)
-                    mbarrier.arrive(kv_empty.index(prev))
+                    mbarrier.arrive(v_empty.index(prev))
                     acc, acc_t = _rescale(acc, acc_t, alpha, row_o, row_t, HAS_TAIL)
                 s = last % STAGES
                 mbarrier.wait(v_full.index(s), (last // STAGES) & 1)
                 if last_keep < BLOCK_N:
                     _zero_value_rows(v_main, v_tail, s, last_keep, BLOCK_N, D_MAIN, TAIL, HAS_TAIL, num_warps)
-                acc, acc_t = _issue_values(p, acc, acc_t, v_main, v_tail, s, p_layout, pt_layout, BLOCK_N, D_MAIN,
+                _take_turn(turn, n_tiles, GROUP, PINGPONG)
+                acc, acc_t = _issue_values(p16, acc, acc_t, v_main, v_tail, s, p_layout, pt_layout, BLOCK_N, D_MAIN,
                                            TAIL, HAS_TAIL)
+                _pass_turn(turn, GROUP, PINGPONG)
                 acc, acc_t = _wait_values(acc, acc_t, HAS_TAIL)
-                mbarrier.arrive(kv_empty.index(s))
+                mbarrier.arrive(v_empty.index(s))
             else:
                 for j in range(n_tiles):
                     s = j % STAGES
@@ -270,17 +307,18 @@ if gluon is not None:
                     mbarrier.wait(k_full.index(s), phase)
                     sc = _scores(qm, qt, k_main, k_tail, s, s_layout, BLOCK_M, BLOCK_N, D_MAIN, TAIL, HAS_TAIL)
                     sc = warpgroup_mma_wait(0, deps=(sc,))
-                    p, m_i, l_i, alpha = _online_softmax(sc, m_i, l_i, qk_scale, cols, last_keep, j == last)
+                    mbarrier.arrive(k_empty.index(s))
+                    p16, m_i, l_i, alpha = _online_softmax(sc, m_i, l_i, qk_scale, cols, last_keep, j == last, dtype)
                     acc, acc_t = _rescale(acc, acc_t, alpha, row_o, row_t, HAS_TAIL)
                     mbarrier.wait(v_full.index(s), phase)
                     if j == last:
                         if last_keep < BLOCK_N:
                             _zero_value_rows(v_main, v_tail, s, last_keep, BLOCK_N, D_MAIN, TAIL, HAS_TAIL,
                                              num_warps)
-                    acc, acc_t = _issue_values(p, acc, acc_t, v_main, v_tail, s, p_layout, pt_layout, BLOCK_N,
+                    acc, acc_t = _issue_values(p16, acc, acc_t, v_main, v_tail, s, p_layout, pt_layout, BLOCK_N,
                                                D_MAIN, TAIL, HAS_TAIL)
                     acc, acc_t = _wait_values(acc, acc_t, HAS_TAIL)
-                    mbarrier.arrive(kv_empty.index(s))
+                    mbarrier.arrive(v_empty.index(s))
         # Live rows have at least their own key, so l >= 1; the padding sequence (n_tiles == 0) stores zeros.
         inv = gl.where(l_i > 0, 1.0 / l_i, gl.zeros_like(l_i))
         rows = row0 + q_off + gl.arange(0, BLOCK_M, layout=row_o)
@@ -301,7 +339,8 @@ if gluon is not None:
                                 H: gl.constexpr, D: gl.constexpr, D_MAIN: gl.constexpr, D_TAIL: gl.constexpr,
                                 SEQS_POW2: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                 STAGES: gl.constexpr, OVERLAP: gl.constexpr, GROUPS: gl.constexpr,
-                                PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                                PINGPONG: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                                num_warps: gl.constexpr):
         HAS_TAIL: gl.constexpr = D_TAIL > 0
         TAIL: gl.constexpr = D_TAIL if D_TAIL > 0 else 16
         # Rows each consumer partition takes: the whole tile in one partition (GROUPS == 1), or 64 rows in
@@ -339,33 +378,38 @@ if gluon is not None:
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_full.index(i), count=1)
             mbarrier.init(v_full.index(i), count=1)
-            mbarrier.init(kv_empty.index(i), count=GROUPS)
+            mbarrier.init(k_empty.index(i), count=GROUPS)
+            mbarrier.init(v_empty.index(i), count=GROUPS)
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
 
         if GROUPS == 1:
             gl.warp_specialize([
-                (_consumer, (q_main, q_tail, k_main, k_tail, v_main, v_tail, q_bar, k_full, v_full, kv_empty, out_ptr,
-                             0, row0, start, end, n_tiles, head, qk_scale, H, D, D_MAIN, TAIL, HAS_TAIL, GROUP_M,
-                             BLOCK_N, STAGES, OVERLAP, num_warps)),
+                (_consumer, (q_main, q_tail, k_main, k_tail, v_main, v_tail, q_bar, k_full, v_full, k_empty, v_empty,
+                             turn, out_ptr, row0, start, end, n_tiles, head, qk_scale, H, D, D_MAIN, TAIL, HAS_TAIL,
+                             GROUP_M, BLOCK_N, STAGES, OVERLAP, 0, False, num_warps)),
                 (_producer, (q_main_desc, q_tail_desc, kv_main_desc, kv_tail_desc, q_main, q_tail, k_main, k_tail,
-                             v_main, v_tail, q_bar, k_full, v_full, kv_empty, row0, start, n_tiles, head, H, D_MAIN,
-                             HAS_TAIL, BLOCK_N, STAGES)),
+                             v_main, v_tail, q_bar, k_full, v_full, k_empty, v_empty, row0, start, n_tiles, head, H,
+                             D_MAIN, HAS_TAIL, BLOCK_N, STAGES)),
             ], [1], [PRODUCER_REGS])
         else:
             gl.warp_specialize([
-                (_consumer, (q_main, q_tail, k_main, k_tail, v_main, v_tail, q_bar, k_full, v_full, kv_empty, out_ptr,
-                             0, row0, start, end, n_tiles, head, qk_scale, H, D, D_MAIN, TAIL, HAS_TAIL, GROUP_M,
-                             BLOCK_N, STAGES, OVERLAP, num_warps)),
-                (_consumer, (q_main, q_tail, k_main, k_tail, v_main, v_tail, q_bar, k_full, v_full, kv_empty, out_ptr,
-                             GROUP_M, row0, start, end, n_tiles, head, qk_scale, H, D, D_MAIN, TAIL, HAS_TAIL, GROUP_M,
-                             BLOCK_N, STAGES, OVERLAP, 4)),
+                (_consumer, (q_main, q_tail, k_main, k_tail, v_main, v_tail, q_bar, k_full, v_full, k_empty, v_empty,
+                             turn, out_ptr, row0, start, end, n_tiles, head, qk_scale, H, D, D_MAIN, TAIL, HAS_TAIL,
+                             GROUP_M, BLOCK_N, STAGES, OVERLAP, 0, PINGPONG, num_warps)),
+                (_consumer, (q_main, q_tail, k_main, k_tail, v_main, v_tail, q_bar, k_full, v_full, k_empty, v_empty,
+                             turn, out_ptr, row0, start, end, n_tiles, head, qk_scale, H, D, D_MAIN, TAIL, HAS_TAIL,
+                             GROUP_M, BLOCK_N, STAGES, OVERLAP, 1, PINGPONG, 4)),
                 (_producer, (q_main_desc, q_tail_desc, kv_main_desc, kv_tail_desc, q_main, q_tail, k_main, k_tail,
-                             v_main, v_tail, q_bar, k_full, v_full, kv_empty, row0, start, n_tiles, head, H, D_MAIN,
-                             HAS_TAIL, BLOCK_N, STAGES)),
+                             v_main, v_tail, q_bar, k_full, v_full, k_empty, v_empty, row0, start, n_tiles, head, H,
+                             D_MAIN, HAS_TAIL, BLOCK_N, STAGES)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -406,7 +450,7 @@ def gluon_attention_fwd(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: 
         out, cu_seqlens, num_seqs, num_seqs - 1, LOG2E / math.sqrt(head_dim),
         H=num_heads, D=head_dim, D_MAIN=d_main, D_TAIL=d_tail, SEQS_POW2=max(32, next_pow2(num_seqs)),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.stages, OVERLAP=cfg.overlap, GROUPS=cfg.groups,
-        PRODUCER_REGS=cfg.producer_regs, CONSUMER_REGS=cfg.consumer_regs, num_warps=cfg.num_warps)
+        PINGPONG=cfg.pingpong, PRODUCER_REGS=cfg.producer_regs, CONSUMER_REGS=cfg.consumer_regs, num_warps=cfg.num_warps)
     return out
 
 
@@ -437,8 +481,8 @@ def compile_for_sm90(num_heads: int, head_dim: int, config: GluonAttentionConfig
     signature = dict(zip(names, runtime + ["i32", "i32", "fp32"]))
     constexprs = dict(H=num_heads, D=head_dim, D_MAIN=d_main, D_TAIL=d_tail, SEQS_POW2=max(32, next_pow2(max_items + 1)),
                       BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.stages, OVERLAP=cfg.overlap,
-                      GROUPS=cfg.groups, PRODUCER_REGS=cfg.producer_regs, CONSUMER_REGS=cfg.consumer_regs,
-                      num_warps=cfg.num_warps)
+                      GROUPS=cfg.groups, PINGPONG=cfg.pingpong, PRODUCER_REGS=cfg.producer_regs,
+                      CONSUMER_REGS=cfg.consumer_regs, num_warps=cfg.num_warps)
     signature.update({name: "constexpr" for name in constexprs})
     source = GluonASTSource(_gluon_attention_kernel, signature=signature, constexprs=constexprs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})

@@ -45,6 +45,7 @@ def test_unavailable_off_hopper_says_why(device):
     (dict(block_n=48), "block_n"),
     (dict(block_n=256), "block_n"), (dict(block_n=96), "block_n"), (dict(stages=0), "stages"), (dict(groups=3), "groups"),
     (dict(block_m=64, groups=2), "groups"), (dict(producer_regs=8), "producer_regs"),
+    (dict(overlap=False), "pingpong"), (dict(groups=1), "pingpong"),
 ])
 def test_config_refuses_bad_tiles(fields, bad):
     with pytest.raises(ValueError, match=bad):
@@ -88,15 +89,17 @@ for heads, head_dim, fields in json.loads(sys.argv[1]):
                 "wgmma": "wgmma.mma_async" in ptx, "tma": "cp.async.bulk.tensor" in ptx, "setmaxnreg": "setmaxnreg" in ptx})
 print(json.dumps(out))
 """
-# The default tiles (what the backend runs unless the table names others) at the three head dims.
-BUILDS = [(16, 72, {}), (12, 128, {}), (4, 64, {})]
+# The default tiles (what the backend runs unless the table names others: the ping-pong schedule) at the
+# three head dims, with three stages, and the serial schedule.
+BUILDS = [(16, 72, {}), (12, 128, {}), (4, 64, {}), (12, 128, dict(stages=3)),
+          (16, 72, dict(overlap=False, pingpong=False))]
 
 
 @needs_gluon
 def test_builds_for_sm90_without_spills():
     """Compiled for sm_90a by this machine's Triton (no GPU needed), at head dims 72, 128 and 64: the
     asynchronous wgmma, TMA loads and per-partition register budgets are there, and nothing spills to local
-    memory (no stack frame either: the OVERLAP variants, which hold two score tiles, spill a few scalars)."""
+    memory (no stack frame either), also in the ping-pong schedule, which holds a score tile and P at once."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", BUILD, json.dumps(BUILDS)], capture_output=True, text=True,
                           env=env, timeout=1800)
@@ -111,9 +114,12 @@ def test_builds_for_sm90_without_spills():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or gluon_unavailable_reason("cuda") is not None,
                     reason="needs a Hopper GPU and a Triton with Gluon")
-@pytest.mark.parametrize("fields", [dict(groups=1), dict(groups=2), dict(groups=2, block_n=64, stages=3),
-                                    dict(groups=2, overlap=False), dict(block_m=64, groups=1)],
-                         ids=["g1", "g2", "g2-n64-s3", "g2-serial", "m64"])
+@pytest.mark.parametrize("fields", [dict(groups=1, pingpong=False), dict(groups=2, pingpong=False),
+                                    dict(groups=2, pingpong=False, block_n=64, stages=3),
+                                    dict(groups=2, overlap=False, pingpong=False),
+                                    dict(block_m=64, groups=1, pingpong=False), {},
+                                    dict(block_n=64, stages=4)],
+                         ids=["g1", "g2", "g2-n64-s3", "g2-serial", "m64", "g2-pingpong", "g2-pingpong-n64-s4"])
 @pytest.mark.parametrize("heads,head_dim", [(16, 72), (12, 128), (4, 64)], ids=["d72", "d128", "d64"])
 def test_configs_match_fp64(fields, heads, head_dim, device):
     """Each tile configuration on a mixed pack (a chunk, a single 2x2 image, an item shorter than a tile,
