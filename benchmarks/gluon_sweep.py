@@ -21,7 +21,7 @@ import torch
 from fused_moonvit.benchmarks.common import graph_time_us, rel_err
 from fused_moonvit.kernels import build_plan, new_device_plan, plan_cu_seqlens, upload_plan
 from fused_moonvit.kernels.attention import AttentionConfig, varlen_attention_reference
-from fused_moonvit.kernels.attention_gluon import GluonAttentionConfig, gluon_attention_fwd
+from fused_moonvit.kernels.attention_gluon import GluonAttentionConfig, config_unsupported, gluon_attention_fwd
 from fused_moonvit.moonvit.attention import AttentionChoice, backend_available, packed_attention
 
 CONFIGS = [dict(block_m=128, block_n=128, stages=2, overlap=True, groups=1, pingpong=False),
@@ -33,7 +33,12 @@ CONFIGS = [dict(block_m=128, block_n=128, stages=2, overlap=True, groups=1, ping
            dict(block_m=128, block_n=128, stages=3, overlap=True, groups=2, pingpong=False),
            dict(block_m=128, block_n=128, stages=2, overlap=True, groups=2, pingpong=True),
            dict(block_m=128, block_n=128, stages=3, overlap=True, groups=2, pingpong=True),
-           dict(block_m=128, block_n=64, stages=4, overlap=True, groups=2, pingpong=True)]
+           dict(block_m=128, block_n=64, stages=4, overlap=True, groups=2, pingpong=True),
+           dict(block_m=256, block_n=64, stages=3, overlap=True, groups=2, pingpong=True),
+           dict(block_m=256, block_n=64, stages=4, overlap=True, groups=2, pingpong=True),
+           dict(block_m=256, block_n=64, stages=3, overlap=True, groups=2, pingpong=False),
+           dict(block_m=256, block_n=64, stages=2, overlap=True, groups=2, pingpong=True),
+           dict(block_m=256, block_n=32, stages=4, overlap=True, groups=2, pingpong=True)]
 
 
 def plan_cu(items, budget, dev, slots=64):
@@ -57,6 +62,8 @@ def check(cis):
                 fa3 = rel_err(o3[:valid], ref[:valid])
             for ci in cis:
                 cfg = GluonAttentionConfig(**CONFIGS[ci])
+                if config_unsupported(cfg, hd):
+                    continue
                 out = torch.full((budget, heads * hd), float("nan"), dtype=torch.bfloat16, device=dev)
                 t0 = time.time()
                 try:
@@ -91,7 +98,8 @@ def timing(tag):
             cu, valid = plan_cu(items, budget, dev)
             qkv = torch.randn(budget, 3 * heads * hd, generator=gen).to(dev, torch.bfloat16)
             use = [int(c) for c in os.environ.get("CFGS", ",".join(map(str, range(len(CONFIGS))))).split(",")]
-            cands = [(f"gluon{i}", AttentionChoice("gluon", GluonAttentionConfig(**CONFIGS[i]))) for i in use]
+            cands = [(f"gluon{i}", AttentionChoice("gluon", GluonAttentionConfig(**CONFIGS[i]))) for i in use
+                     if not config_unsupported(GluonAttentionConfig(**CONFIGS[i]), hd)]
             cands += [("fa3", AttentionChoice("fa3")), ("triton", AttentionChoice("triton", AttentionConfig(128, 64, 8, 3) if budget > 2048 else AttentionConfig(64, 64, 4, 3)))]
             flops = 4 * sum((t*h*w) ** 2 for t, h, w in items) * heads * hd
             line = []

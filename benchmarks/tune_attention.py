@@ -69,8 +69,8 @@ GLUON_CONFIGS = [
     dict(block_m=128, block_n=128, stages=3, overlap=True, groups=2, pingpong=False),
     dict(block_m=128, block_n=128, stages=2, overlap=True, groups=2, pingpong=True),
     dict(block_m=128, block_n=128, stages=3, overlap=True, groups=2, pingpong=True),
-    dict(block_m=128, block_n=64, stages=4, overlap=True, groups=2, pingpong=True),
-    dict(block_m=64, block_n=128, stages=2, overlap=True, groups=1, pingpong=False),
+    dict(block_m=256, block_n=64, stages=3, overlap=True, groups=2, pingpong=True),
+    dict(block_m=256, block_n=64, stages=4, overlap=True, groups=2, pingpong=True),
 ]
 GLUON_FIELDS = ("block_m", "block_n", "stages", "overlap", "groups", "pingpong")
 LIBRARIES = ("fa3", "fa2")
@@ -87,9 +87,11 @@ def candidates(device, head_dim):
     out = [(f"triton:{bm}x{bn}/w{w}/s{s}", AttentionChoice("triton", AttentionConfig(bm, bn, w, s)))
            for bm, bn, w, s in TRITON_CONFIGS]
     if backend_available("gluon", device, head_dim):
-        from fused_moonvit.kernels.attention_gluon import GluonAttentionConfig
+        from fused_moonvit.kernels.attention_gluon import GluonAttentionConfig, config_unsupported
 
         for c in GLUON_CONFIGS:
+            if config_unsupported(GluonAttentionConfig(**c), head_dim):
+                continue
             name = (f"gluon:{c['block_m']}x{c['block_n']}/s{c['stages']}/g{c['groups']}" + ("/o" if c["overlap"] else "")
                     + ("/p" if c.get("pingpong") else ""))
             out.append((name, AttentionChoice("gluon", GluonAttentionConfig(**c))))

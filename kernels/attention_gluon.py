@@ -41,15 +41,15 @@ from .limits import check_int
 
 @dataclass(frozen=True)
 class GluonAttentionConfig:
-    """One launch's tiles: BLOCK_M query rows per program (64 per consumer warp group), BLOCK_N key rows per
-    step, STAGES key/value buffers, OVERLAP the intra-warpgroup pipelining."""
+    """One launch's tiles: BLOCK_M query rows per program (64 or 128 per consumer warp group), BLOCK_N key
+    rows per step, STAGES key/value buffers, OVERLAP the intra-warpgroup pipelining."""
 
     # The defaults: FlashAttention-3's schedule (docs/design.md section 15).
     block_m: int = 128
     block_n: int = 128
     stages: int = 2
     overlap: bool = True
-    # 1: one consumer partition of block_m / 16 warps; 2: two partitions of one warp group (64 rows) each.
+    # 1: one consumer partition of block_m / 16 warps; 2: two partitions of one warp group (block_m / 2 rows).
     groups: int = 2
     # With groups 2 and overlap: the two warp groups take turns issuing their products (FlashAttention-3's
     # ping-pong), so one group's softmax runs under the other's products.
@@ -59,16 +59,16 @@ class GluonAttentionConfig:
 
     def __post_init__(self):
         # One or two consumer warp groups of 64 rows: more would not get the registers a group needs.
-        if check_int("GluonAttentionConfig.block_m", self.block_m, 64) not in (64, 128):
-            raise ValueError(f"GluonAttentionConfig.block_m must be 64 or 128 (64 rows per warp group), "
-                             f"got {self.block_m}")
+        # One or two warp groups' rows (64 each, or 128 in two steps of wgmma's 64), as one partition or two.
+        if check_int("GluonAttentionConfig.block_m", self.block_m, 64) not in (64, 128, 256):
+            raise ValueError(f"GluonAttentionConfig.block_m must be 64, 128 or 256, got {self.block_m}")
         # Gluon's tensors have power-of-two sides; 256 keys of scores would not fit the registers.
         if check_int("GluonAttentionConfig.block_n", self.block_n, 16) not in (32, 64, 128):
             raise ValueError(f"GluonAttentionConfig.block_n must be 32, 64 or 128, got {self.block_n}")
         check_int("GluonAttentionConfig.stages", self.stages, 1)
-        if self.groups not in (1, 2) or (self.groups == 2 and self.block_m != 128):
-            raise ValueError(f"GluonAttentionConfig.groups must be 1, or 2 with block_m 128, got {self.groups} "
-                             f"with block_m {self.block_m}")
+        if (self.groups, self.block_m) not in ((1, 64), (1, 128), (2, 128), (2, 256)):
+            raise ValueError(f"GluonAttentionConfig.groups must be 1 with block_m 64 or 128, or 2 with block_m 128 "
+                             f"or 256, got {self.groups} with block_m {self.block_m}")
         if self.pingpong and not (self.groups == 2 and self.overlap):
             raise ValueError(f"GluonAttentionConfig.pingpong (on by default) needs groups 2 and overlap, got groups "
                              f"{self.groups} and overlap {self.overlap}; pass pingpong=False for this schedule")
@@ -78,7 +78,7 @@ class GluonAttentionConfig:
     @property
     def num_warps(self) -> int:
         # The default partition's warps: all consumers, or the first of two consumer warp groups.
-        return self.block_m // 16 // self.groups
+        return 4 if self.groups == 2 else self.block_m // 16
 
 
 def gluon_unavailable_reason(device: torch.device | str, head_dim: int | None = None) -> str | None:
@@ -92,6 +92,17 @@ def gluon_unavailable_reason(device: torch.device | str, head_dim: int | None = 
     if head_dim is not None and head_dim_unsupported(head_dim):
         return head_dim_unsupported(head_dim)
     return None
+
+
+def config_unsupported(config: GluonAttentionConfig, head_dim: int) -> str | None:
+    """Why `config` does not run at `head_dim`, or None. A warp group of 128 query rows (block_m 256 in two
+    groups) keeps their output, 128 x head width in fp32, in its registers beside a score tile and P; that
+    fits up to head dim 80 (80 wide) and spills at 128."""
+    reason = head_dim_unsupported(head_dim)
+    if reason is None and config.groups == 2 and config.block_m == 256 and sum(head_split(head_dim)) > 80:
+        reason = (f"GluonAttentionConfig block_m 256 (128 rows per warp group) takes head dims up to 80, got "
+                  f"{head_dim}: its output tile would not fit the registers; use block_m 128")
+    return reason
 
 
 def head_dim_unsupported(head_dim: int) -> str | None:
@@ -438,6 +449,9 @@ def gluon_attention_fwd(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: 
     else:
         check_tensor("out", out, dtypes=(qkv.dtype,), shape=(budget, num_heads * head_dim), device=qkv.device)
     cfg = config or GluonAttentionConfig()
+    reason = config_unsupported(cfg, head_dim)
+    if reason is not None:
+        raise ValueError(reason)
     d_main, d_tail = head_split(head_dim)
     qkv3 = qkv.view(budget, 3 * num_heads, head_dim)
     tail_width = d_tail or 16
@@ -467,10 +481,10 @@ def compile_for_sm90(num_heads: int, head_dim: int, config: GluonAttentionConfig
 
     if GLUON_MISSING is not None:
         raise RuntimeError(GLUON_MISSING)
-    reason = head_dim_unsupported(head_dim)
+    cfg = config or GluonAttentionConfig()
+    reason = config_unsupported(cfg, head_dim)
     if reason is not None:
         raise ValueError(reason)
-    cfg = config or GluonAttentionConfig()
     d_main, d_tail = head_split(head_dim)
     # Host tensors stand in for the GPU's: only their dtypes, shapes and strides reach the compiler.
     qkv3 = torch.empty(cfg.block_m, 3 * num_heads, head_dim, dtype=dtype)

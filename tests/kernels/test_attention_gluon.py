@@ -13,7 +13,7 @@ import torch
 from kernel_cases import generator, randn
 
 from fused_moonvit.kernels._gluon import GLUON_MISSING
-from fused_moonvit.kernels.attention_gluon import (GluonAttentionConfig, gluon_attention_fwd,
+from fused_moonvit.kernels.attention_gluon import (GluonAttentionConfig, config_unsupported, gluon_attention_fwd,
                                                    gluon_unavailable_reason, head_dim_unsupported)
 from fused_moonvit.moonvit.attention import attention_table, choose_attention
 
@@ -41,7 +41,8 @@ def test_unavailable_off_hopper_says_why(device):
 
 
 @pytest.mark.parametrize("fields,bad", [
-    (dict(block_m=96), "block_m"), (dict(block_m=32), "block_m"), (dict(block_m=256), "block_m"),
+    (dict(block_m=96), "block_m"), (dict(block_m=32), "block_m"), (dict(block_m=512), "block_m"),
+    (dict(block_m=256, groups=1, pingpong=False), "groups"),
     (dict(block_n=48), "block_n"),
     (dict(block_n=256), "block_n"), (dict(block_n=96), "block_n"), (dict(stages=0), "stages"), (dict(groups=3), "groups"),
     (dict(block_m=64, groups=2), "groups"), (dict(producer_regs=8), "producer_regs"),
@@ -50,6 +51,24 @@ def test_unavailable_off_hopper_says_why(device):
 def test_config_refuses_bad_tiles(fields, bad):
     with pytest.raises(ValueError, match=bad):
         GluonAttentionConfig(**fields)
+
+
+@pytest.mark.parametrize("head_dim", [64, 72, 80])
+def test_128_rows_per_warp_group_up_to_head_dim_80(head_dim):
+    assert config_unsupported(GluonAttentionConfig(block_m=256, block_n=64), head_dim) is None
+    assert config_unsupported(GluonAttentionConfig(), head_dim) is None
+
+
+def test_128_rows_per_warp_group_refused_at_head_dim_128(device):
+    wide = GluonAttentionConfig(block_m=256, block_n=64)
+    assert "got 128" in config_unsupported(wide, 128)
+    assert config_unsupported(GluonAttentionConfig(), 128) is None
+    assert "got 96" in config_unsupported(GluonAttentionConfig(), 96)
+    qkv = torch.zeros(8, 3 * 128, dtype=torch.bfloat16, device=device)
+    cu = torch.tensor([0, 8, 8], dtype=torch.int32, device=device)
+    if gluon_unavailable_reason(device) is None:
+        with pytest.raises(ValueError, match="block_m 256 .* got 128"):
+            gluon_attention_fwd(qkv, cu, 1, 128, config=wide)
 
 
 def test_launcher_checks_arguments_before_any_work(device):
@@ -90,9 +109,9 @@ for heads, head_dim, fields in json.loads(sys.argv[1]):
 print(json.dumps(out))
 """
 # The default tiles (what the backend runs unless the table names others: the ping-pong schedule) at the
-# three head dims, with three stages, and the serial schedule.
+# three head dims, with three stages, the serial schedule, and 128 rows per warp group.
 BUILDS = [(16, 72, {}), (12, 128, {}), (4, 64, {}), (12, 128, dict(stages=3)),
-          (16, 72, dict(overlap=False, pingpong=False))]
+          (16, 72, dict(overlap=False, pingpong=False)), (16, 72, dict(block_m=256, block_n=64, stages=3))]
 
 
 @needs_gluon
@@ -118,8 +137,8 @@ def test_builds_for_sm90_without_spills():
                                     dict(groups=2, pingpong=False, block_n=64, stages=3),
                                     dict(groups=2, overlap=False, pingpong=False),
                                     dict(block_m=64, groups=1, pingpong=False), {},
-                                    dict(block_n=64, stages=4)],
-                         ids=["g1", "g2", "g2-n64-s3", "g2-serial", "m64", "g2-pingpong", "g2-pingpong-n64-s4"])
+                                    dict(block_n=64, stages=4), dict(block_m=256, block_n=64, stages=3)],
+                         ids=["g1", "g2", "g2-n64-s3", "g2-serial", "m64", "g2-pingpong", "g2-pingpong-n64-s4", "m256"])
 @pytest.mark.parametrize("heads,head_dim", [(16, 72), (12, 128), (4, 64)], ids=["d72", "d128", "d64"])
 def test_configs_match_fp64(fields, heads, head_dim, device):
     """Each tile configuration on a mixed pack (a chunk, a single 2x2 image, an item shorter than a tile,
@@ -134,7 +153,14 @@ def test_configs_match_fp64(fields, heads, head_dim, device):
     qkv = randn((budget, 3 * heads * head_dim), generator(heads, head_dim), torch.bfloat16, device)
     qkv[valid:] = float("nan")
     out = torch.full((budget, heads * head_dim), float("nan"), dtype=torch.bfloat16, device=device)
-    gluon_attention_fwd(qkv, cu, heads, head_dim, config=GluonAttentionConfig(**fields), out=out)
+    config = GluonAttentionConfig(**fields)
+    if config_unsupported(config, head_dim):
+        # Refused before any work, the output left as it was.
+        with pytest.raises(ValueError, match=f"got {head_dim}"):
+            gluon_attention_fwd(qkv, cu, heads, head_dim, config=config, out=out)
+        assert out.isnan().all()
+        return
+    gluon_attention_fwd(qkv, cu, heads, head_dim, config=config, out=out)
     want = varlen_attention_reference(qkv, cu, heads, head_dim).float()
     err = ((out[:valid].float() - want[:valid]).norm() / want[:valid].norm()).item()
     assert err < 5e-3, err
