@@ -2,6 +2,7 @@
 
     python -m fused_moonvit.benchmarks.gluon_sweep check 0,1,2,3,4,5,6   # against fp64, FA3's error beside
     CFGS=3,6 python -m fused_moonvit.benchmarks.gluon_sweep time TAG      # against FA3 and the Triton kernel
+    HEAD_DIMS=1 ...                                                        # head dim 72 only (2: and 128)
 
 `check`: each configuration (by index into CONFIGS) on random plans at head dims 72, 128 and 64 (a 16384
 patch photo, a mix with a chunk and items shorter than a tile, NaN in the padding), its error against fp64
@@ -93,7 +94,7 @@ def timing(tag):
     rows = []
     cases = [("1x16384", [(1, 128, 128)], 16384), ("1x4096", [(1, 64, 64)], 4096), ("16x1024", [(1, 32, 32)] * 16, 16384),
              ("1x1024", [(1, 32, 32)], 1024)]
-    for heads, hd in ((16, 72), (12, 128)):
+    for heads, hd in [(16, 72), (12, 128)][:int(os.environ.get("HEAD_DIMS", "2"))]:
         for name, items, budget in cases:
             cu, valid = plan_cu(items, budget, dev)
             qkv = torch.randn(budget, 3 * heads * hd, generator=gen).to(dev, torch.bfloat16)
