@@ -34,8 +34,8 @@ from fused_moonvit.benchmarks.common import graph_time_us
 from fused_moonvit.benchmarks.flops import attention_flops
 from fused_moonvit.benchmarks.image_sets import IMAGE_SETS, USER_IMAGE_SETS, USER_VIDEO_SETS, patches
 from fused_moonvit.moonvit.arguments import OneLineParser, output_dir
-from fused_moonvit.moonvit.attention import (TABLE_PATH, AttentionChoice, backend_available, device_class,
-                                             packed_attention)
+from fused_moonvit.moonvit.attention import (BACKENDS, TABLE_PATH, AttentionChoice, backend_available,
+                                             device_class, packed_attention)
 
 MIX8 = IMAGE_SETS["mix8"]
 CASES = {
@@ -79,14 +79,14 @@ SLOTS = 64
 MAX_REL_ERR = 1e-2  # bf16: every backend lands near 2e-3 (P rounded to bf16 before the second product)
 
 
-def candidates(device, head_dim):
+def candidates(device, head_dim, backends=BACKENDS):
     """(name, AttentionChoice) for every Triton configuration, every Gluon configuration and every library
-    that runs here."""
+    of `backends` that runs here."""
     from fused_moonvit.kernels.attention import AttentionConfig
 
     out = [(f"triton:{bm}x{bn}/w{w}/s{s}", AttentionChoice("triton", AttentionConfig(bm, bn, w, s)))
-           for bm, bn, w, s in TRITON_CONFIGS]
-    if backend_available("gluon", device, head_dim):
+           for bm, bn, w, s in TRITON_CONFIGS if "triton" in backends]
+    if "gluon" in backends and backend_available("gluon", device, head_dim):
         from fused_moonvit.kernels.attention_gluon import GluonAttentionConfig, config_unsupported
 
         for c in GLUON_CONFIGS:
@@ -95,7 +95,7 @@ def candidates(device, head_dim):
             name = (f"gluon:{c['block_m']}x{c['block_n']}/s{c['stages']}/g{c['groups']}" + ("/o" if c["overlap"] else "")
                     + ("/p" if c.get("pingpong") else ""))
             out.append((name, AttentionChoice("gluon", GluonAttentionConfig(**c))))
-    out += [(lib, AttentionChoice(lib)) for lib in LIBRARIES if backend_available(lib, device)]
+    out += [(lib, AttentionChoice(lib)) for lib in LIBRARIES if lib in backends and backend_available(lib, device)]
     return out
 
 
@@ -143,6 +143,8 @@ def main(argv=None) -> int:
                         help="where to write the backend table (default: %(default)s)")
     parser.add_argument("--cases", help=f"comma-separated subset of {', '.join(CASES)}")
     parser.add_argument("--head-dims", default="72,128", help="comma-separated subset of 72,128 (default: both)")
+    parser.add_argument("--backends", default=",".join(BACKENDS),
+                        help="comma-separated backends to rank (default: %(default)s); the rows written rank only these")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     names = args.cases.split(",") if args.cases else list(CASES)
@@ -156,6 +158,9 @@ def main(argv=None) -> int:
     head_dims = [int(d) for d in args.head_dims.split(",") if d.strip().isdigit()]
     if not head_dims or len(head_dims) != len(args.head_dims.split(",")) or any(d not in HEADS for d in head_dims):
         parser.error(f"--head-dims: choose from {list(HEADS)}, got {args.head_dims}")
+    backends = args.backends.split(",")
+    if not set(backends) <= set(BACKENDS) or not backends:
+        parser.error(f"--backends: choose from {', '.join(BACKENDS)}, got {args.backends}")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
 
@@ -180,7 +185,7 @@ def main(argv=None) -> int:
             flops = attention_flops(items, heads * head_dim)
             case = {"name": name, "budget": budget, "items": [list(i) for i in items], "valid_rows": valid,
                     "heads": heads, "head_dim": head_dim, "candidates": {}}
-            for cand, choice in candidates(device, head_dim):
+            for cand, choice in candidates(device, head_dim, backends):
                 entry = {"backend": choice.backend}
                 c = choice.config
                 if choice.backend == "triton":

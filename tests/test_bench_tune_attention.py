@@ -48,3 +48,9 @@ def test_unknown_case_is_named(capsys):
     with pytest.raises(SystemExit):
         main(["--cases", "1x999"])
     assert "unknown cases ['1x999']" in capsys.readouterr().err
+
+
+def test_unknown_backend_is_named(capsys):
+    with pytest.raises(SystemExit):
+        main(["--backends", "gluon,fa4"])
+    assert "--backends: choose from" in capsys.readouterr().err
