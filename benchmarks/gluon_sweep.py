@@ -25,21 +25,24 @@ from fused_moonvit.kernels.attention import AttentionConfig, varlen_attention_re
 from fused_moonvit.kernels.attention_gluon import GluonAttentionConfig, config_unsupported, gluon_attention_fwd
 from fused_moonvit.moonvit.attention import AttentionChoice, backend_available, packed_attention
 
-CONFIGS = [dict(block_m=128, block_n=128, stages=2, overlap=True, groups=1, pingpong=False),
-           dict(block_m=128, block_n=128, stages=2, overlap=True, groups=2, pingpong=False),
-           dict(block_m=128, block_n=64, stages=3, overlap=True, groups=2, pingpong=False),
-           dict(block_m=128, block_n=128, stages=2, overlap=False, groups=2, pingpong=False),
-           dict(block_m=128, block_n=128, stages=2, overlap=False, groups=1, pingpong=False),
-           dict(block_m=64, block_n=128, stages=2, overlap=True, groups=1, pingpong=False),
-           dict(block_m=128, block_n=128, stages=3, overlap=True, groups=2, pingpong=False),
-           dict(block_m=128, block_n=128, stages=2, overlap=True, groups=2, pingpong=True),
-           dict(block_m=128, block_n=128, stages=3, overlap=True, groups=2, pingpong=True),
-           dict(block_m=128, block_n=64, stages=4, overlap=True, groups=2, pingpong=True),
-           dict(block_m=256, block_n=64, stages=3, overlap=True, groups=2, pingpong=True),
-           dict(block_m=256, block_n=64, stages=4, overlap=True, groups=2, pingpong=True),
-           dict(block_m=256, block_n=64, stages=3, overlap=True, groups=2, pingpong=False),
-           dict(block_m=256, block_n=64, stages=2, overlap=True, groups=2, pingpong=True),
-           dict(block_m=256, block_n=32, stages=4, overlap=True, groups=2, pingpong=True)]
+CONFIGS = [dict(block_m=128, block_n=128, stages=2, overlap=True, groups=1, pingpong=False, p_shared=False),
+           dict(block_m=128, block_n=128, stages=2, overlap=True, groups=2, pingpong=False, p_shared=False),
+           dict(block_m=128, block_n=64, stages=3, overlap=True, groups=2, pingpong=False, p_shared=False),
+           dict(block_m=128, block_n=128, stages=2, overlap=False, groups=2, pingpong=False, p_shared=False),
+           dict(block_m=128, block_n=128, stages=2, overlap=False, groups=1, pingpong=False, p_shared=False),
+           dict(block_m=64, block_n=128, stages=2, overlap=True, groups=1, pingpong=False, p_shared=False),
+           dict(block_m=128, block_n=128, stages=3, overlap=True, groups=2, pingpong=False, p_shared=False),
+           dict(block_m=128, block_n=128, stages=2, overlap=True, groups=2, pingpong=True, p_shared=False),
+           dict(block_m=128, block_n=128, stages=3, overlap=True, groups=2, pingpong=True, p_shared=False),
+           dict(block_m=128, block_n=64, stages=4, overlap=True, groups=2, pingpong=True, p_shared=False),
+           dict(block_m=256, block_n=64, stages=3, overlap=True, groups=2, pingpong=True, p_shared=False),
+           dict(block_m=256, block_n=64, stages=4, overlap=True, groups=2, pingpong=True, p_shared=False),
+           dict(block_m=256, block_n=64, stages=3, overlap=True, groups=2, pingpong=False, p_shared=False),
+           dict(block_m=256, block_n=64, stages=2, overlap=True, groups=2, pingpong=True, p_shared=False),
+           dict(block_m=256, block_n=32, stages=4, overlap=True, groups=2, pingpong=True, p_shared=False),
+           dict(block_m=256, block_n=64, stages=3, overlap=True, groups=2, pingpong=True, p_shared=True),
+           dict(block_m=128, block_n=128, stages=2, overlap=True, groups=2, pingpong=True, p_shared=True),
+           dict(block_m=256, block_n=64, stages=4, overlap=True, groups=2, pingpong=True, p_shared=True)]
 
 
 def plan_cu(items, budget, dev, slots=64):

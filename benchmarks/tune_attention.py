@@ -65,14 +65,15 @@ TRITON_CONFIGS = [
 ]
 # The Gluon kernel's tiles (GluonAttentionConfig fields), where it runs (Hopper, Triton with Gluon).
 GLUON_CONFIGS = [
-    dict(block_m=128, block_n=128, stages=2, overlap=False, groups=2, pingpong=False),
-    dict(block_m=128, block_n=128, stages=3, overlap=True, groups=2, pingpong=False),
-    dict(block_m=128, block_n=128, stages=2, overlap=True, groups=2, pingpong=True),
-    dict(block_m=128, block_n=128, stages=3, overlap=True, groups=2, pingpong=True),
-    dict(block_m=256, block_n=64, stages=3, overlap=True, groups=2, pingpong=True),
-    dict(block_m=256, block_n=64, stages=4, overlap=True, groups=2, pingpong=True),
+    dict(block_m=128, block_n=128, stages=2, overlap=False, groups=2, pingpong=False, p_shared=False),
+    dict(block_m=128, block_n=128, stages=3, overlap=True, groups=2, pingpong=False, p_shared=False),
+    dict(block_m=128, block_n=128, stages=2, overlap=True, groups=2, pingpong=True, p_shared=False),
+    dict(block_m=128, block_n=128, stages=3, overlap=True, groups=2, pingpong=True, p_shared=False),
+    dict(block_m=128, block_n=128, stages=2, overlap=True, groups=2, pingpong=True, p_shared=True),
+    dict(block_m=256, block_n=64, stages=3, overlap=True, groups=2, pingpong=True, p_shared=True),
+    dict(block_m=256, block_n=64, stages=4, overlap=True, groups=2, pingpong=True, p_shared=True),
 ]
-GLUON_FIELDS = ("block_m", "block_n", "stages", "overlap", "groups", "pingpong")
+GLUON_FIELDS = ("block_m", "block_n", "stages", "overlap", "groups", "pingpong", "p_shared")
 LIBRARIES = ("fa3", "fa2")
 CALLS = 5
 SLOTS = 64
@@ -93,7 +94,7 @@ def candidates(device, head_dim, backends=BACKENDS):
             if config_unsupported(GluonAttentionConfig(**c), head_dim):
                 continue
             name = (f"gluon:{c['block_m']}x{c['block_n']}/s{c['stages']}/g{c['groups']}" + ("/o" if c["overlap"] else "")
-                    + ("/p" if c.get("pingpong") else ""))
+                    + ("/p" if c.get("pingpong") else "") + ("/ps" if c.get("p_shared") else ""))
             out.append((name, AttentionChoice("gluon", GluonAttentionConfig(**c))))
     out += [(lib, AttentionChoice(lib)) for lib in LIBRARIES if lib in backends and backend_available(lib, device)]
     return out

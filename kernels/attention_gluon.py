@@ -54,6 +54,10 @@ class GluonAttentionConfig:
     # With groups 2 and overlap: the two warp groups take turns issuing their products (FlashAttention-3's
     # ping-pong), so one group's softmax runs under the other's products.
     pingpong: bool = True
+    # With overlap: P goes to the second product through shared memory instead of registers (FlashAttention-3's
+    # choice at head dims up to 96), so a warp group holds one P tile, not two (the serial schedule holds one
+    # anyway and ignores it).
+    p_shared: bool = True
     producer_regs: int = 24
     consumer_regs: int = 240
 
@@ -176,23 +180,41 @@ if gluon is not None:
         return p.to(dtype), m_new, l_i * alpha + gl.sum(p, 1), alpha
 
     @gluon.jit
-    def _issue_values(p16, acc, acc_t, v_main, v_tail, s, p_layout: gl.constexpr, pt_layout: gl.constexpr,
-                      BLOCK_N: gl.constexpr, D_MAIN: gl.constexpr, TAIL: gl.constexpr, HAS_TAIL: gl.constexpr):
-        # P.V of value buffer s, issued (not waited for); P goes to the tensor cores from registers.
-        acc = warpgroup_mma(gl.convert_layout(p16, p_layout), v_main.index(s).reshape([BLOCK_N, D_MAIN]), acc,
-                            is_async=True)
-        if HAS_TAIL:
-            acc_t = warpgroup_mma(gl.convert_layout(p16, pt_layout), v_tail.index(s).reshape([BLOCK_N, TAIL]),
-                                  acc_t, is_async=True)
+    def _issue_values(p16, p_buf, acc, acc_t, v_main, v_tail, s, p_layout: gl.constexpr, pt_layout: gl.constexpr,
+                      BLOCK_N: gl.constexpr, D_MAIN: gl.constexpr, TAIL: gl.constexpr, HAS_TAIL: gl.constexpr,
+                      P_SHARED: gl.constexpr):
+        # P.V of value buffer s, issued (not waited for); P goes to the tensor cores from registers, or from
+        # p_buf where P_SHARED.
+        if P_SHARED:
+            acc = warpgroup_mma(p_buf, v_main.index(s).reshape([BLOCK_N, D_MAIN]), acc, is_async=True)
+            if HAS_TAIL:
+                acc_t = warpgroup_mma(p_buf, v_tail.index(s).reshape([BLOCK_N, TAIL]), acc_t, is_async=True)
+        else:
+            acc = warpgroup_mma(gl.convert_layout(p16, p_layout), v_main.index(s).reshape([BLOCK_N, D_MAIN]), acc,
+                                is_async=True)
+            if HAS_TAIL:
+                acc_t = warpgroup_mma(gl.convert_layout(p16, pt_layout), v_tail.index(s).reshape([BLOCK_N, TAIL]),
+                                      acc_t, is_async=True)
         return acc, acc_t
 
     @gluon.jit
-    def _wait_values(acc, acc_t, HAS_TAIL: gl.constexpr):
+    def _stage_p(p16, p_buf, P_SHARED: gl.constexpr):
+        # P into shared memory for the second product, once the previous one has read it: wgmma then reads
+        # no register that the softmax writes, so nothing makes the compiler wait for it early.
+        if P_SHARED:
+            p_buf.store(p16)
+            fence_async_shared()
+            cta_barrier()
+
+    @gluon.jit
+    def _wait_values(acc, acc_t, after, HAS_TAIL: gl.constexpr):
+        # Waits for P.V. `after` (the softmax's P) goes through the wait as a dependency: without it ptxas
+        # hoists the wait above the softmax that should run under P.V, and the two run in series.
         if HAS_TAIL:
-            acc, acc_t = warpgroup_mma_wait(0, deps=(acc, acc_t))
+            acc, acc_t, after = warpgroup_mma_wait(0, deps=(acc, acc_t, after))
         else:
-            acc = warpgroup_mma_wait(0, deps=(acc, ))
-        return acc, acc_t
+            acc, after = warpgroup_mma_wait(0, deps=(acc, after))
+        return acc, acc_t, after
 
     @gluon.jit
     def _rescale(acc, acc_t, alpha, row_o: gl.constexpr, row_t: gl.constexpr, HAS_TAIL: gl.constexpr):
@@ -237,10 +259,11 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer(q_main, q_tail, k_main, k_tail, v_main, v_tail, q_bar, k_full, v_full, k_empty, v_empty, turn,
-                  out_ptr, row0, start, end, n_tiles, head, qk_scale,
+                  p_bufs, out_ptr, row0, start, end, n_tiles, head, qk_scale,
                   H: gl.constexpr, D: gl.constexpr, D_MAIN: gl.constexpr, TAIL: gl.constexpr,
                   HAS_TAIL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  OVERLAP: gl.constexpr, GROUP: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr):
+                  OVERLAP: gl.constexpr, GROUP: gl.constexpr, PINGPONG: gl.constexpr, P_SHARED: gl.constexpr,
+                  num_warps: gl.constexpr):
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -254,8 +277,9 @@ if gluon is not None:
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         row_t: gl.constexpr = gl.SliceLayout(1, t_layout)
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        # This partition's BLOCK_M rows of the query tile.
+        # This partition's BLOCK_M rows of the query tile, and its P buffer.
         q_off: gl.constexpr = GROUP * BLOCK_M
+        p_buf = p_bufs.index(GROUP)
 
         acc = gl.zeros([BLOCK_M, D_MAIN], gl.float32, o_layout)
         acc_t = gl.zeros([BLOCK_M, TAIL], gl.float32, t_layout)
@@ -282,34 +306,39 @@ if gluon is not None:
                 p = gl.exp2(sc * qk_scale - m_i[:, None])
                 l_i = gl.sum(p, 1)
                 p16 = p.to(dtype)
+                _stage_p(p16, p_buf, P_SHARED)
+                mbarrier.wait(v_full.index(0), 0)
                 for j in range(1, n_tiles):
                     s = j % STAGES
                     prev = (j - 1) % STAGES
                     mbarrier.wait(k_full.index(s), (j // STAGES) & 1)
-                    mbarrier.wait(v_full.index(prev), ((j - 1) // STAGES) & 1)
                     # The next tile's QK^T and this tile's P.V go to the tensor cores together; the softmax
                     # between them runs while P.V does.
                     _take_turn(turn, j, GROUP, PINGPONG)
                     sc = _scores(qm, qt, k_main, k_tail, s, s_layout, BLOCK_M, BLOCK_N, D_MAIN, TAIL, HAS_TAIL)
-                    acc, acc_t = _issue_values(p16, acc, acc_t, v_main, v_tail, prev, p_layout, pt_layout, BLOCK_N,
-                                               D_MAIN, TAIL, HAS_TAIL)
+                    acc, acc_t = _issue_values(p16, p_buf, acc, acc_t, v_main, v_tail, prev, p_layout, pt_layout,
+                                               BLOCK_N, D_MAIN, TAIL, HAS_TAIL, P_SHARED)
                     _pass_turn(turn, GROUP, PINGPONG)
                     # Wait for QK^T only: P.V (one or two groups, issued after it) stays in flight.
                     sc = warpgroup_mma_wait(2 if HAS_TAIL else 1, deps=(sc,))
                     mbarrier.arrive(k_empty.index(s))
                     p16, m_i, l_i, alpha = _online_softmax(sc, m_i, l_i, qk_scale, cols, last_keep, j == last, dtype)
-                    acc, acc_t = _wait_values(acc, acc_t, HAS_TAIL)
+                    # The next step's values, waited for here: the barrier's polling loop ends the block that
+                    # holds the softmax, and ptxas keeps the wait for P.V below it (within one block it hoists
+                    # that wait above the softmax, which puts the two in series).
+                    mbarrier.wait(v_full.index(s), (j // STAGES) & 1)
+                    acc, acc_t, p16 = _wait_values(acc, acc_t, p16, HAS_TAIL)
                     mbarrier.arrive(v_empty.index(prev))
+                    _stage_p(p16, p_buf, P_SHARED)
                     acc, acc_t = _rescale(acc, acc_t, alpha, row_o, row_t, HAS_TAIL)
                 s = last % STAGES
-                mbarrier.wait(v_full.index(s), (last // STAGES) & 1)
                 if last_keep < BLOCK_N:
                     _zero_value_rows(v_main, v_tail, s, last_keep, BLOCK_N, D_MAIN, TAIL, HAS_TAIL, num_warps)
                 _take_turn(turn, n_tiles, GROUP, PINGPONG)
-                acc, acc_t = _issue_values(p16, acc, acc_t, v_main, v_tail, s, p_layout, pt_layout, BLOCK_N, D_MAIN,
-                                           TAIL, HAS_TAIL)
+                acc, acc_t = _issue_values(p16, p_buf, acc, acc_t, v_main, v_tail, s, p_layout, pt_layout, BLOCK_N, D_MAIN,
+                                           TAIL, HAS_TAIL, P_SHARED)
                 _pass_turn(turn, GROUP, PINGPONG)
-                acc, acc_t = _wait_values(acc, acc_t, HAS_TAIL)
+                acc, acc_t, p16 = _wait_values(acc, acc_t, p16, HAS_TAIL)
                 mbarrier.arrive(v_empty.index(s))
             else:
                 for j in range(n_tiles):
@@ -326,9 +355,9 @@ if gluon is not None:
                         if last_keep < BLOCK_N:
                             _zero_value_rows(v_main, v_tail, s, last_keep, BLOCK_N, D_MAIN, TAIL, HAS_TAIL,
                                              num_warps)
-                    acc, acc_t = _issue_values(p16, acc, acc_t, v_main, v_tail, s, p_layout, pt_layout, BLOCK_N,
-                                               D_MAIN, TAIL, HAS_TAIL)
-                    acc, acc_t = _wait_values(acc, acc_t, HAS_TAIL)
+                    acc, acc_t = _issue_values(p16, p_buf, acc, acc_t, v_main, v_tail, s, p_layout, pt_layout, BLOCK_N,
+                                               D_MAIN, TAIL, HAS_TAIL, P_SHARED)
+                    acc, acc_t, p16 = _wait_values(acc, acc_t, p16, HAS_TAIL)
                     mbarrier.arrive(v_empty.index(s))
         # Live rows have at least their own key, so l >= 1; the padding sequence (n_tiles == 0) stores zeros.
         inv = gl.where(l_i > 0, 1.0 / l_i, gl.zeros_like(l_i))
@@ -350,8 +379,8 @@ if gluon is not None:
                                 H: gl.constexpr, D: gl.constexpr, D_MAIN: gl.constexpr, D_TAIL: gl.constexpr,
                                 SEQS_POW2: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                 STAGES: gl.constexpr, OVERLAP: gl.constexpr, GROUPS: gl.constexpr,
-                                PINGPONG: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                                num_warps: gl.constexpr):
+                                PINGPONG: gl.constexpr, P_SHARED: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                                CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
         HAS_TAIL: gl.constexpr = D_TAIL > 0
         TAIL: gl.constexpr = D_TAIL if D_TAIL > 0 else 16
         # Rows each consumer partition takes: the whole tile in one partition (GROUPS == 1), or 64 rows in
@@ -392,6 +421,12 @@ if gluon is not None:
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        # Each consumer group's P tile where P_SHARED (a stand-in of one 64 x 16 tile otherwise).
+        P_IN_SMEM: gl.constexpr = P_SHARED and OVERLAP
+        P_ROWS: gl.constexpr = GROUP_M if P_IN_SMEM else 64
+        P_COLS: gl.constexpr = BLOCK_N if P_IN_SMEM else 16
+        p_bufs = gl.allocate_shared_memory(dtype, [GROUPS if P_IN_SMEM else 1, P_ROWS, P_COLS],
+                                           gl.NVMMASharedLayout.get_default_for([P_ROWS, P_COLS], dtype))
         mbarrier.init(q_bar, count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_full.index(i), count=1)
@@ -404,8 +439,8 @@ if gluon is not None:
         if GROUPS == 1:
             gl.warp_specialize([
                 (_consumer, (q_main, q_tail, k_main, k_tail, v_main, v_tail, q_bar, k_full, v_full, k_empty, v_empty,
-                             turn, out_ptr, row0, start, end, n_tiles, head, qk_scale, H, D, D_MAIN, TAIL, HAS_TAIL,
-                             GROUP_M, BLOCK_N, STAGES, OVERLAP, 0, False, num_warps)),
+                             turn, p_bufs, out_ptr, row0, start, end, n_tiles, head, qk_scale, H, D, D_MAIN, TAIL,
+                             HAS_TAIL, GROUP_M, BLOCK_N, STAGES, OVERLAP, 0, False, P_IN_SMEM, num_warps)),
                 (_producer, (q_main_desc, q_tail_desc, kv_main_desc, kv_tail_desc, q_main, q_tail, k_main, k_tail,
                              v_main, v_tail, q_bar, k_full, v_full, k_empty, v_empty, row0, start, n_tiles, head, H,
                              D_MAIN, HAS_TAIL, BLOCK_N, STAGES)),
@@ -413,11 +448,11 @@ if gluon is not None:
         else:
             gl.warp_specialize([
                 (_consumer, (q_main, q_tail, k_main, k_tail, v_main, v_tail, q_bar, k_full, v_full, k_empty, v_empty,
-                             turn, out_ptr, row0, start, end, n_tiles, head, qk_scale, H, D, D_MAIN, TAIL, HAS_TAIL,
-                             GROUP_M, BLOCK_N, STAGES, OVERLAP, 0, PINGPONG, num_warps)),
+                             turn, p_bufs, out_ptr, row0, start, end, n_tiles, head, qk_scale, H, D, D_MAIN, TAIL,
+                             HAS_TAIL, GROUP_M, BLOCK_N, STAGES, OVERLAP, 0, PINGPONG, P_IN_SMEM, num_warps)),
                 (_consumer, (q_main, q_tail, k_main, k_tail, v_main, v_tail, q_bar, k_full, v_full, k_empty, v_empty,
-                             turn, out_ptr, row0, start, end, n_tiles, head, qk_scale, H, D, D_MAIN, TAIL, HAS_TAIL,
-                             GROUP_M, BLOCK_N, STAGES, OVERLAP, 1, PINGPONG, 4)),
+                             turn, p_bufs, out_ptr, row0, start, end, n_tiles, head, qk_scale, H, D, D_MAIN, TAIL,
+                             HAS_TAIL, GROUP_M, BLOCK_N, STAGES, OVERLAP, 1, PINGPONG, P_IN_SMEM, 4)),
                 (_producer, (q_main_desc, q_tail_desc, kv_main_desc, kv_tail_desc, q_main, q_tail, k_main, k_tail,
                              v_main, v_tail, q_bar, k_full, v_full, k_empty, v_empty, row0, start, n_tiles, head, H,
                              D_MAIN, HAS_TAIL, BLOCK_N, STAGES)),
@@ -464,7 +499,7 @@ def gluon_attention_fwd(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: 
         out, cu_seqlens, num_seqs, num_seqs - 1, LOG2E / math.sqrt(head_dim),
         H=num_heads, D=head_dim, D_MAIN=d_main, D_TAIL=d_tail, SEQS_POW2=max(32, next_pow2(num_seqs)),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.stages, OVERLAP=cfg.overlap, GROUPS=cfg.groups,
-        PINGPONG=cfg.pingpong, PRODUCER_REGS=cfg.producer_regs, CONSUMER_REGS=cfg.consumer_regs, num_warps=cfg.num_warps)
+        PINGPONG=cfg.pingpong, P_SHARED=cfg.p_shared, PRODUCER_REGS=cfg.producer_regs, CONSUMER_REGS=cfg.consumer_regs, num_warps=cfg.num_warps)
     return out
 
 
@@ -495,7 +530,7 @@ def compile_for_sm90(num_heads: int, head_dim: int, config: GluonAttentionConfig
     signature = dict(zip(names, runtime + ["i32", "i32", "fp32"]))
     constexprs = dict(H=num_heads, D=head_dim, D_MAIN=d_main, D_TAIL=d_tail, SEQS_POW2=max(32, next_pow2(max_items + 1)),
                       BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.stages, OVERLAP=cfg.overlap,
-                      GROUPS=cfg.groups, PINGPONG=cfg.pingpong, PRODUCER_REGS=cfg.producer_regs,
+                      GROUPS=cfg.groups, PINGPONG=cfg.pingpong, P_SHARED=cfg.p_shared, PRODUCER_REGS=cfg.producer_regs,
                       CONSUMER_REGS=cfg.consumer_regs, num_warps=cfg.num_warps)
     signature.update({name: "constexpr" for name in constexprs})
     source = GluonASTSource(_gluon_attention_kernel, signature=signature, constexprs=constexprs)

@@ -109,9 +109,10 @@ for heads, head_dim, fields in json.loads(sys.argv[1]):
 print(json.dumps(out))
 """
 # The default tiles (what the backend runs unless the table names others: the ping-pong schedule) at the
-# three head dims, with three stages, the serial schedule, and 128 rows per warp group.
+# three head dims, with three stages, the serial schedule, 128 rows per warp group and P in registers.
 BUILDS = [(16, 72, {}), (12, 128, {}), (4, 64, {}), (12, 128, dict(stages=3)),
-          (16, 72, dict(overlap=False, pingpong=False)), (16, 72, dict(block_m=256, block_n=64, stages=3))]
+          (16, 72, dict(overlap=False, pingpong=False)), (16, 72, dict(block_m=256, block_n=64, stages=3)),
+          (16, 72, dict(p_shared=False))]
 
 
 @needs_gluon
@@ -137,8 +138,10 @@ def test_builds_for_sm90_without_spills():
                                     dict(groups=2, pingpong=False, block_n=64, stages=3),
                                     dict(groups=2, overlap=False, pingpong=False),
                                     dict(block_m=64, groups=1, pingpong=False), {},
-                                    dict(block_n=64, stages=4), dict(block_m=256, block_n=64, stages=3)],
-                         ids=["g1", "g2", "g2-n64-s3", "g2-serial", "m64", "g2-pingpong", "g2-pingpong-n64-s4", "m256"])
+                                    dict(block_n=64, stages=4), dict(block_m=256, block_n=64, stages=3),
+                                    dict(p_shared=False)],
+                         ids=["g1", "g2", "g2-n64-s3", "g2-serial", "m64", "g2-pingpong", "g2-pingpong-n64-s4", "m256",
+                              "p-registers"])
 @pytest.mark.parametrize("heads,head_dim", [(16, 72), (12, 128), (4, 64)], ids=["d72", "d128", "d64"])
 def test_configs_match_fp64(fields, heads, head_dim, device):
     """Each tile configuration on a mixed pack (a chunk, a single 2x2 image, an item shorter than a tile,
