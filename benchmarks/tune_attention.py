@@ -9,7 +9,7 @@ heads of 72 (Kimi-VL, Kimi-K2.5 / K2.6) and 12 heads of 128 (Kimi-K3), every can
 random bf16 qkv the way the encoder calls it: the plan's cu_seqlens with its padding sequence and 64 item
 slots, max_seqlen = the budget, inside a CUDA graph of 5 back-to-back calls, median of do_bench (L2 flushed
 before each replay, so the first call reads its inputs from memory and the next four as the previous
-one left them). Candidates: the Triton kernel per tile configuration, vLLM's
+one left them), each candidate timed in `--rounds` interleaved rounds and ranked by its median. Candidates: the Triton kernel per tile configuration, vLLM's
 FlashAttention-3 (where it loads), PyTorch's FlashAttention-2 and the Gluon kernel per tile configuration
 (on Hopper). TFLOP/s count head-dim-wide products (72, not FA3's 96). Each output is checked against an fp64 reference (SDPA per sequence) and its padding
 rows against zeros; a candidate that fails either is not ranked.
@@ -33,7 +33,7 @@ import torch
 from fused_moonvit.benchmarks.common import graph_time_us
 from fused_moonvit.benchmarks.flops import attention_flops
 from fused_moonvit.benchmarks.image_sets import IMAGE_SETS, USER_IMAGE_SETS, USER_VIDEO_SETS, patches
-from fused_moonvit.moonvit.arguments import OneLineParser, output_dir
+from fused_moonvit.moonvit.arguments import OneLineParser, output_dir, positive_int
 from fused_moonvit.moonvit.attention import (BACKENDS, TABLE_PATH, AttentionChoice, backend_available,
                                              device_class, packed_attention)
 
@@ -72,6 +72,8 @@ GLUON_CONFIGS = [
     dict(block_m=128, block_n=128, stages=2, overlap=True, groups=2, pingpong=True, p_shared=True),
     dict(block_m=256, block_n=64, stages=3, overlap=True, groups=2, pingpong=True, p_shared=True),
     dict(block_m=256, block_n=64, stages=4, overlap=True, groups=2, pingpong=True, p_shared=True),
+    dict(block_m=192, block_n=128, stages=2, overlap=True, groups=3, pingpong=True, p_shared=True),
+    dict(block_m=192, block_n=64, stages=3, overlap=True, groups=3, pingpong=True, p_shared=True),
 ]
 GLUON_FIELDS = ("block_m", "block_n", "stages", "overlap", "groups", "pingpong", "p_shared")
 LIBRARIES = ("fa3", "fa2")
@@ -144,6 +146,8 @@ def main(argv=None) -> int:
                         help="where to write the backend table (default: %(default)s)")
     parser.add_argument("--cases", help=f"comma-separated subset of {', '.join(CASES)}")
     parser.add_argument("--head-dims", default="72,128", help="comma-separated subset of 72,128 (default: both)")
+    parser.add_argument("--rounds", type=positive_int, default=3,
+                        help="timings of each candidate, interleaved, whose median ranks it (default: %(default)s)")
     parser.add_argument("--backends", default=",".join(BACKENDS),
                         help="comma-separated backends to rank (default: %(default)s); the rows written rank only these")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -186,6 +190,7 @@ def main(argv=None) -> int:
             flops = attention_flops(items, heads * head_dim)
             case = {"name": name, "budget": budget, "items": [list(i) for i in items], "valid_rows": valid,
                     "heads": heads, "head_dim": head_dim, "candidates": {}}
+            timed = []
             for cand, choice in candidates(device, head_dim, backends):
                 entry = {"backend": choice.backend}
                 c = choice.config
@@ -193,21 +198,28 @@ def main(argv=None) -> int:
                     entry["config"] = [c.block_m, c.block_n, c.num_warps, c.num_stages]
                 elif choice.backend == "gluon":
                     entry["config"] = {f: getattr(c, f) for f in GLUON_FIELDS}
+                case["candidates"][cand] = entry
                 try:
                     out = packed_attention(qkv, cu, heads, head_dim, budget, choice)
                     torch.cuda.synchronize()
-                    err = ((out[:valid].float() - exact).norm() / exact.norm()).item()
-                    pad_zero = bool(out[valid:].eq(0).all())
-                    us = graph_time_us(lambda: packed_attention(qkv, cu, heads, head_dim, budget, choice),
-                                       calls=CALLS, rep_ms=120)
                 except Exception as exc:  # a configuration that does not compile, or a library that refuses
                     entry["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                    case["candidates"][cand] = entry
                     print(f"  {name} hd{head_dim} {cand}: {entry['error']}", flush=True)
                     continue
-                entry.update(us=us, rel_err=err, padding_zero=pad_zero, ok=err <= MAX_REL_ERR and pad_zero)
-                entry["tflops"] = flops / us / 1e6
-                case["candidates"][cand] = entry
+                err = ((out[:valid].float() - exact).norm() / exact.norm()).item()
+                pad_zero = bool(out[valid:].eq(0).all())
+                entry.update(rel_err=err, padding_zero=pad_zero, ok=err <= MAX_REL_ERR and pad_zero, us_rounds=[])
+                timed.append((cand, choice))
+            # Rounds interleave the candidates, so a slow spell of the GPU (FA3's own time moves by 10-20%
+            # between runs) does not rank one candidate by its slow round and another by its fast one.
+            for _ in range(args.rounds):
+                for cand, choice in timed:
+                    case["candidates"][cand]["us_rounds"].append(graph_time_us(
+                        lambda: packed_attention(qkv, cu, heads, head_dim, budget, choice), calls=CALLS, rep_ms=120))
+            for cand, _ in timed:
+                entry = case["candidates"][cand]
+                entry["us"] = sorted(entry["us_rounds"])[len(entry["us_rounds"]) // 2]
+                entry["tflops"] = flops / entry["us"] / 1e6
             ranked = sorted((n for n, r in case["candidates"].items() if r.get("ok")),
                             key=lambda n: case["candidates"][n]["us"])
             if not ranked:

@@ -42,47 +42,67 @@ from .limits import check_int
 @dataclass(frozen=True)
 class GluonAttentionConfig:
     """One launch's tiles: BLOCK_M query rows per program (64 or 128 per consumer warp group), BLOCK_N key
-    rows per step, STAGES key/value buffers, OVERLAP the intra-warpgroup pipelining."""
+    rows per step, STAGES key/value buffers, OVERLAP the intra-warpgroup pipelining, GROUPS consumer warp
+    groups."""
 
     # The defaults: FlashAttention-3's schedule (docs/design.md section 15).
     block_m: int = 128
     block_n: int = 128
     stages: int = 2
     overlap: bool = True
-    # 1: one consumer partition of block_m / 16 warps; 2: two partitions of one warp group (block_m / 2 rows).
+    # 1: one consumer partition of block_m / 16 warps; 2 or 3: partitions of one warp group (block_m / groups
+    # rows each).
     groups: int = 2
-    # With groups 2 and overlap: the two warp groups take turns issuing their products (FlashAttention-3's
-    # ping-pong), so one group's softmax runs under the other's products.
+    # With two or three groups and overlap: the warp groups take turns issuing their products
+    # (FlashAttention-3's ping-pong), so one group's softmax runs under the others' products.
     pingpong: bool = True
     # With overlap: P goes to the second product through shared memory instead of registers (FlashAttention-3's
     # choice at head dims up to 96), so a warp group holds one P tile, not two (the serial schedule holds one
     # anyway and ignores it).
     p_shared: bool = True
     producer_regs: int = 24
-    consumer_regs: int = 240
+    # None: the most that the consumer warp groups can take beside the producer's 24 (240 each for two, 160
+    # for three: four warp groups share 65536 registers, 128 a thread on average).
+    consumer_regs: int | None = None
 
     def __post_init__(self):
-        # One or two consumer warp groups of 64 rows: more would not get the registers a group needs.
-        # One or two warp groups' rows (64 each, or 128 in two steps of wgmma's 64), as one partition or two.
-        if check_int("GluonAttentionConfig.block_m", self.block_m, 64) not in (64, 128, 256):
-            raise ValueError(f"GluonAttentionConfig.block_m must be 64, 128 or 256, got {self.block_m}")
+        # Warp groups of 64 query rows (or 128 in two steps of wgmma's 64), as one partition or one each.
+        if check_int("GluonAttentionConfig.block_m", self.block_m, 64) not in (64, 128, 192, 256):
+            raise ValueError(f"GluonAttentionConfig.block_m must be 64, 128, 192 or 256, got {self.block_m}")
         # Gluon's tensors have power-of-two sides; 256 keys of scores would not fit the registers.
         if check_int("GluonAttentionConfig.block_n", self.block_n, 16) not in (32, 64, 128):
             raise ValueError(f"GluonAttentionConfig.block_n must be 32, 64 or 128, got {self.block_n}")
         check_int("GluonAttentionConfig.stages", self.stages, 1)
-        if (self.groups, self.block_m) not in ((1, 64), (1, 128), (2, 128), (2, 256)):
-            raise ValueError(f"GluonAttentionConfig.groups must be 1 with block_m 64 or 128, or 2 with block_m 128 "
-                             f"or 256, got {self.groups} with block_m {self.block_m}")
-        if self.pingpong and not (self.groups == 2 and self.overlap):
-            raise ValueError(f"GluonAttentionConfig.pingpong (on by default) needs groups 2 and overlap, got groups "
-                             f"{self.groups} and overlap {self.overlap}; pass pingpong=False for this schedule")
+        if (self.groups, self.block_m) not in ((1, 64), (1, 128), (2, 128), (2, 256), (3, 192)):
+            raise ValueError(f"GluonAttentionConfig.groups must be 1 with block_m 64 or 128, 2 with block_m 128 "
+                             f"or 256, or 3 with block_m 192, got {self.groups} with block_m {self.block_m}")
+        if self.pingpong and not (self.groups > 1 and self.overlap):
+            raise ValueError(f"GluonAttentionConfig.pingpong (on by default) needs groups 2 or 3 and overlap, got "
+                             f"groups {self.groups} and overlap {self.overlap}; pass pingpong=False for this schedule")
+        if self.groups == 3 and self.overlap and not self.p_shared:
+            raise ValueError("GluonAttentionConfig.groups 3 with overlap needs p_shared=True, got p_shared=False: "
+                             "two P tiles in registers do not fit a third warp group's 160 registers")
         check_int("GluonAttentionConfig.producer_regs", self.producer_regs, 24)
-        check_int("GluonAttentionConfig.consumer_regs", self.consumer_regs, 24)
+        if self.consumer_regs is not None:
+            check_int("GluonAttentionConfig.consumer_regs", self.consumer_regs, 24)
+        # Register budgets are per warp group: the consumers' and the producer's (one warp, a warp group's
+        # budget) share 65536 registers, 512 a thread of four warp groups.
+        if self.groups > 1 and self.groups * self.regs + self.producer_regs > 512:
+            raise ValueError(f"GluonAttentionConfig.consumer_regs {self.regs} for {self.groups} consumer warp groups "
+                             f"and producer_regs {self.producer_regs} exceed the register file "
+                             f"({self.groups} * {self.regs} + {self.producer_regs} > 512)")
+
+    @property
+    def regs(self) -> int:
+        """Registers a consumer thread gets (consumer_regs, or its default for the number of groups)."""
+        if self.consumer_regs is not None:
+            return self.consumer_regs
+        return 160 if self.groups == 3 else 240
 
     @property
     def num_warps(self) -> int:
-        # The default partition's warps: all consumers, or the first of two consumer warp groups.
-        return 4 if self.groups == 2 else self.block_m // 16
+        # The default partition's warps: all consumers, or the first of two or three consumer warp groups.
+        return 4 if self.groups > 1 else self.block_m // 16
 
 
 def gluon_unavailable_reason(device: torch.device | str, head_dim: int | None = None) -> str | None:
@@ -99,13 +119,14 @@ def gluon_unavailable_reason(device: torch.device | str, head_dim: int | None = 
 
 
 def config_unsupported(config: GluonAttentionConfig, head_dim: int) -> str | None:
-    """Why `config` does not run at `head_dim`, or None. A warp group of 128 query rows (block_m 256 in two
-    groups) keeps their output, 128 x head width in fp32, in its registers beside a score tile and P; that
-    fits up to head dim 80 (80 wide) and spills at 128."""
+    """Why `config` does not run at `head_dim`, or None. A warp group keeps its rows' output, in fp32, in
+    its registers beside a score tile and P: 128 rows (block_m 256 in two groups) fit that up to head dim 80
+    (80 wide) and spill at 128, and so do 64 rows in the 160 registers of three groups (block_m 192)."""
     reason = head_dim_unsupported(head_dim)
-    if reason is None and config.groups == 2 and config.block_m == 256 and sum(head_split(head_dim)) > 80:
-        reason = (f"GluonAttentionConfig block_m 256 (128 rows per warp group) takes head dims up to 80, got "
-                  f"{head_dim}: its output tile would not fit the registers; use block_m 128")
+    if reason is None and config.block_m in (192, 256) and sum(head_split(head_dim)) > 80:
+        reason = (f"GluonAttentionConfig block_m {config.block_m} ({config.block_m // config.groups} rows per warp "
+                  f"group in {config.regs} registers) takes head dims up to 80, got {head_dim}: its output tile "
+                  f"would not fit the registers; use block_m 128")
     return reason
 
 
@@ -127,14 +148,18 @@ if gluon is not None:
     def _producer(q_main_desc, q_tail_desc, kv_main_desc, kv_tail_desc, q_main, q_tail, k_main, k_tail, v_main,
                   v_tail, q_bar, k_full, v_full, k_empty, v_empty, row0, start, n_tiles, head,
                   H: gl.constexpr, D_MAIN: gl.constexpr, HAS_TAIL: gl.constexpr, BLOCK_N: gl.constexpr,
-                  STAGES: gl.constexpr):
-        Q_BYTES: gl.constexpr = q_main_desc.block_type.nbytes + (q_tail_desc.block_type.nbytes if HAS_TAIL else 0)
+                  STAGES: gl.constexpr, GROUPS: gl.constexpr):
+        # The query tile comes as one box per consumer group (192 rows would be no power of two).
+        GROUP_M: gl.constexpr = q_main_desc.block_type.shape[0]
+        Q_BYTES: gl.constexpr = GROUPS * (q_main_desc.block_type.nbytes
+                                          + (q_tail_desc.block_type.nbytes if HAS_TAIL else 0))
         KV_BYTES: gl.constexpr = kv_main_desc.block_type.nbytes + (kv_tail_desc.block_type.nbytes if HAS_TAIL else 0)
         if n_tiles > 0:
             mbarrier.expect(q_bar, Q_BYTES)
-            tma_load(q_main_desc, [row0, head, 0], q_bar, q_main)
-            if HAS_TAIL:
-                tma_load(q_tail_desc, [row0, head, D_MAIN], q_bar, q_tail)
+            for g in gl.static_range(GROUPS):
+                tma_load(q_main_desc, [row0 + g * GROUP_M, head, 0], q_bar, q_main.index(g))
+                if HAS_TAIL:
+                    tma_load(q_tail_desc, [row0 + g * GROUP_M, head, D_MAIN], q_bar, q_tail.index(g))
         for j in range(n_tiles):
             s = j % STAGES
             # A fresh barrier counts as having completed the phase before its first: the first pass
@@ -225,17 +250,18 @@ if gluon is not None:
 
     @gluon.jit
     def _take_turn(turn, count, GROUP: gl.constexpr, PINGPONG: gl.constexpr):
-        # Ping-pong: warp group GROUP issues its count-th set of products only after the other group issued
-        # its previous set, so the tensor cores run one group's products while the other does its softmax.
-        # Turns alternate strictly, so a barrier is never more than one phase ahead of its waiter and parity
-        # suffices; group 0 goes first (a fresh barrier passes a wait on parity 1).
+        # Ping-pong: warp group GROUP issues its count-th set of products only after the group before it in
+        # the ring issued its count-th (group 0: the last group its previous), so the tensor cores run the
+        # others' products while a group does its softmax. Turns go round strictly, so a barrier is never
+        # more than one phase ahead of its waiter and parity suffices; group 0 goes first (a fresh barrier
+        # passes a wait on parity 1).
         if PINGPONG:
-            mbarrier.wait(turn.index(GROUP), (count & 1) ^ (1 - GROUP))
+            mbarrier.wait(turn.index(GROUP), (count & 1) ^ (1 if GROUP == 0 else 0))
 
     @gluon.jit
-    def _pass_turn(turn, GROUP: gl.constexpr, PINGPONG: gl.constexpr):
+    def _pass_turn(turn, GROUP: gl.constexpr, GROUPS: gl.constexpr, PINGPONG: gl.constexpr):
         if PINGPONG:
-            mbarrier.arrive(turn.index(1 - GROUP))
+            mbarrier.arrive(turn.index((GROUP + 1) % GROUPS))
 
     @gluon.jit
     def _zero_value_rows(v_main, v_tail, s, keep, BLOCK_N: gl.constexpr, D_MAIN: gl.constexpr,
@@ -262,8 +288,8 @@ if gluon is not None:
                   p_bufs, out_ptr, row0, start, end, n_tiles, head, qk_scale,
                   H: gl.constexpr, D: gl.constexpr, D_MAIN: gl.constexpr, TAIL: gl.constexpr,
                   HAS_TAIL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  OVERLAP: gl.constexpr, GROUP: gl.constexpr, PINGPONG: gl.constexpr, P_SHARED: gl.constexpr,
-                  num_warps: gl.constexpr):
+                  OVERLAP: gl.constexpr, GROUP: gl.constexpr, GROUPS: gl.constexpr, PINGPONG: gl.constexpr,
+                  P_SHARED: gl.constexpr, num_warps: gl.constexpr):
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -285,8 +311,8 @@ if gluon is not None:
         acc_t = gl.zeros([BLOCK_M, TAIL], gl.float32, t_layout)
         l_i = gl.zeros([BLOCK_M], gl.float32, row_s)
         if n_tiles > 0:
-            qm = q_main.reshape([q_main.shape[0], D_MAIN]).slice(q_off, BLOCK_M)
-            qt = q_tail.reshape([q_tail.shape[0], TAIL]).slice(q_off, BLOCK_M)
+            qm = q_main.index(GROUP).reshape([BLOCK_M, D_MAIN])
+            qt = q_tail.index(GROUP).reshape([BLOCK_M, TAIL])
             mbarrier.wait(q_bar, 0)
             m_i = gl.full([BLOCK_M], -float("inf"), gl.float32, row_s)
             last = n_tiles - 1
@@ -296,7 +322,7 @@ if gluon is not None:
                 mbarrier.wait(k_full.index(0), 0)
                 _take_turn(turn, 0, GROUP, PINGPONG)
                 sc = _scores(qm, qt, k_main, k_tail, 0, s_layout, BLOCK_M, BLOCK_N, D_MAIN, TAIL, HAS_TAIL)
-                _pass_turn(turn, GROUP, PINGPONG)
+                _pass_turn(turn, GROUP, GROUPS, PINGPONG)
                 sc = warpgroup_mma_wait(0, deps=(sc,))
                 mbarrier.arrive(k_empty.index(0))
                 if last == 0:
@@ -318,7 +344,7 @@ if gluon is not None:
                     sc = _scores(qm, qt, k_main, k_tail, s, s_layout, BLOCK_M, BLOCK_N, D_MAIN, TAIL, HAS_TAIL)
                     acc, acc_t = _issue_values(p16, p_buf, acc, acc_t, v_main, v_tail, prev, p_layout, pt_layout,
                                                BLOCK_N, D_MAIN, TAIL, HAS_TAIL, P_SHARED)
-                    _pass_turn(turn, GROUP, PINGPONG)
+                    _pass_turn(turn, GROUP, GROUPS, PINGPONG)
                     # Wait for QK^T only: P.V (one or two groups, issued after it) stays in flight.
                     sc = warpgroup_mma_wait(2 if HAS_TAIL else 1, deps=(sc,))
                     mbarrier.arrive(k_empty.index(s))
@@ -337,7 +363,7 @@ if gluon is not None:
                 _take_turn(turn, n_tiles, GROUP, PINGPONG)
                 acc, acc_t = _issue_values(p16, p_buf, acc, acc_t, v_main, v_tail, s, p_layout, pt_layout, BLOCK_N, D_MAIN,
                                            TAIL, HAS_TAIL, P_SHARED)
-                _pass_turn(turn, GROUP, PINGPONG)
+                _pass_turn(turn, GROUP, GROUPS, PINGPONG)
                 acc, acc_t, p16 = _wait_values(acc, acc_t, p16, HAS_TAIL)
                 mbarrier.arrive(v_empty.index(s))
             else:
@@ -409,8 +435,8 @@ if gluon is not None:
         dtype: gl.constexpr = kv_main_desc.dtype
         # Head dims without a tail get one-slot tail buffers, never loaded or read.
         TAIL_SLOTS: gl.constexpr = STAGES if HAS_TAIL else 1
-        q_main = gl.allocate_shared_memory(dtype, q_main_desc.block_type.shape, q_main_desc.layout)
-        q_tail = gl.allocate_shared_memory(dtype, q_tail_desc.block_type.shape, q_tail_desc.layout)
+        q_main = gl.allocate_shared_memory(dtype, [GROUPS] + q_main_desc.block_type.shape, q_main_desc.layout)
+        q_tail = gl.allocate_shared_memory(dtype, [GROUPS] + q_tail_desc.block_type.shape, q_tail_desc.layout)
         k_main = gl.allocate_shared_memory(dtype, [STAGES] + kv_main_desc.block_type.shape, kv_main_desc.layout)
         v_main = gl.allocate_shared_memory(dtype, [STAGES] + kv_main_desc.block_type.shape, kv_main_desc.layout)
         k_tail = gl.allocate_shared_memory(dtype, [TAIL_SLOTS] + kv_tail_desc.block_type.shape, kv_tail_desc.layout)
@@ -420,7 +446,8 @@ if gluon is not None:
         v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        TURNS: gl.constexpr = 4 if GROUPS == 3 else 2
+        turn = gl.allocate_shared_memory(gl.int64, [TURNS, 1], mbarrier.MBarrierLayout())
         # Each consumer group's P tile where P_SHARED (a stand-in of one 64 x 16 tile otherwise).
         P_IN_SMEM: gl.constexpr = P_SHARED and OVERLAP
         P_ROWS: gl.constexpr = GROUP_M if P_IN_SMEM else 64
@@ -433,30 +460,46 @@ if gluon is not None:
             mbarrier.init(v_full.index(i), count=1)
             mbarrier.init(k_empty.index(i), count=GROUPS)
             mbarrier.init(v_empty.index(i), count=GROUPS)
-        for i in gl.static_range(2):
+        for i in gl.static_range(TURNS):
             mbarrier.init(turn.index(i), count=1)
 
+        # Each partition's arguments but its group: consumers, then the producer.
         if GROUPS == 1:
             gl.warp_specialize([
                 (_consumer, (q_main, q_tail, k_main, k_tail, v_main, v_tail, q_bar, k_full, v_full, k_empty, v_empty,
                              turn, p_bufs, out_ptr, row0, start, end, n_tiles, head, qk_scale, H, D, D_MAIN, TAIL,
-                             HAS_TAIL, GROUP_M, BLOCK_N, STAGES, OVERLAP, 0, False, P_IN_SMEM, num_warps)),
+                             HAS_TAIL, GROUP_M, BLOCK_N, STAGES, OVERLAP, 0, 1, False, P_IN_SMEM, num_warps)),
                 (_producer, (q_main_desc, q_tail_desc, kv_main_desc, kv_tail_desc, q_main, q_tail, k_main, k_tail,
                              v_main, v_tail, q_bar, k_full, v_full, k_empty, v_empty, row0, start, n_tiles, head, H,
-                             D_MAIN, HAS_TAIL, BLOCK_N, STAGES)),
+                             D_MAIN, HAS_TAIL, BLOCK_N, STAGES, 1)),
             ], [1], [PRODUCER_REGS])
+        elif GROUPS == 2:
+            gl.warp_specialize([
+                (_consumer, (q_main, q_tail, k_main, k_tail, v_main, v_tail, q_bar, k_full, v_full, k_empty, v_empty,
+                             turn, p_bufs, out_ptr, row0, start, end, n_tiles, head, qk_scale, H, D, D_MAIN, TAIL,
+                             HAS_TAIL, GROUP_M, BLOCK_N, STAGES, OVERLAP, 0, 2, PINGPONG, P_IN_SMEM, num_warps)),
+                (_consumer, (q_main, q_tail, k_main, k_tail, v_main, v_tail, q_bar, k_full, v_full, k_empty, v_empty,
+                             turn, p_bufs, out_ptr, row0, start, end, n_tiles, head, qk_scale, H, D, D_MAIN, TAIL,
+                             HAS_TAIL, GROUP_M, BLOCK_N, STAGES, OVERLAP, 1, 2, PINGPONG, P_IN_SMEM, 4)),
+                (_producer, (q_main_desc, q_tail_desc, kv_main_desc, kv_tail_desc, q_main, q_tail, k_main, k_tail,
+                             v_main, v_tail, q_bar, k_full, v_full, k_empty, v_empty, row0, start, n_tiles, head, H,
+                             D_MAIN, HAS_TAIL, BLOCK_N, STAGES, 2)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
                 (_consumer, (q_main, q_tail, k_main, k_tail, v_main, v_tail, q_bar, k_full, v_full, k_empty, v_empty,
                              turn, p_bufs, out_ptr, row0, start, end, n_tiles, head, qk_scale, H, D, D_MAIN, TAIL,
-                             HAS_TAIL, GROUP_M, BLOCK_N, STAGES, OVERLAP, 0, PINGPONG, P_IN_SMEM, num_warps)),
+                             HAS_TAIL, GROUP_M, BLOCK_N, STAGES, OVERLAP, 0, 3, PINGPONG, P_IN_SMEM, num_warps)),
                 (_consumer, (q_main, q_tail, k_main, k_tail, v_main, v_tail, q_bar, k_full, v_full, k_empty, v_empty,
                              turn, p_bufs, out_ptr, row0, start, end, n_tiles, head, qk_scale, H, D, D_MAIN, TAIL,
-                             HAS_TAIL, GROUP_M, BLOCK_N, STAGES, OVERLAP, 1, PINGPONG, P_IN_SMEM, 4)),
+                             HAS_TAIL, GROUP_M, BLOCK_N, STAGES, OVERLAP, 1, 3, PINGPONG, P_IN_SMEM, 4)),
+                (_consumer, (q_main, q_tail, k_main, k_tail, v_main, v_tail, q_bar, k_full, v_full, k_empty, v_empty,
+                             turn, p_bufs, out_ptr, row0, start, end, n_tiles, head, qk_scale, H, D, D_MAIN, TAIL,
+                             HAS_TAIL, GROUP_M, BLOCK_N, STAGES, OVERLAP, 2, 3, PINGPONG, P_IN_SMEM, 4)),
                 (_producer, (q_main_desc, q_tail_desc, kv_main_desc, kv_tail_desc, q_main, q_tail, k_main, k_tail,
                              v_main, v_tail, q_bar, k_full, v_full, k_empty, v_empty, row0, start, n_tiles, head, H,
-                             D_MAIN, HAS_TAIL, BLOCK_N, STAGES)),
-            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+                             D_MAIN, HAS_TAIL, BLOCK_N, STAGES, 3)),
+            ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
 
 def _descriptor(qkv3: torch.Tensor, rows: int, width: int) -> TensorDescriptor:
@@ -494,12 +537,12 @@ def gluon_attention_fwd(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: 
     # Every sequence's partial last tile can add one tile to cdiv(B, BLOCK_M).
     grid = (math.ceil(budget / cfg.block_m) + num_seqs, num_heads)
     _gluon_attention_kernel[grid](
-        _descriptor(qkv3, cfg.block_m, d_main), _descriptor(qkv3, cfg.block_m, tail_width),
+        _descriptor(qkv3, cfg.block_m // cfg.groups, d_main), _descriptor(qkv3, cfg.block_m // cfg.groups, tail_width),
         _descriptor(qkv3, cfg.block_n, d_main), _descriptor(qkv3, cfg.block_n, tail_width),
         out, cu_seqlens, num_seqs, num_seqs - 1, LOG2E / math.sqrt(head_dim),
         H=num_heads, D=head_dim, D_MAIN=d_main, D_TAIL=d_tail, SEQS_POW2=max(32, next_pow2(num_seqs)),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.stages, OVERLAP=cfg.overlap, GROUPS=cfg.groups,
-        PINGPONG=cfg.pingpong, P_SHARED=cfg.p_shared, PRODUCER_REGS=cfg.producer_regs, CONSUMER_REGS=cfg.consumer_regs, num_warps=cfg.num_warps)
+        PINGPONG=cfg.pingpong, P_SHARED=cfg.p_shared, PRODUCER_REGS=cfg.producer_regs, CONSUMER_REGS=cfg.regs, num_warps=cfg.num_warps)
     return out
 
 
@@ -523,7 +566,8 @@ def compile_for_sm90(num_heads: int, head_dim: int, config: GluonAttentionConfig
     d_main, d_tail = head_split(head_dim)
     # Host tensors stand in for the GPU's: only their dtypes, shapes and strides reach the compiler.
     qkv3 = torch.empty(cfg.block_m, 3 * num_heads, head_dim, dtype=dtype)
-    descs = [_descriptor(qkv3, rows, width) for rows in (cfg.block_m, cfg.block_n) for width in (d_main, d_tail or 16)]
+    descs = [_descriptor(qkv3, rows, width) for rows in (cfg.block_m // cfg.groups, cfg.block_n)
+             for width in (d_main, d_tail or 16)]
     pointers = [torch.empty(1, dtype=dtype), torch.empty(1, dtype=torch.int32)]
     runtime = [mangle_type(a) for a in descs + pointers]
     names = [p.name for p in _gluon_attention_kernel.params]
@@ -531,7 +575,7 @@ def compile_for_sm90(num_heads: int, head_dim: int, config: GluonAttentionConfig
     constexprs = dict(H=num_heads, D=head_dim, D_MAIN=d_main, D_TAIL=d_tail, SEQS_POW2=max(32, next_pow2(max_items + 1)),
                       BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.stages, OVERLAP=cfg.overlap,
                       GROUPS=cfg.groups, PINGPONG=cfg.pingpong, P_SHARED=cfg.p_shared, PRODUCER_REGS=cfg.producer_regs,
-                      CONSUMER_REGS=cfg.consumer_regs, num_warps=cfg.num_warps)
+                      CONSUMER_REGS=cfg.regs, num_warps=cfg.num_warps)
     signature.update({name: "constexpr" for name in constexprs})
     source = GluonASTSource(_gluon_attention_kernel, signature=signature, constexprs=constexprs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})

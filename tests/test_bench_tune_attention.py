@@ -54,3 +54,10 @@ def test_unknown_backend_is_named(capsys):
     with pytest.raises(SystemExit):
         main(["--backends", "gluon,fa4"])
     assert "--backends: choose from" in capsys.readouterr().err
+
+
+def test_rounds_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--rounds", "0", "--cases", "1x256"])
+    assert exc.value.code == 2
+    assert "--rounds" in capsys.readouterr().err

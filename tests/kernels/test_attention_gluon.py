@@ -45,7 +45,9 @@ def test_unavailable_off_hopper_says_why(device):
     (dict(block_m=256, groups=1, pingpong=False), "groups"),
     (dict(block_n=48), "block_n"),
     (dict(block_n=256), "block_n"), (dict(block_n=96), "block_n"), (dict(stages=0), "stages"), (dict(groups=3), "groups"),
-    (dict(block_m=64, groups=2), "groups"), (dict(producer_regs=8), "producer_regs"),
+    (dict(block_m=64, groups=2), "groups"), (dict(block_m=192, groups=2), "groups"), (dict(block_m=128, groups=3), "groups"),
+    (dict(block_m=192, groups=3, p_shared=False), "p_shared"), (dict(block_m=192, groups=3, consumer_regs=168), "168"),
+    (dict(consumer_regs=248), "248"), (dict(producer_regs=8), "producer_regs"),
     (dict(overlap=False), "pingpong"), (dict(groups=1), "pingpong"),
 ])
 def test_config_refuses_bad_tiles(fields, bad):
@@ -56,7 +58,15 @@ def test_config_refuses_bad_tiles(fields, bad):
 @pytest.mark.parametrize("head_dim", [64, 72, 80])
 def test_128_rows_per_warp_group_up_to_head_dim_80(head_dim):
     assert config_unsupported(GluonAttentionConfig(block_m=256, block_n=64), head_dim) is None
+    assert config_unsupported(GluonAttentionConfig(block_m=192, groups=3), head_dim) is None
     assert config_unsupported(GluonAttentionConfig(), head_dim) is None
+
+
+def test_register_budgets_follow_the_groups():
+    assert GluonAttentionConfig().regs == 240
+    assert GluonAttentionConfig(block_m=192, groups=3).regs == 160
+    assert GluonAttentionConfig(block_m=192, groups=3, consumer_regs=152).regs == 152
+    assert "got 128" in config_unsupported(GluonAttentionConfig(block_m=192, groups=3), 128)
 
 
 def test_128_rows_per_warp_group_refused_at_head_dim_128(device):
@@ -109,10 +119,11 @@ for heads, head_dim, fields in json.loads(sys.argv[1]):
 print(json.dumps(out))
 """
 # The default tiles (what the backend runs unless the table names others: the ping-pong schedule) at the
-# three head dims, with three stages, the serial schedule, 128 rows per warp group and P in registers.
+# three head dims, with three stages, the serial schedule, 128 rows per warp group, P in registers and three
+# consumer warp groups.
 BUILDS = [(16, 72, {}), (12, 128, {}), (4, 64, {}), (12, 128, dict(stages=3)),
           (16, 72, dict(overlap=False, pingpong=False)), (16, 72, dict(block_m=256, block_n=64, stages=3)),
-          (16, 72, dict(p_shared=False))]
+          (16, 72, dict(p_shared=False)), (16, 72, dict(block_m=192, groups=3))]
 
 
 @needs_gluon
@@ -139,9 +150,9 @@ def test_builds_for_sm90_without_spills():
                                     dict(groups=2, overlap=False, pingpong=False),
                                     dict(block_m=64, groups=1, pingpong=False), {},
                                     dict(block_n=64, stages=4), dict(block_m=256, block_n=64, stages=3),
-                                    dict(p_shared=False)],
+                                    dict(p_shared=False), dict(block_m=192, groups=3)],
                          ids=["g1", "g2", "g2-n64-s3", "g2-serial", "m64", "g2-pingpong", "g2-pingpong-n64-s4", "m256",
-                              "p-registers"])
+                              "p-registers", "g3"])
 @pytest.mark.parametrize("heads,head_dim", [(16, 72), (12, 128), (4, 64)], ids=["d72", "d128", "d64"])
 def test_configs_match_fp64(fields, heads, head_dim, device):
     """Each tile configuration on a mixed pack (a chunk, a single 2x2 image, an item shorter than a tile,
