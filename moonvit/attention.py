@@ -40,6 +40,10 @@ from fused_moonvit.kernels.launch import device_class, select_row
 ATTENTION_ENV = "FUSED_MOONVIT_ATTENTION"
 FA3_LIB_ENV = "FUSED_MOONVIT_FA3_LIB"
 BACKENDS = ("triton", "gluon", "fa3", "fa2")
+# Backends that may read past an item's last row: FA3 loads a sequence's last key tile whole and multiplies
+# the masked values by P = 0, so a NaN or Inf in the first rows of the next item turns this one NaN. The
+# encoder keeps non-finite items from reaching them (`FusedMoonVit.forward_static`).
+LEAKY_BACKENDS = frozenset({"fa3"})
 TABLE_PATH = Path(__file__).with_name("attention_table.json")
 
 

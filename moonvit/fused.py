@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from fused_moonvit.kernels.layernorm import add_layer_norm
 from fused_moonvit.kernels.limits import check_budget
 from fused_moonvit.kernels.patch_merge import merge_patches
-from fused_moonvit.kernels.plan import (build_plan, expand_plan, new_device_plan, new_token_meta, plan_cu_seqlens,
-                                        upload_plan)
+from fused_moonvit.kernels.plan import (META_ITEM, build_plan, expand_plan, new_device_plan, new_token_meta,
+                                        plan_cu_seqlens, upload_plan)
 from fused_moonvit.kernels.pos_embed import interp_pos_embed
 from fused_moonvit.kernels.rope2d import apply_rope_2d, rope_cos_sin_table
 
+from . import attention as attention_backends
 from .attention import check_attention_dtype, choose_attention, forced_attention_backend, packed_attention
 from .config import MoonVitConfig
 from .inputs import check_inputs
@@ -98,6 +99,12 @@ class FusedMoonVit(MoonVitModules):
         cos_sin = self.rope_table(pixel_values.device)
         attention = choose_attention(budget, pixel_values.device, head_dim, self.attention_backend)
         max_seqlen = budget if max_seqlen is None else max_seqlen
+        # Where attention may read across items, an item with a NaN or Inf pixel runs on zeros and gets its
+        # NaN back at the end: it is NaN after the first attention anyway, and its neighbours stay exact.
+        nonfinite = None
+        if attention.backend in attention_backends.LEAKY_BACKENDS:
+            nonfinite = nonfinite_item_rows(pixel_values, meta, cu_seqlens.numel() - 2)
+            pixel_values = pixel_values.masked_fill(nonfinite[:, None, None, None], 0)
 
         embed = tower.patch_embed
         x = F.linear(pixel_values.flatten(1), embed.proj.weight.flatten(1))
@@ -119,6 +126,8 @@ class FusedMoonVit(MoonVitModules):
             norm = blocks[i + 1].norm0 if i + 1 < len(blocks) else tower.encoder.final_layernorm
             h = add_layer_norm(x, block.mlp.fc1(g), **norm_args(norm, dtype))
 
+        if nonfinite is not None:
+            h = h.masked_fill(nonfinite[:, None], float("nan"))
         if self.projector is None:
             return merge_patches(h, meta, max_frames=cfg.max_frames)
         return self.projector.fused_forward(h, meta, cfg.max_frames)
@@ -137,3 +146,14 @@ class FusedMoonVit(MoonVitModules):
                 self._zero_biases[key] = torch.zeros(fc0.out_features, dtype=h.dtype, device=h.device)
             bias = self._zero_biases[key]
         return torch._addmm_activation(bias, h, fc0.weight.t(), use_gelu=True)
+
+
+def nonfinite_item_rows(pixel_values: torch.Tensor, token_meta: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """(B,) bool: the rows of every item (of `num_slots` slots) that holds a NaN or Inf pixel anywhere, from
+    the expanded plan's item column; padding rows are never marked. Device work only (capturable)."""
+    item = token_meta[META_ITEM].long()
+    row_bad = ~torch.isfinite(pixel_values.flatten(1)).all(1)
+    # Slot s counts at s + 1; padding (-1) at 0, never read back.
+    bad = torch.zeros(num_slots + 1, dtype=torch.int32, device=pixel_values.device)
+    bad.index_add_(0, item + 1, row_bad.int())
+    return (bad[item + 1] > 0) & (item >= 0)

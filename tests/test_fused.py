@@ -333,6 +333,65 @@ def test_moonvit3d_nan_stays_in_its_item():
     assert out[1].isnan().all()
 
 
+def leaky_attention(real):
+    """The packed attention as FlashAttention-3 reads keys and values: also the first row of the next
+    sequence, times P = 0, so a NaN or Inf there turns the sequence before it NaN (docs/design.md 3.6)."""
+    def attend(qkv, cu_seqlens, num_heads, head_dim, max_seqlen, choice):
+        out = real(qkv, cu_seqlens, num_heads, head_dim, max_seqlen, choice)
+        v = qkv[:, 2 * num_heads * head_dim:]
+        bounds = cu_seqlens.tolist()
+        for start, end, after in zip(bounds[:-2], bounds[1:-1], bounds[2:]):
+            if start < end < after:
+                out[start:end] += 0 * v[end]
+        return out
+    return attend
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_nan_item_kept_from_a_backend_that_reads_across_items(guarded, monkeypatch):
+    """Through a backend that reads the next item's first value row (FA3 does), a NaN pixel in the middle
+    item turns the item before it NaN, unless the encoder keeps non-finite items from it: then the middle
+    item (and only it) comes out NaN and its neighbours exactly as with a finite middle item."""
+    import fused_moonvit.moonvit.attention as attention
+    import fused_moonvit.moonvit.fused as fused_module
+
+    _, fused = fused_pair(seed=17, num_hidden_layers=2)
+    fused.attention_backend = "fa2"
+    monkeypatch.setattr(fused_module, "packed_attention", leaky_attention(attention.packed_attention))
+    monkeypatch.setattr(attention, "LEAKY_BACKENDS", frozenset({"fa2"} if guarded else ()))
+    grids = [(4, 6), (6, 4), (2, 2)]
+    pix = random_pixels(grids, seed=18)
+    clean = fused(pix, torch.tensor(grids)).split([6, 6, 1])
+    pix[24, 0, 0, 0] = float("nan")  # the middle item's first row: the one the leak reads
+    pix[30, 2, 5, 7] = float("inf")
+    out = fused(pix, torch.tensor(grids)).split([6, 6, 1])
+    assert out[1].isnan().all()
+    assert torch.equal(out[2], clean[2])
+    if guarded:
+        assert torch.equal(out[0], clean[0])
+    else:
+        assert out[0].isnan().all(), "the stand-in for FA3 must leak, or this test shows nothing"
+
+
+def test_nonfinite_item_rows():
+    """Rows of the items that hold a NaN or Inf pixel anywhere, padding never, against a loop per item."""
+    from fused_moonvit.kernels.plan import build_plan, expand_plan, new_device_plan, new_token_meta, upload_plan
+    from fused_moonvit.moonvit.fused import nonfinite_item_rows
+
+    grids, budget, slots = [(2, 4), (4, 4), (2, 2), (2, 6)], 64, 6
+    meta = expand_plan(upload_plan(build_plan(grids, budget, slots), new_device_plan(slots, "cpu"), budget=budget),
+                       new_token_meta(budget, "cpu"))
+    pix = torch.randn(budget, 3, 14, 14, generator=torch.Generator().manual_seed(19))
+    pix[9, 1, 2, 3] = float("nan")  # item 1
+    pix[36, 0, 0, 0] = float("-inf")  # item 3
+    pix[50:] = float("nan")  # padding
+    got = nonfinite_item_rows(pix, meta, slots)
+    want = torch.zeros(budget, dtype=torch.bool)
+    want[8:24] = True
+    want[28:40] = True
+    assert torch.equal(got, want)
+
+
 def test_runner_validates_the_items_once(monkeypatch):
     """`encode` builds the call's Items once; its chunks, graphed or eager (an item past the largest
     budget), reach the plan and the eager forward as Items, not checked again."""

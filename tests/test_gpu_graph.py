@@ -100,6 +100,21 @@ def test_mixed_sizes_split_across_replays(models):
     check(models, grids, "mix8", seed=20)
 
 
+def test_nan_pixel_stays_in_its_item(models):
+    """A NaN pixel in the middle item's first row (the row FA3's last key tile of the item before reads)
+    makes that item's outputs NaN and leaves its neighbours bitwise as with a finite pixel, on whichever
+    backend the table picks for the 4096 budget (FA3 where it loads)."""
+    runner = models[2]
+    grids = [(32, 32), (40, 40), (16, 16)]
+    assert runner.plan_chunks([list(g) for g in grids]) == [(0, 3, 4096)]
+    pix = random_pixels(grids, seed=30).cuda()
+    clean = runner.encode(pix, torch.tensor(grids))
+    pix[1024, 1, 2, 3] = float("nan")
+    outs = runner.encode(pix, torch.tensor(grids))
+    assert outs[1].isnan().all()
+    assert torch.equal(outs[0], clean[0]) and torch.equal(outs[2], clean[2])
+
+
 def test_gelu_epilogue_is_the_tanh_approximation():
     """The fused forward runs fc0's bias and GELU in cuBLASLt's epilogue; MoonVit's MLP uses GELU's tanh
     approximation, so the epilogue must compute that one, at least as closely as the unfused path.
