@@ -47,7 +47,9 @@ CONFIGS = [dict(block_m=128, block_n=128, stages=2, overlap=True, groups=1, ping
            dict(block_m=192, block_n=128, stages=2, overlap=True, groups=3, pingpong=True, p_shared=True),
            dict(block_m=192, block_n=64, stages=3, overlap=True, groups=3, pingpong=True, p_shared=True),
            dict(block_m=192, block_n=128, stages=3, overlap=True, groups=3, pingpong=True, p_shared=True),
-           dict(block_m=192, block_n=64, stages=4, overlap=True, groups=3, pingpong=True, p_shared=True)]
+           dict(block_m=192, block_n=64, stages=4, overlap=True, groups=3, pingpong=True, p_shared=True),
+           dict(block_m=192, block_n=64, stages=3, overlap=True, groups=3, pingpong=True, p_shared=False),
+           dict(block_m=192, block_n=64, stages=4, overlap=True, groups=3, pingpong=True, p_shared=False)]
 
 
 def plan_cu(items, budget, dev, slots=64):

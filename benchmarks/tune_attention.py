@@ -74,6 +74,7 @@ GLUON_CONFIGS = [
     dict(block_m=256, block_n=64, stages=4, overlap=True, groups=2, pingpong=True, p_shared=True),
     dict(block_m=192, block_n=128, stages=2, overlap=True, groups=3, pingpong=True, p_shared=True),
     dict(block_m=192, block_n=64, stages=3, overlap=True, groups=3, pingpong=True, p_shared=True),
+    dict(block_m=192, block_n=64, stages=3, overlap=True, groups=3, pingpong=True, p_shared=False),
 ]
 GLUON_FIELDS = ("block_m", "block_n", "stages", "overlap", "groups", "pingpong", "p_shared")
 LIBRARIES = ("fa3", "fa2")

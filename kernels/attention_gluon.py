@@ -79,9 +79,10 @@ class GluonAttentionConfig:
         if self.pingpong and not (self.groups > 1 and self.overlap):
             raise ValueError(f"GluonAttentionConfig.pingpong (on by default) needs groups 2 or 3 and overlap, got "
                              f"groups {self.groups} and overlap {self.overlap}; pass pingpong=False for this schedule")
-        if self.groups == 3 and self.overlap and not self.p_shared:
-            raise ValueError("GluonAttentionConfig.groups 3 with overlap needs p_shared=True, got p_shared=False: "
-                             "two P tiles in registers do not fit a third warp group's 160 registers")
+        if self.groups == 3 and self.overlap and not self.p_shared and self.block_n > 64:
+            raise ValueError(f"GluonAttentionConfig.groups 3 with overlap and block_n {self.block_n} needs "
+                             f"p_shared=True, got p_shared=False: two 64 x {self.block_n} P tiles in registers do "
+                             f"not fit a warp group's 160 registers (block_n 64 does)")
         check_int("GluonAttentionConfig.producer_regs", self.producer_regs, 24)
         if self.consumer_regs is not None:
             check_int("GluonAttentionConfig.consumer_regs", self.consumer_regs, 24)

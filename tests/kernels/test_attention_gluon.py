@@ -123,7 +123,8 @@ print(json.dumps(out))
 # consumer warp groups.
 BUILDS = [(16, 72, {}), (12, 128, {}), (4, 64, {}), (12, 128, dict(stages=3)),
           (16, 72, dict(overlap=False, pingpong=False)), (16, 72, dict(block_m=256, block_n=64, stages=3)),
-          (16, 72, dict(p_shared=False)), (16, 72, dict(block_m=192, groups=3))]
+          (16, 72, dict(p_shared=False)), (16, 72, dict(block_m=192, groups=3)),
+          (16, 72, dict(block_m=192, groups=3, block_n=64, stages=3, p_shared=False))]
 
 
 @needs_gluon
@@ -150,9 +151,10 @@ def test_builds_for_sm90_without_spills():
                                     dict(groups=2, overlap=False, pingpong=False),
                                     dict(block_m=64, groups=1, pingpong=False), {},
                                     dict(block_n=64, stages=4), dict(block_m=256, block_n=64, stages=3),
-                                    dict(p_shared=False), dict(block_m=192, groups=3)],
+                                    dict(p_shared=False), dict(block_m=192, groups=3),
+                                    dict(block_m=192, groups=3, block_n=64, stages=3, p_shared=False)],
                          ids=["g1", "g2", "g2-n64-s3", "g2-serial", "m64", "g2-pingpong", "g2-pingpong-n64-s4", "m256",
-                              "p-registers", "g3"])
+                              "p-registers", "g3", "g3-n64-p-registers"])
 @pytest.mark.parametrize("heads,head_dim", [(16, 72), (12, 128), (4, 64)], ids=["d72", "d128", "d64"])
 def test_configs_match_fp64(fields, heads, head_dim, device):
     """Each tile configuration on a mixed pack (a chunk, a single 2x2 image, an item shorter than a tile,
