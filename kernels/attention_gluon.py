@@ -447,6 +447,7 @@ if gluon is not None:
         v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        # One turn barrier per consumer group, rounded up to a power of two.
         TURNS: gl.constexpr = 4 if GROUPS == 3 else 2
         turn = gl.allocate_shared_memory(gl.int64, [TURNS, 1], mbarrier.MBarrierLayout())
         # Each consumer group's P tile where P_SHARED (a stand-in of one 64 x 16 tile otherwise).
@@ -535,15 +536,18 @@ def gluon_attention_fwd(qkv: torch.Tensor, cu_seqlens: torch.Tensor, num_heads: 
     qkv3 = qkv.view(budget, 3 * num_heads, head_dim)
     tail_width = d_tail or 16
     num_seqs = cu_seqlens.numel() - 1
+    # The query tile is loaded as one box per consumer group.
+    group_m = cfg.block_m // cfg.groups
     # Every sequence's partial last tile can add one tile to cdiv(B, BLOCK_M).
     grid = (math.ceil(budget / cfg.block_m) + num_seqs, num_heads)
     _gluon_attention_kernel[grid](
-        _descriptor(qkv3, cfg.block_m // cfg.groups, d_main), _descriptor(qkv3, cfg.block_m // cfg.groups, tail_width),
+        _descriptor(qkv3, group_m, d_main), _descriptor(qkv3, group_m, tail_width),
         _descriptor(qkv3, cfg.block_n, d_main), _descriptor(qkv3, cfg.block_n, tail_width),
         out, cu_seqlens, num_seqs, num_seqs - 1, LOG2E / math.sqrt(head_dim),
         H=num_heads, D=head_dim, D_MAIN=d_main, D_TAIL=d_tail, SEQS_POW2=max(32, next_pow2(num_seqs)),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.stages, OVERLAP=cfg.overlap, GROUPS=cfg.groups,
-        PINGPONG=cfg.pingpong, P_SHARED=cfg.p_shared, PRODUCER_REGS=cfg.producer_regs, CONSUMER_REGS=cfg.regs, num_warps=cfg.num_warps)
+        PINGPONG=cfg.pingpong, P_SHARED=cfg.p_shared, PRODUCER_REGS=cfg.producer_regs, CONSUMER_REGS=cfg.regs,
+        num_warps=cfg.num_warps)
     return out
 
 
