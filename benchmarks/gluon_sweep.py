@@ -15,6 +15,7 @@ into $OUT (default /tmp/out). CUDA only; FA3 where it loads ($FUSED_MOONVIT_FA3_
 
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -125,7 +126,7 @@ def timing(tag):
                         print(cname, "failed", repr(exc)[:300], flush=True); times[cname] = None; continue
                     times.setdefault(cname, []).append(us)
                     rows.append(dict(case=name, hd=hd, cand=cname, us=us, tflops=flops / us / 1e6, round=rnd))
-            line = [f"{c} {sorted(t)[len(t) // 2]:.0f}" for c, t in times.items() if t]
+            line = [f"{c} {statistics.median(t):.0f}" for c, t in times.items() if t]
             print(f"{tag} hd{hd} {name} (median of rounds): " + "  ".join(line), flush=True)
     json.dump(dict(results, rows=rows, configs=CONFIGS), open(f"{out_dir}/time-{tag}.json", "w"), indent=1)
 

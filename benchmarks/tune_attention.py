@@ -9,9 +9,9 @@ heads of 72 (Kimi-VL, Kimi-K2.5 / K2.6) and 12 heads of 128 (Kimi-K3), every can
 random bf16 qkv the way the encoder calls it: the plan's cu_seqlens with its padding sequence and 64 item
 slots, max_seqlen = the budget, inside a CUDA graph of 5 back-to-back calls, median of do_bench (L2 flushed
 before each replay, so the first call reads its inputs from memory and the next four as the previous
-one left them), each candidate timed in `--rounds` interleaved rounds and ranked by its median. Candidates: the Triton kernel per tile configuration, vLLM's
-FlashAttention-3 (where it loads), PyTorch's FlashAttention-2 and the Gluon kernel per tile configuration
-(on Hopper). TFLOP/s count head-dim-wide products (72, not FA3's 96). Each output is checked against an fp64 reference (SDPA per sequence) and its padding
+one left them), each candidate timed in `--rounds` interleaved rounds and ranked by its median.
+Candidates: the Triton kernel per tile configuration, vLLM's FlashAttention-3 (where it loads), PyTorch's
+FlashAttention-2 and the Gluon kernel per tile configuration (on Hopper). TFLOP/s count head-dim-wide products (72, not FA3's 96). Each output is checked against an fp64 reference (SDPA per sequence) and its padding
 rows against zeros; a candidate that fails either is not ranked.
 
 Writes DIR/attention_tuning-hd72-hd128.json (every candidate's time and error per case) and the table
@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import shlex
+import statistics
 import sys
 
 import torch
@@ -219,7 +220,7 @@ def main(argv=None) -> int:
                         lambda: packed_attention(qkv, cu, heads, head_dim, budget, choice), calls=CALLS, rep_ms=120))
             for cand, _ in timed:
                 entry = case["candidates"][cand]
-                entry["us"] = sorted(entry["us_rounds"])[len(entry["us_rounds"]) // 2]
+                entry["us"] = statistics.median(entry["us_rounds"])
                 entry["tflops"] = flops / entry["us"] / 1e6
             ranked = sorted((n for n, r in case["candidates"].items() if r.get("ok")),
                             key=lambda n: case["candidates"][n]["us"])

@@ -23,8 +23,8 @@ from fused_moonvit.kernels.plan import (META_ITEM, build_plan, expand_plan, new_
 from fused_moonvit.kernels.pos_embed import interp_pos_embed
 from fused_moonvit.kernels.rope2d import apply_rope_2d, rope_cos_sin_table
 
-from . import attention as attention_backends
-from .attention import check_attention_dtype, choose_attention, forced_attention_backend, packed_attention
+from .attention import (LEAKY_BACKENDS, check_attention_dtype, choose_attention, forced_attention_backend,
+                        packed_attention)
 from .config import MoonVitConfig
 from .inputs import check_inputs
 from .modules import MoonVitModules, norm_args, rope_frequencies
@@ -102,7 +102,7 @@ class FusedMoonVit(MoonVitModules):
         # Where attention may read across items, an item with a NaN or Inf pixel runs on zeros and gets its
         # NaN back at the end: it is NaN after the first attention anyway, and its neighbours stay exact.
         nonfinite = None
-        if attention.backend in attention_backends.LEAKY_BACKENDS:
+        if attention.backend in LEAKY_BACKENDS:
             nonfinite = nonfinite_item_rows(pixel_values, meta, cu_seqlens.numel() - 2)
             pixel_values = pixel_values.masked_fill(nonfinite[:, None, None, None], 0)
 

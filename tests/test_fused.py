@@ -358,7 +358,7 @@ def test_nan_item_kept_from_a_backend_that_reads_across_items(guarded, monkeypat
     _, fused = fused_pair(seed=17, num_hidden_layers=2)
     fused.attention_backend = "fa2"
     monkeypatch.setattr(fused_module, "packed_attention", leaky_attention(attention.packed_attention))
-    monkeypatch.setattr(attention, "LEAKY_BACKENDS", frozenset({"fa2"} if guarded else ()))
+    monkeypatch.setattr(fused_module, "LEAKY_BACKENDS", frozenset({"fa2"} if guarded else ()))
     grids = [(4, 6), (6, 4), (2, 2)]
     pix = random_pixels(grids, seed=18)
     clean = fused(pix, torch.tensor(grids)).split([6, 6, 1])
